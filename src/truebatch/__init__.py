@@ -1,0 +1,21 @@
+"""truebatch: gradient accumulation that gives exactly the update of the big batch.
+
+import truebatch as tb
+acc = tb.Accumulator(model, optimizer, micro_batch_size=16)
+result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losses
+"""
+
+from truebatch.accumulator import Accumulator, StepResult
+from truebatch.batching import batch_size, count_samples, count_tokens, split, windows
+
+__all__ = [
+    "Accumulator",
+    "StepResult",
+    "batch_size",
+    "count_samples",
+    "count_tokens",
+    "split",
+    "windows",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""Where the Accumulator tells split-invariant layers which samples they see.
+
+A layer such as :class:`truebatch.nn.SplitInvariantDropout` must draw the same
+random numbers for a sample whether that sample arrives in the full batch or in
+a micro-batch. It therefore needs the *global* index of the first sample of the
+current micro-batch within the effective batch (over all ranks) and the index
+of the window. The Accumulator sets both here around every micro-batch; the
+layers read them. Outside an Accumulator, :func:`current` returns ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """Position of the current micro-batch.
+
+    Attributes:
+        window: index of the window (effective batch) being processed, 0-based.
+        offset: global index, within the effective batch over all ranks, of the
+            first sample of the current micro-batch.
+    """
+
+    window: int
+    offset: int
+
+
+_current: ContextVar[SampleContext | None] = ContextVar("truebatch_sample_context", default=None)
+
+
+def current() -> SampleContext | None:
+    """The context of the micro-batch being run, or ``None`` outside a window."""
+    return _current.get()
+
+
+@contextmanager
+def micro_batch(window: int, offset: int) -> Iterator[SampleContext]:
+    """Declare that the code inside runs the micro-batch starting at ``offset``."""
+    context = SampleContext(window=window, offset=offset)
+    token = _current.set(context)
+    try:
+        yield context
+    finally:
+        _current.reset(token)

@@ -1,0 +1,788 @@
+"""The Accumulator: k micro-batches, one exact optimizer step.
+
+For a loss that is a sum over items, divided by the item count N of the whole
+effective batch (over all data-parallel ranks),
+
+    grad = (1 / N) * sum over micro-batches j of  d(loss_sum_j) / d(params),
+
+which is the gradient of the big batch up to floating-point summation order.
+The Accumulator counts every micro-batch's items *before* any backward, so
+each backward is already scaled by world_size / N (DDP and FSDP2 average over
+ranks), and nothing needs dividing afterwards.
+
+Each window then does exactly one of each, in this order: unscale (GradScaler)
+-> non-finite check -> clip -> optimizer step -> scaler update -> scheduler
+step -> zero_grad(set_to_none=True).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from truebatch import _context
+from truebatch.batching import Batch, Counter, _map_tensors, batch_size, count_samples, split
+from truebatch.distributed import GradientSync, SyncMode
+
+__all__ = ["Accumulator", "LossFn", "StepResult"]
+
+log = logging.getLogger("truebatch")
+
+LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Any]"]
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one window did.
+
+    Attributes:
+        loss: mean loss over the N items of the window, all ranks
+            (``sum of loss sums / N``); ``nan`` when N == 0.
+        count: N, the item count of the window over all ranks.
+        grad_norm: global L2 norm of the gradient before clipping (after
+            unscaling); ``nan`` when no gradient was computed.
+        stepped: whether the optimizer stepped.
+        skip_reason: why it did not, else ``None``.
+        micro_batches: micro-batches run on this rank.
+        micro_batch_size: largest micro-batch run on this rank (the size
+            ``"auto"`` settled on).
+        step: windows completed so far, this one included.
+    """
+
+    loss: float
+    count: float
+    grad_norm: float
+    stepped: bool
+    skip_reason: str | None
+    micro_batches: int
+    micro_batch_size: int
+    step: int
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Gradients of one window are in ``param.grad``; these are its totals."""
+
+    loss_sum: float
+    count: float
+    micro_batches: int
+    micro_batch_size: int
+
+
+class _RetryWindow(Exception):
+    """Some rank ran out of memory: every rank redoes the window smaller."""
+
+
+class Accumulator:
+    """Gradient accumulation that gives the update of the effective batch.
+
+    Args:
+        model: the model; may be wrapped in DistributedDataParallel or sharded
+            with FSDP2's ``fully_shard``.
+        optimizer: an optimizer over (a subset of) ``model``'s parameters.
+        scheduler: stepped once per window, after a real optimizer step.
+        micro_batch_size: samples per micro-batch. ``None`` runs each batch (or
+            each micro-batch given to :meth:`step_window`) as it comes;
+            ``"auto"`` finds the largest size that fits in memory.
+        max_grad_norm: clip the global gradient norm to this, once per window.
+        scaler: a ``torch.amp.GradScaler``; scales every backward, unscales and
+            updates once per window.
+        autocast: dtype for ``torch.autocast`` around ``loss_fn`` (e.g.
+            ``torch.bfloat16``), on the model's device type.
+        accumulate_dtype: sum the gradients of lower-precision parameters
+            across micro-batches in this dtype (e.g. ``torch.float32``) and
+            round them once per window.
+        skip_nonfinite: a window whose gradient holds NaN or inf does not step.
+        max_micro_batch_size: first size ``"auto"`` tries.
+        gradient_sync: ``"window"`` or ``"micro_batch"``: when a data-parallel
+            wrapper synchronizes gradients (see :class:`GradientSync`).
+
+    Example:
+        >>> acc = Accumulator(model, optimizer, micro_batch_size=16)
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return F.cross_entropy(model(x), y, reduction="sum")
+        >>> result = acc.step((x, y), loss_fn)   # one exact step on the whole batch
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        micro_batch_size: int | Literal["auto"] | None = None,
+        max_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        autocast: torch.dtype | None = None,
+        accumulate_dtype: torch.dtype | None = None,
+        skip_nonfinite: bool = True,
+        max_micro_batch_size: int | None = None,
+        gradient_sync: SyncMode | None = None,
+    ) -> None:
+        _check_model_and_optimizer(model, optimizer, scheduler)
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.micro_batch_size = _check_micro_batch_size(micro_batch_size, max_micro_batch_size)
+        self.max_micro_batch_size = max_micro_batch_size
+        self.max_grad_norm = _check_max_grad_norm(max_grad_norm)
+        self.scaler = _check_scaler(scaler)
+        self.autocast = _check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
+        self.accumulate_dtype = _check_dtype(accumulate_dtype, "accumulate_dtype", None)
+        self.skip_nonfinite = skip_nonfinite
+        self.sync = GradientSync(model, gradient_sync)
+        if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
+            raise ValueError(
+                "micro_batch_size='auto' is not available for FSDP2 models: FSDP2 gathers "
+                "parameters inside forward, so an out-of-memory error on one rank cannot be "
+                "shared with the others without a hang; pass a fixed micro_batch_size"
+            )
+        self._window_index = 0
+        self._auto_size: int | None = None
+        self._template: Batch | None = None
+        self._in_loss_fn = False
+
+    # ------------------------------------------------------------------ public
+
+    def step(self, batch: Batch, loss_fn: LossFn, count: Counter | None = None) -> StepResult:
+        """Run one effective batch and take (at most) one optimizer step.
+
+        ``batch`` is split into micro-batches of ``micro_batch_size``.
+        ``loss_fn(model, micro_batch)`` returns the SUM of the per-item losses
+        of the micro-batch (0-dim tensor), or ``(loss_sum, count)``.
+        ``count(micro_batch)`` gives its item count N_j before any backward;
+        ``None`` counts samples, unless ``loss_fn`` returns counts itself, in
+        which case the gradient is divided by their total once at the end.
+        """
+        batch_size(batch)
+        return self._run([batch], loss_fn, count)
+
+    def step_window(
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
+    ) -> StepResult:
+        """Run the given micro-batches as one window: one effective batch, one step.
+
+        Each micro-batch is further split by ``micro_batch_size`` when that is
+        set. An empty window (e.g. a rank with no data left) takes part in the
+        window's collectives and steps with the other ranks' gradient.
+        """
+        pieces = list(micro_batches)
+        for piece in pieces:
+            batch_size(piece)
+        return self._run(pieces, loss_fn, count)
+
+    def state_dict(self) -> dict[str, Any]:
+        """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""
+        return {
+            "window": self._window_index,
+            "auto_micro_batch_size": self._auto_size,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": _rng_state(self._device()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (the model is loaded by the caller)."""
+        missing = {"window", "optimizer", "rng"} - set(state)
+        if missing:
+            raise KeyError(
+                f"Accumulator.load_state_dict: keys {sorted(missing)} are missing; pass the "
+                "dict returned by Accumulator.state_dict()"
+            )
+        self._window_index = int(state["window"])
+        self._auto_size = state.get("auto_micro_batch_size")
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name in ("scheduler", "scaler"):
+            target, saved = getattr(self, name), state.get(name)
+            if (target is None) != (saved is None):
+                raise ValueError(
+                    f"Accumulator.load_state_dict: the saved state has "
+                    f"{'no' if saved is None else 'a'} {name} but this Accumulator has "
+                    f"{'none' if target is None else 'one'}; construct it the same way as "
+                    "the one that was saved"
+                )
+            if target is not None:
+                target.load_state_dict(saved)
+        _set_rng_state(self._device(), state["rng"])
+
+    # ---------------------------------------------------------------- a window
+
+    def _run(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> StepResult:
+        if not callable(loss_fn):
+            raise TypeError(
+                f"loss_fn must be callable as loss_fn(model, micro_batch) -> loss_sum, got "
+                f"{type(loss_fn).__name__}"
+            )
+        if count is not None and not callable(count):
+            raise TypeError(
+                f"count must be callable as count(micro_batch) -> int or tensor, or None, got "
+                f"{type(count).__name__}; use tb.count_samples or tb.count_tokens(...)"
+            )
+        if self.micro_batch_size == "auto":
+            window = self._accumulate_auto(pieces, loss_fn, count)
+        else:
+            window = self._accumulate(_split_all(pieces, self.micro_batch_size), loss_fn, count)
+        return self._apply(window)
+
+    def _accumulate_auto(
+        self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None
+    ) -> _Window:
+        """Halve the micro-batch size on out-of-memory and redo the window from its start."""
+        largest = max((batch_size(p) for p in pieces), default=1)
+        size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
+        device = self._device()
+        rng, buffers = _rng_state(device), _clone_buffers(self.model)
+        while True:
+            try:
+                window = self._accumulate(
+                    _split_all(pieces, size), loss_fn, count, share_oom=self.sync.distributed
+                )
+            except (OutOfMemoryError, _RetryWindow) as error:
+                if size == 1:
+                    raise RuntimeError(
+                        "micro_batch_size='auto': a micro-batch of 1 sample still runs out of "
+                        "memory; reduce the model or sequence size, use autocast=torch.bfloat16, "
+                        "or shard the model (FSDP2)"
+                    ) from error
+                failed = size
+            else:
+                if self._window_index == 0 or size == self._auto_size:
+                    log.info("truebatch: micro_batch_size='auto' runs %d samples per pass", size)
+                return window
+            # Retry outside the except block, so the traceback and its activations are freed.
+            size = self._auto_size = max(1, failed // 2)
+            log.info(
+                "truebatch: out of memory at micro-batch size %d, retrying at %d", failed, size
+            )
+            _restore_buffers(self.model, buffers)
+            _set_rng_state(device, rng)
+            _free_memory(device)
+
+    def _accumulate(
+        self,
+        micro_batches: list[Batch],
+        loss_fn: LossFn,
+        count: Counter | None,
+        share_oom: bool = False,
+    ) -> _Window:
+        """Forward and backward every micro-batch; leaves the window's gradient in .grad.
+
+        With ``share_oom`` (``"auto"`` under torch.distributed) no real pass
+        synchronizes: an out-of-memory error is recorded, every rank learns of
+        it through one all-reduce, and only then does a zero-weight pass
+        synchronize the gradients. Otherwise an error propagates at once.
+        """
+        sizes = [batch_size(mb) for mb in micro_batches]
+        stats = self._exchange_stats(_evaluate_counts(micro_batches, count or count_samples), sizes)
+        largest = max(sizes, default=0)
+        if stats["count"] == 0:
+            return _Window(0.0, 0.0, len(micro_batches), largest)
+        passes = int(stats["passes"])
+        scale = self.sync.world_size / stats["count"]
+        device = self._device()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        returned = _ReturnedCounts(count is not None, device)
+        offset = int(stats["offset"])
+        out_of_memory = False
+        grads = _GradBuffers(self.model, self.accumulate_dtype)
+        try:
+            with self._guard():
+                for index, micro_batch in enumerate(micro_batches):
+                    with self._pass_sync(index, passes, grads, share_oom) as synchronize:
+                        if not out_of_memory:
+                            try:
+                                loss_sum += self._pass(
+                                    micro_batch, loss_fn, scale, returned, offset, synchronize
+                                )
+                            except OutOfMemoryError:
+                                if not share_oom:
+                                    raise
+                                out_of_memory = True
+                    offset += sizes[index]
+                if self.sync.distributed and micro_batches:
+                    self._template = _template_of(micro_batches[-1])
+                for index in range(len(micro_batches), passes):
+                    with self._pass_sync(index, passes, grads, share_oom) as synchronize:
+                        self._replay(loss_fn, synchronize)
+                if share_oom:
+                    flag = torch.tensor([float(out_of_memory)])
+                    if self.sync.all_reduce(flag).item() > 0:
+                        raise _RetryWindow("a rank ran out of memory")
+                    grads.restore()
+                    self._replay(loss_fn, synchronize=True)
+                grads.restore()
+                totals = self.sync.all_reduce(
+                    torch.stack([loss_sum, returned.total, returned.flag()])
+                )
+        except BaseException:
+            grads.discard()
+            self._zero_grad()
+            raise
+        loss_total, n_items, pair_mode = totals.tolist()
+        if pair_mode:
+            if n_items > 0:
+                self._scale_grads(1.0 / n_items)
+        else:
+            n_items = stats["count"]
+        return _Window(loss_total, n_items, len(micro_batches), largest)
+
+    @contextmanager
+    def _pass_sync(
+        self, index: int, passes: int, grads: _GradBuffers, share_oom: bool
+    ) -> Iterator[bool]:
+        """Decide whether pass ``index`` synchronizes; keep wide sums around it."""
+        synchronize = not share_oom and self.sync.synchronizes(index, passes)
+        if synchronize:
+            grads.restore()
+        yield synchronize
+        if not synchronize:
+            grads.stash()
+
+    def _pass(
+        self,
+        micro_batch: Batch,
+        loss_fn: LossFn,
+        scale: float,
+        returned: _ReturnedCounts,
+        offset: int,
+        synchronize: bool,
+    ) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its detached loss sum."""
+        with self.sync.pass_context(synchronize):
+            with _context.micro_batch(self._window_index, offset), self._autocast():
+                self._in_loss_fn = True
+                try:
+                    output = loss_fn(self.model, micro_batch)
+                finally:
+                    self._in_loss_fn = False
+            loss = returned.parse(output)
+            # Counts returned by loss_fn are only known at the end: divide then.
+            scaled = loss * (float(self.sync.world_size) if returned.used else scale)
+            if self.scaler is not None:
+                scaled = self.scaler.scale(scaled)
+            scaled.backward()
+        return loss.detach().to(torch.float64)
+
+    def _replay(self, loss_fn: LossFn, synchronize: bool) -> None:
+        """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
+
+        A rank with fewer micro-batches than the others replays two samples of
+        its last micro-batch with weight 0; buffers (BatchNorm statistics) and
+        the RNG are restored afterwards, so the replay leaves no trace.
+        """
+        device = self._device()
+        rng, buffers = _rng_state(device), _clone_buffers(self.model)
+        with self.sync.pass_context(synchronize):
+            with _context.micro_batch(self._window_index, 0), self._autocast():
+                output = loss_fn(self.model, self._template)
+            loss = output[0] if isinstance(output, tuple | list) else output
+            (loss * 0.0).backward()
+        _restore_buffers(self.model, buffers)
+        _set_rng_state(device, rng)
+
+    def _apply(self, window: _Window) -> StepResult:
+        """Unscale, check, clip, step, update, schedule and zero, once."""
+        if window.count == 0:
+            self._zero_grad()
+            return self._result(window, math.nan, "the window holds no items (N == 0)")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm_and_clip()
+        finite = math.isfinite(grad_norm)
+        reason = None if finite else f"non-finite gradient (norm {grad_norm})"
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if not finite:
+                reason += f"; GradScaler lowered its scale to {self.scaler.get_scale():g}"
+        elif finite or not self.skip_nonfinite:
+            self.optimizer.step()
+            reason = None
+        if reason is None and self.scheduler is not None:
+            self.scheduler.step()
+        self._zero_grad()
+        return self._result(window, grad_norm, reason)
+
+    def _result(self, window: _Window, grad_norm: float, reason: str | None) -> StepResult:
+        self._window_index += 1
+        loss = window.loss_sum / window.count if window.count else math.nan
+        count = window.count
+        return StepResult(
+            loss=loss,
+            count=int(count) if float(count).is_integer() else count,
+            grad_norm=grad_norm,
+            stepped=reason is None,
+            skip_reason=reason,
+            micro_batches=window.micro_batches,
+            micro_batch_size=window.micro_batch_size,
+            step=self._window_index,
+        )
+
+    # --------------------------------------------------------------- helpers
+
+    def _exchange_stats(self, counts: list[torch.Tensor], sizes: list[int]) -> dict[str, float]:
+        """One collective: global item count, passes per rank, this rank's sample offset."""
+        local = float(torch.stack([c.cpu() for c in counts]).sum()) if counts else 0.0
+        can_replay = self._template is not None or bool(sizes)
+        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)])
+        passes = table[:, 1].max().item()
+        stranded = [r for r in range(len(table)) if table[r, 1] < passes and table[r, 3] == 0]
+        if stranded and table[:, 0].sum().item() > 0:
+            raise RuntimeError(
+                f"ranks {stranded} have no data in their first window and cannot take part in "
+                "the window's collectives; give every rank at least one sample in its first "
+                "window"
+            )
+        return {
+            "count": table[:, 0].sum().item(),
+            "passes": passes,
+            "offset": int(table[: self.sync.rank, 2].sum().item()),
+        }
+
+    def _grad_norm_and_clip(self) -> float:
+        """Global L2 norm of the gradient; clips to ``max_grad_norm`` when it is finite."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = _total_norm(grads)
+        value = float(norm.item())
+        if self.max_grad_norm is not None and math.isfinite(value):
+            # The same coefficient as torch.nn.utils.clip_grad_norm_.
+            coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        return value
+
+    def _scale_grads(self, factor: float) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+
+    def _zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _device(self) -> torch.device:
+        for parameter in self.model.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+    def _autocast(self):
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(device_type=self._device().type, dtype=self.autocast)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Inside a window, the user's code may not step, zero or backward."""
+
+        def refuse_step(*_: Any) -> None:
+            raise RuntimeError(
+                "optimizer.step() was called inside a truebatch window (from loss_fn?); the "
+                "Accumulator steps once per window itself: remove the call from loss_fn"
+            )
+
+        def refuse_zero_grad(*_: Any, **__: Any) -> None:
+            raise RuntimeError(
+                "zero_grad() was called inside a truebatch window (from loss_fn?); it would "
+                "erase the gradient accumulated so far. The Accumulator zeroes gradients once "
+                "per window itself: remove the call from loss_fn"
+            )
+
+        def refuse_backward(_: torch.Tensor) -> None:
+            if self._in_loss_fn:
+                raise RuntimeError(
+                    "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
+                    "and the Accumulator runs backward with the right scale: replace "
+                    "`loss.backward(); return loss` by `return loss`"
+                )
+
+        handles = [self.optimizer.register_step_pre_hook(refuse_step)]
+        handles += [
+            p.register_post_accumulate_grad_hook(refuse_backward)
+            for p in self.model.parameters()
+            if p.requires_grad
+        ]
+        self.optimizer.zero_grad = refuse_zero_grad
+        self.model.zero_grad = refuse_zero_grad
+        try:
+            yield
+        finally:
+            del self.optimizer.zero_grad
+            del self.model.zero_grad
+            for handle in handles:
+                handle.remove()
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+class _ReturnedCounts:
+    """Parses loss_fn's output; totals the counts it returns, if it returns any."""
+
+    def __init__(self, counter_given: bool, device: torch.device) -> None:
+        self.counter_given = counter_given
+        self.used: bool | None = None
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def parse(self, output: Any) -> torch.Tensor:
+        pair = isinstance(output, tuple | list)
+        if self.used is None:
+            self.used = pair
+        if pair != self.used:
+            raise TypeError(
+                "loss_fn returned a (loss_sum, count) pair for some micro-batches and a bare "
+                "loss for others; return the same kind every time"
+            )
+        if pair:
+            if self.counter_given:
+                raise TypeError(
+                    "loss_fn returned (loss_sum, count) while count=... was also given; choose "
+                    "one: drop count=... to normalize by the counts loss_fn returns, or return "
+                    "the loss sum alone"
+                )
+            if len(output) != 2:
+                raise TypeError(
+                    f"loss_fn returned a sequence of {len(output)} items; return the loss sum "
+                    "alone or a pair (loss_sum, count)"
+                )
+            output, count = output
+            self.total += _as_count(count, "the count returned by loss_fn").to(self.total.device)
+        return _check_loss(output)
+
+    def flag(self) -> torch.Tensor:
+        """1.0 when loss_fn returned counts (summed over ranks, so all ranks agree)."""
+        return torch.tensor(float(bool(self.used)), dtype=torch.float64, device=self.total.device)
+
+
+class _GradBuffers:
+    """Sums low-precision gradients across micro-batches in ``dtype`` (e.g. float32).
+
+    After every non-synchronizing pass the gradients of parameters whose dtype
+    is narrower than ``dtype`` are moved into wide buffers (``stash``); before a
+    synchronizing pass and at the end of the window the sums are rounded back
+    into ``.grad`` once (``restore``).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        self.params = (
+            []
+            if dtype is None
+            else [
+                p
+                for p in model.parameters()
+                if p.requires_grad
+                and p.dtype.is_floating_point
+                and p.dtype.itemsize < dtype.itemsize
+            ]
+        )
+        self.dtype = dtype
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+
+    def stash(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if p in self.sums:
+                self.sums[p].add_(p.grad)
+            else:
+                self.sums[p] = p.grad.to(self.dtype)
+            p.grad = None
+
+    def restore(self) -> None:
+        self.stash()
+        for p, total in self.sums.items():
+            p.grad = total.to(p.dtype)
+        self.sums.clear()
+
+    def discard(self) -> None:
+        self.sums.clear()
+
+
+def _split_all(pieces: list[Batch], micro_batch_size: int | None) -> list[Batch]:
+    return [mb for piece in pieces for mb in split(piece, micro_batch_size)]
+
+
+def _template_of(micro_batch: Batch) -> Batch:
+    """A two-sample copy of a micro-batch, enough to replay a zero-weight pass."""
+    return _map_tensors(micro_batch, lambda t: t[:2].clone())
+
+
+def _as_count(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"{what} must be a number or a 1-element tensor, got shape {tuple(value.shape)}"
+            )
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(
+        f"{what} must be an int, a float or a 1-element tensor, got {type(value).__name__}"
+    )
+
+
+def _evaluate_counts(micro_batches: list[Batch], count: Counter) -> list[torch.Tensor]:
+    counts = [_as_count(count(mb), "count(micro_batch)") for mb in micro_batches]
+    if counts:
+        values = torch.stack([c.cpu() for c in counts])
+        negative = torch.nonzero(values < 0).flatten().tolist()
+        if negative:
+            raise ValueError(
+                f"count(micro_batch) returned a negative count for micro-batches {negative}; "
+                "a count is a number of items (samples, tokens), 0 or more"
+            )
+    return counts
+
+
+def _check_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"loss_fn must return a 0-dim tensor (the SUM of per-item losses), got "
+            f"{type(loss).__name__}"
+        )
+    if loss.dim() != 0:
+        raise TypeError(
+            f"loss_fn must return a 0-dim tensor (the SUM of per-item losses), got shape "
+            f"{tuple(loss.shape)}; return per_item_losses.sum() or use reduction='sum'"
+        )
+    if not loss.requires_grad:
+        raise TypeError(
+            "loss_fn returned a tensor that does not require grad: it was computed under "
+            "torch.no_grad(), detached, or from frozen parameters only; compute it from the "
+            "model's output without .detach()/.item()"
+        )
+    return loss
+
+
+def _check_model_and_optimizer(model: Any, optimizer: Any, scheduler: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    owned = {id(p) for p in model.parameters()}
+    foreign = sum(
+        1 for group in optimizer.param_groups for p in group["params"] if id(p) not in owned
+    )
+    if foreign:
+        raise ValueError(
+            f"optimizer holds {foreign} parameter(s) that are not parameters of model; build "
+            "the optimizer from model.parameters() (after wrapping the model in DDP/FSDP)"
+        )
+    if scheduler is not None:
+        if not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+            raise ValueError(
+                "scheduler was built for another optimizer; create it from the optimizer "
+                "passed to the Accumulator"
+            )
+
+
+def _check_micro_batch_size(size: Any, max_size: Any) -> int | Literal["auto"] | None:
+    if max_size is not None and size != "auto":
+        raise ValueError(
+            "max_micro_batch_size only applies with micro_batch_size='auto'; drop it or set "
+            "micro_batch_size='auto'"
+        )
+    if size is None or size == "auto":
+        if max_size is not None and (not isinstance(max_size, int) or max_size <= 0):
+            raise ValueError(f"max_micro_batch_size must be a positive int, got {max_size!r}")
+        return size
+    if isinstance(size, str):
+        raise ValueError(f"micro_batch_size must be a positive int, 'auto' or None, got {size!r}")
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(
+            f"micro_batch_size must be a positive int, 'auto' or None, got {type(size).__name__}"
+        )
+    if size <= 0:
+        raise ValueError(f"micro_batch_size must be a positive int, 'auto' or None, got {size}")
+    return size
+
+
+def _check_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"max_grad_norm must be a positive number or None, got {value!r}; use None to "
+            "disable clipping"
+        )
+    return float(value)
+
+
+def _check_scaler(scaler: Any) -> Any:
+    if scaler is None:
+        return None
+    required = ("scale", "unscale_", "step", "update", "state_dict")
+    missing = [name for name in required if not hasattr(scaler, name)]
+    if missing:
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__} (missing "
+            f"{missing})"
+        )
+    return scaler
+
+
+def _check_dtype(
+    dtype: Any, name: str, allowed: tuple[torch.dtype, ...] | None
+) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating torch.dtype such as torch.float32, got {dtype!r}"
+        )
+    if allowed is not None and dtype not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {dtype}")
+    return dtype
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    else:  # torch < 2.6
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _clone_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip(model.buffers(), saved, strict=True):
+            buffer.copy_(value)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(device: torch.device, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

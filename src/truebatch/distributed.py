@@ -1,0 +1,136 @@
+"""Data-parallel helpers: who we are, and when gradients are synchronized.
+
+The Accumulator talks to torch.distributed only through :class:`GradientSync`.
+A model wrapped in ``DistributedDataParallel`` or sharded with FSDP2's
+``fully_shard`` is data-parallel; any other model is trained locally, even when
+a process group exists (a process may train its own model).
+
+Per window the Accumulator makes these collectives, in the same order on every
+rank, which is what keeps uneven data from hanging:
+
+1. one ``all_gather`` of a few numbers per rank (item count, number of passes,
+   samples, flags) before the first backward;
+2. the gradient synchronization of the wrapper: once, on the last pass, when
+   gradients are synchronized per window (DDP's default), or on every pass
+   (FSDP2's default); every rank runs the same number of passes;
+3. one ``all_reduce`` of the loss sum (and of the counts ``loss_fn`` returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+SyncMode = Literal["window", "micro_batch"]
+
+__all__ = ["GradientSync", "SyncMode", "rank", "world_size"]
+
+
+def world_size() -> int:
+    """Number of processes in the default group, 1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default group, 0 without torch.distributed."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _fsdp2_module_type() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _kind(model: nn.Module) -> Literal["local", "ddp", "fsdp2"]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return "local"
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return "ddp"
+    fsdp2 = _fsdp2_module_type()
+    if fsdp2 is not None and isinstance(model, fsdp2):
+        return "fsdp2"
+    return "local"
+
+
+class GradientSync:
+    """How (and how often) a model's gradients are synchronized across ranks.
+
+    Args:
+        model: the model the Accumulator trains.
+        mode: ``"window"`` synchronizes once per window, on its last pass
+            (``no_sync`` / ``set_requires_gradient_sync(False)`` before);
+            ``"micro_batch"`` synchronizes every pass. ``None`` picks the
+            wrapper's sensible default: ``"window"`` for DDP (no extra memory),
+            ``"micro_batch"`` for FSDP2 (deferring its reduce-scatter keeps a
+            full unsharded gradient per rank).
+    """
+
+    def __init__(self, model: nn.Module, mode: SyncMode | None = None) -> None:
+        if mode not in (None, "window", "micro_batch"):
+            raise ValueError(f"gradient_sync must be 'window', 'micro_batch' or None, got {mode!r}")
+        self.kind = _kind(model)
+        self.model = model
+        self.group = model.process_group if self.kind == "ddp" else None
+        self.world_size = 1 if self.kind == "local" else dist.get_world_size(self.group)
+        self.rank = 0 if self.kind == "local" else dist.get_rank(self.group)
+        self.mode: SyncMode = mode or ("micro_batch" if self.kind == "fsdp2" else "window")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or self.kind != "local"
+
+    def _device(self) -> torch.device:
+        backend = dist.get_backend(self.group)
+        if "nccl" in str(backend) and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def exchange(self, row: Sequence[float]) -> torch.Tensor:
+        """All ranks' ``row`` as a ``(world_size, len(row))`` float64 CPU tensor."""
+        local = torch.tensor([list(row)], dtype=torch.float64)
+        if not self.distributed:
+            return local
+        local = local.to(self._device())
+        rows = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(rows, local, group=self.group)
+        return torch.cat(rows).cpu()
+
+    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of ``values`` (a 1-d tensor) over ranks, returned as float64 on CPU."""
+        values = values.detach().to(torch.float64).reshape(-1)
+        if not self.distributed:
+            return values.cpu()
+        values = values.to(self._device())
+        dist.all_reduce(values, group=self.group)
+        return values.cpu()
+
+    def pass_context(self, synchronize: bool) -> contextmanager:
+        """Context for one forward+backward pass that does (not) synchronize gradients."""
+        if self.kind == "ddp" and not synchronize:
+            return self.model.no_sync()
+        if self.kind == "fsdp2":
+            return self._fsdp2_sync(synchronize)
+        return nullcontext()
+
+    def synchronizes(self, pass_index: int, passes: int) -> bool:
+        """Whether pass ``pass_index`` (0-based) of ``passes`` synchronizes gradients."""
+        return self.mode == "micro_batch" or pass_index == passes - 1
+
+    @contextmanager
+    def _fsdp2_sync(self, synchronize: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(synchronize)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
