@@ -59,7 +59,7 @@ class StepResult:
     """
 
     loss: float
-    count: float
+    count: int | float
     grad_norm: float
     stepped: bool
     skip_reason: str | None
@@ -243,6 +243,7 @@ class Accumulator:
         size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
         device = self._device()
         rng, buffers = _rng_state(device), _clone_buffers(self.model)
+        retried = False
         while True:
             try:
                 window = self._accumulate(
@@ -257,11 +258,12 @@ class Accumulator:
                     ) from error
                 failed = size
             else:
-                if self._window_index == 0 or size == self._auto_size:
+                if self._window_index == 0 or retried:
                     log.info("truebatch: micro_batch_size='auto' runs %d samples per pass", size)
                 return window
             # Retry outside the except block, so the traceback and its activations are freed.
             size = self._auto_size = max(1, failed // 2)
+            retried = True
             log.info(
                 "truebatch: out of memory at micro-batch size %d, retrying at %d", failed, size
             )
@@ -513,13 +515,11 @@ class Accumulator:
             for p in self.model.parameters()
             if p.requires_grad
         ]
-        self.optimizer.zero_grad = refuse_zero_grad
-        self.model.zero_grad = refuse_zero_grad
         try:
-            yield
+            with _replaced_method(self.optimizer, "zero_grad", refuse_zero_grad):
+                with _replaced_method(self.model, "zero_grad", refuse_zero_grad):
+                    yield
         finally:
-            del self.optimizer.zero_grad
-            del self.model.zero_grad
             for handle in handles:
                 handle.remove()
 
@@ -607,6 +607,21 @@ class _GradBuffers:
 
     def discard(self) -> None:
         self.sums.clear()
+
+
+@contextmanager
+def _replaced_method(obj: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    """Shadow ``obj.name`` on the instance; restore what the instance had before."""
+    had_own = name in vars(obj)
+    own = vars(obj).get(name)
+    setattr(obj, name, replacement)
+    try:
+        yield
+    finally:
+        if had_own:
+            setattr(obj, name, own)
+        else:
+            delattr(obj, name)
 
 
 def _split_all(pieces: list[Batch], micro_batch_size: int | None) -> list[Batch]:
