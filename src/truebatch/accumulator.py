@@ -516,9 +516,11 @@ class Accumulator:
             if p.requires_grad
         ]
         try:
-            with _replaced_method(self.optimizer, "zero_grad", refuse_zero_grad):
-                with _replaced_method(self.model, "zero_grad", refuse_zero_grad):
-                    yield
+            with (
+                _replaced_method(self.optimizer, "zero_grad", refuse_zero_grad),
+                _replaced_method(self.model, "zero_grad", refuse_zero_grad),
+            ):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
