@@ -7,6 +7,7 @@ result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losse
 
 from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import batch_size, count_samples, count_tokens, split, windows
+from truebatch.schedule import scale_lr, windows_per_epoch
 
 __all__ = [
     "Accumulator",
@@ -14,8 +15,10 @@ __all__ = [
     "batch_size",
     "count_samples",
     "count_tokens",
+    "scale_lr",
     "split",
     "windows",
+    "windows_per_epoch",
 ]
 
 __version__ = "0.1.0"
