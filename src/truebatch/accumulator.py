@@ -79,7 +79,15 @@ class _Window:
 
 
 class _RetryWindow(Exception):
-    """Some rank ran out of memory: every rank redoes the window smaller."""
+    """Some rank ran out of memory: every rank redoes the window smaller.
+
+    ``size`` is the smallest micro-batch size that failed on any rank; every
+    rank retries at half of it, so all ranks keep one shared size.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"a rank ran out of memory at micro-batch size {size}")
+        self.size = size
 
 
 class Accumulator:
@@ -250,13 +258,13 @@ class Accumulator:
                     _split_all(pieces, size), loss_fn, count, share_oom=self.sync.distributed
                 )
             except (OutOfMemoryError, _RetryWindow) as error:
-                if size == 1:
+                failed = error.size if isinstance(error, _RetryWindow) else size
+                if failed == 1:
                     raise RuntimeError(
                         "micro_batch_size='auto': a micro-batch of 1 sample still runs out of "
                         "memory; reduce the model or sequence size, use autocast=torch.bfloat16, "
                         "or shard the model (FSDP2)"
                     ) from error
-                failed = size
             else:
                 if self._window_index == 0 or retried:
                     log.info("truebatch: micro_batch_size='auto' runs %d samples per pass", size)
@@ -281,9 +289,11 @@ class Accumulator:
         """Forward and backward every micro-batch; leaves the window's gradient in .grad.
 
         With ``share_oom`` (``"auto"`` under torch.distributed) no real pass
-        synchronizes: an out-of-memory error is recorded, every rank learns of
-        it through one all-reduce, and only then does a zero-weight pass
-        synchronize the gradients. Otherwise an error propagates at once.
+        synchronizes: a zero-weight pass first makes the wrapper's forward-time
+        collectives, an out-of-memory error stops this rank's passes, every
+        rank learns of it through one small exchange, and only then does a
+        zero-weight pass synchronize the gradients. Otherwise an error
+        propagates at once.
         """
         sizes = [batch_size(mb) for mb in micro_batches]
         stats = self._exchange_stats(_evaluate_counts(micro_batches, count or count_samples), sizes)
@@ -298,31 +308,39 @@ class Accumulator:
         offset = int(stats["offset"])
         out_of_memory = False
         grads = _GradBuffers(self.model, self.accumulate_dtype)
+        if self.sync.distributed and micro_batches:
+            self._template = _template_of(micro_batches[0])
+        # A gradient left from before the window (the user's own backward) is not part of it.
+        self._zero_grad()
         try:
             with self._guard():
+                if share_oom:
+                    # DDP's first forward after a synchronizing one broadcasts buffers (and,
+                    # once, bucket indices). Doing it here on every rank means a pass that runs
+                    # out of memory before reaching the model cannot leave it unmatched.
+                    self._replay(loss_fn, synchronize=False)
                 for index, micro_batch in enumerate(micro_batches):
                     with self._pass_sync(index, passes, grads, share_oom) as synchronize:
-                        if not out_of_memory:
-                            try:
-                                loss_sum += self._pass(
-                                    micro_batch, loss_fn, scale, returned, offset, synchronize
-                                )
-                            except OutOfMemoryError:
-                                if not share_oom:
-                                    raise
-                                out_of_memory = True
+                        try:
+                            loss_sum += self._pass(
+                                micro_batch, loss_fn, scale, returned, offset, synchronize
+                            )
+                        except OutOfMemoryError:
+                            if not share_oom:
+                                raise
+                            out_of_memory = True
+                    if out_of_memory:
+                        break
                     offset += sizes[index]
-                if self.sync.distributed and micro_batches:
-                    self._template = _template_of(micro_batches[-1])
-                for index in range(len(micro_batches), passes):
-                    with self._pass_sync(index, passes, grads, share_oom) as synchronize:
-                        self._replay(loss_fn, synchronize)
                 if share_oom:
-                    flag = torch.tensor([float(out_of_memory)])
-                    if self.sync.all_reduce(flag).item() > 0:
-                        raise _RetryWindow("a rank ran out of memory")
+                    # The passes so far made no collective, so ranks need not match them.
+                    self._share_out_of_memory(out_of_memory, largest)
                     grads.restore()
                     self._replay(loss_fn, synchronize=True)
+                else:
+                    for index in range(len(micro_batches), passes):
+                        with self._pass_sync(index, passes, grads, share_oom) as synchronize:
+                            self._replay(loss_fn, synchronize)
                 grads.restore()
                 totals = self.sync.all_reduce(
                     torch.stack([loss_sum, returned.total, returned.flag()])
@@ -345,10 +363,14 @@ class Accumulator:
     ) -> Iterator[bool]:
         """Decide whether pass ``index`` synchronizes; keep wide sums around it."""
         synchronize = not share_oom and self.sync.synchronizes(index, passes)
-        if synchronize:
+        # A data-parallel wrapper reduces .grad inside a synchronizing backward, so the
+        # wide sums must be back in .grad before it; a local model keeps them wide until
+        # the window ends and rounds once.
+        round_before = synchronize and self.sync.distributed
+        if round_before:
             grads.restore()
         yield synchronize
-        if not synchronize:
+        if not round_before:
             grads.stash()
 
     def _pass(
@@ -380,17 +402,28 @@ class Accumulator:
         """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
 
         A rank with fewer micro-batches than the others replays two samples of
-        its last micro-batch with weight 0; buffers (BatchNorm statistics) and
-        the RNG are restored afterwards, so the replay leaves no trace.
+        its first micro-batch with weight 0; buffers (BatchNorm statistics) and
+        the RNG are restored afterwards, so the replay leaves no trace. Buffers
+        are saved as the wrapped module starts, after DDP's broadcast, which
+        the replay must keep.
         """
         device = self._device()
-        rng, buffers = _rng_state(device), _clone_buffers(self.model)
-        with self.sync.pass_context(synchronize):
-            with _context.micro_batch(self._window_index, 0), self._autocast():
-                output = loss_fn(self.model, self._template)
-            loss = output[0] if isinstance(output, tuple | list) else output
-            (loss * 0.0).backward()
-        _restore_buffers(self.model, buffers)
+        rng, saved = _rng_state(device), [_clone_buffers(self.model)]
+
+        def save_buffers(*_: Any) -> None:
+            if len(saved) == 1:
+                saved.append(_clone_buffers(self.model))
+
+        handle = self.sync.module.register_forward_pre_hook(save_buffers)
+        try:
+            with self.sync.pass_context(synchronize):
+                with _context.micro_batch(self._window_index, 0), self._autocast():
+                    output = loss_fn(self.model, self._template)
+                loss = output[0] if isinstance(output, tuple | list) else output
+                (loss * 0.0).backward()
+        finally:
+            handle.remove()
+        _restore_buffers(self.model, saved[-1])
         _set_rng_state(device, rng)
 
     def _apply(self, window: _Window) -> StepResult:
@@ -451,6 +484,13 @@ class Accumulator:
             "passes": passes,
             "offset": int(table[: self.sync.rank, 2].sum().item()),
         }
+
+    def _share_out_of_memory(self, out_of_memory: bool, largest: int) -> None:
+        """One small exchange per attempt: if any rank ran out of memory, all retry."""
+        table = self.sync.exchange([float(out_of_memory), float(largest)])
+        failed = table[table[:, 0] > 0, 1]
+        if failed.numel():
+            raise _RetryWindow(int(failed.min().item()))
 
     def _grad_norm_and_clip(self) -> float:
         """Global L2 norm of the gradient; clips to ``max_grad_norm`` when it is finite."""
