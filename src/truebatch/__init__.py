@@ -5,18 +5,24 @@ acc = tb.Accumulator(model, optimizer, micro_batch_size=16)
 result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losses
 """
 
+from truebatch import testing  # tb.testing.assert_accumulation_equivalent
 from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import batch_size, count_samples, count_tokens, split, windows
+from truebatch.check import Finding, Report, check
 from truebatch.schedule import scale_lr, windows_per_epoch
 
 __all__ = [
     "Accumulator",
+    "Finding",
+    "Report",
     "StepResult",
     "batch_size",
+    "check",
     "count_samples",
     "count_tokens",
     "scale_lr",
     "split",
+    "testing",
     "windows",
     "windows_per_epoch",
 ]
