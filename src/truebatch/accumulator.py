@@ -741,7 +741,10 @@ def _check_model_and_optimizer(model: Any, optimizer: Any, scheduler: Any) -> No
     if scheduler is not None:
         if not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-        if getattr(scheduler, "optimizer", optimizer) is not optimizer:
+        # Compare param groups, not objects: wrappers such as Lightning's optimizer share
+        # the param groups of the optimizer the scheduler was built for.
+        bound = getattr(scheduler, "optimizer", optimizer)
+        if getattr(bound, "param_groups", None) is not optimizer.param_groups:
             raise ValueError(
                 "scheduler was built for another optimizer; create it from the optimizer "
                 "passed to the Accumulator"
