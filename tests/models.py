@@ -12,6 +12,10 @@ Each :class:`Task` bundles a model factory, a batch factory, a loss with a
   returns (the SUM over items);
 - ``loss(model, batch, reduction="mean")`` is the full-batch reference: the
   mean over the N items of the batch (samples, or scored tokens).
+
+:func:`reference_step` is the plain full-batch optimizer step every
+exactness test compares truebatch with; :func:`record_grads` captures the
+gradients an optimizer steps on.
 """
 
 from __future__ import annotations
@@ -209,6 +213,39 @@ def concat(batches: list[Any]) -> Any:
 
 def _pad_right(t: torch.Tensor, length: int, fill: int) -> torch.Tensor:
     return F.pad(t, (0, length - t.shape[1]), value=fill)
+
+
+def reference_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    loss_mean: Callable[[nn.Module, Any], torch.Tensor],
+    max_grad_norm: float | None = None,
+) -> tuple[float, float, list[torch.Tensor]]:
+    """The reference: zero_grad, mean loss over the whole batch, backward, (clip), step.
+
+    Returns the mean loss, the gradient norm before clipping and the gradients
+    the optimizer stepped on.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_mean(model, batch)
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    stepped = [g.clone() for g in grads]
+    optimizer.step()
+    return loss.item(), norm, stepped
+
+
+def record_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """Grows by the gradients the optimizer sees at each of its steps."""
+    seen: list[list[torch.Tensor]] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    return seen
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

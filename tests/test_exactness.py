@@ -28,6 +28,8 @@ from models import (
     collate_tokens,
     concat,
     max_relative_difference,
+    record_grads,
+    reference_step,
     seeded,
     token_sequences,
 )
@@ -57,35 +59,6 @@ def pieces_of(task: Task, sizes: list[int], seed: int) -> list[Any]:
         sequences = iter(token_sequences(sum(sizes), seed))
         return [collate_tokens([next(sequences) for _ in range(n)]) for n in sizes]
     return list(zip(*(t.split(sizes) for t in task.batch(sum(sizes), seed)), strict=True))
-
-
-def reference_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: Any,
-    loss_mean: Callable[[nn.Module, Any], torch.Tensor],
-    max_grad_norm: float | None = None,
-) -> tuple[float, float, list[torch.Tensor]]:
-    """One plain full-batch step; returns (mean loss, pre-clip grad norm, grads stepped on)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_mean(model, batch)
-    loss.backward()
-    grads = [p.grad for p in model.parameters()]
-    norm = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    stepped = [g.clone() for g in grads]
-    optimizer.step()
-    return loss.item(), norm, stepped
-
-
-def record_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
-    """Grows by the gradients the optimizer sees at each of its steps."""
-    seen: list[list[torch.Tensor]] = []
-    optimizer.register_step_pre_hook(
-        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
-    )
-    return seen
 
 
 def twins(task: Task, optimizer: Optimizer, seed: int = 0):
