@@ -63,6 +63,23 @@ def _kind(model: nn.Module) -> Literal["local", "ddp", "fsdp2"]:
     return "local"
 
 
+def _data_parallel_group(model: nn.Module, kind: str) -> dist.ProcessGroup | None:
+    """The process group over which ``model``'s gradients are averaged (None: the default)."""
+    if kind == "ddp":
+        return model.process_group
+    if kind != "fsdp2":
+        return None
+    meshes = {p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")}
+    if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+        raise ValueError(
+            f"the FSDP2 model's parameters live on {len(meshes)} device mesh(es) of dimensions "
+            f"{sorted(m.ndim for m in meshes)}; truebatch counts items over the ranks that "
+            "average gradients and supports one 1-D mesh (plain fully_shard): shard with "
+            "fully_shard(model, mesh=init_device_mesh(device, (world_size,)))"
+        )
+    return next(iter(meshes)).get_group()
+
+
 class GradientSync:
     """How (and how often) a model's gradients are synchronized across ranks.
 
@@ -74,6 +91,13 @@ class GradientSync:
             wrapper's sensible default: ``"window"`` for DDP (no extra memory),
             ``"micro_batch"`` for FSDP2 (deferring its reduce-scatter keeps a
             full unsharded gradient per rank).
+
+    Attributes:
+        kind: ``"ddp"``, ``"fsdp2"`` or ``"local"``.
+        world_size, rank: size of, and this process's rank in, the group
+            that averages the gradients (1 and 0 for a local model).
+        module: the module the wrapper runs after its own pre-forward work
+            (``model.module`` for DDP, whose forward first broadcasts buffers).
     """
 
     def __init__(self, model: nn.Module, mode: SyncMode | None = None) -> None:
@@ -81,20 +105,25 @@ class GradientSync:
             raise ValueError(f"gradient_sync must be 'window', 'micro_batch' or None, got {mode!r}")
         self.kind = _kind(model)
         self.model = model
-        self.group = model.process_group if self.kind == "ddp" else None
+        self.group = _data_parallel_group(model, self.kind)
         self.world_size = 1 if self.kind == "local" else dist.get_world_size(self.group)
         self.rank = 0 if self.kind == "local" else dist.get_rank(self.group)
         self.mode: SyncMode = mode or ("micro_batch" if self.kind == "fsdp2" else "window")
+        self.module: nn.Module = model.module if self.kind == "ddp" else model
 
     @property
     def distributed(self) -> bool:
+        """Whether the Accumulator must exchange counts and keep passes in step."""
         return self.world_size > 1 or self.kind != "local"
 
     def _device(self) -> torch.device:
-        backend = dist.get_backend(self.group)
-        if "nccl" in str(backend) and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        """Where the group's collectives run: NCCL only takes tensors on the model's GPU."""
+        if "nccl" not in str(dist.get_backend(self.group)):
+            return torch.device("cpu")
+        for parameter in self.model.parameters():
+            if parameter.device.type == "cuda":
+                return parameter.device
+        return torch.device("cuda", torch.cuda.current_device())
 
     def exchange(self, row: Sequence[float]) -> torch.Tensor:
         """All ranks' ``row`` as a ``(world_size, len(row))`` float64 CPU tensor."""
