@@ -1,0 +1,13 @@
+"""Helpers for users of Hugging Face Transformers, Lightning and Accelerate.
+
+Each integration is a submodule, imported on its own; importing ``truebatch``
+or ``truebatch.integrations`` imports none of those libraries:
+
+- :mod:`truebatch.integrations.transformers`: the token-sum loss of causal
+  language models, for ``acc.step(batch, causal_lm_loss, count=tb.count_tokens())``.
+- :mod:`truebatch.integrations.lightning`: an Accumulator for a
+  LightningModule that uses manual optimization.
+
+Accelerate needs no helper: give the Accumulator the prepared model (see the
+README section "Coming from Accelerate").
+"""
