@@ -1,0 +1,407 @@
+"""Ghost batch normalization: BatchNorm whose statistics never cross a ghost batch.
+
+A :class:`GhostBatchNorm2d` with ``ghost_batch_size=g`` cuts its input, along
+dim 0, into consecutive *ghost batches* of ``g`` samples and treats each one as
+if :class:`torch.nn.BatchNorm2d` had been called on it alone, in data order:
+
+- ghost batch ``j`` is normalized with its own mean and biased variance;
+- the running statistics receive one update per ghost batch, with the
+  unbiased variance, exactly as ``len(chunks)`` sequential BatchNorm calls;
+- ``num_batches_tracked`` grows by the number of ghost batches.
+
+Because no statistic crosses a ghost batch, the output, the gradients and the
+running statistics are the same whether the samples arrive in one batch or in
+micro-batches, as long as every micro-batch boundary is a ghost batch boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from truebatch import _context
+
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+
+# Ghost batches with at least this many elements are normalized one kernel call
+# each, directly on the input; smaller ones are gathered into one call (one copy
+# of the input) because per-call overhead would dominate. Measured on CPU: the
+# two costs cross between 16k and 128k elements per ghost batch.
+_DIRECT_CHUNK_NUMEL = 65536
+
+# (first sample, number of ghost batches, samples per ghost batch)
+_Block = tuple[int, int, int]
+
+
+def check_ghost_batch_size(ghost_batch_size: Any) -> int:
+    """Return ``ghost_batch_size`` if it is a positive int, else raise with the fix."""
+    if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
+        raise TypeError(
+            f"ghost_batch_size must be an int, got {type(ghost_batch_size).__name__} "
+            f"{ghost_batch_size!r} — pass the number of samples per ghost batch, e.g. 32"
+        )
+    if ghost_batch_size < 1:
+        raise ValueError(
+            f"ghost_batch_size must be >= 1, got {ghost_batch_size} — pass the number of "
+            "samples per ghost batch, e.g. 32"
+        )
+    return ghost_batch_size
+
+
+def _blocks(batch: int, ghost: int, sample_numel: int) -> list[_Block]:
+    """Group the ghost batches of a batch into kernel calls, in data order."""
+    full, rest = divmod(batch, ghost)
+    per_call = 1 if ghost * sample_numel >= _DIRECT_CHUNK_NUMEL else max(full, 1)
+    blocks = [(j * ghost, min(per_call, full - j), ghost) for j in range(0, full, per_call)]
+    if rest:
+        blocks.append((full * ghost, 1, rest))
+    return blocks
+
+
+def _gather(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(chunks*g, C, ...)`` -> ``(g, chunks*C, L)``: ghost batch ``j`` becomes channels ``j*C..``.
+
+    BatchNorm reduces over every dim but 1, so in the gathered layout one call
+    computes the statistics of every (ghost batch, channel) pair at once.
+    """
+    if chunks == 1:
+        return x
+    size, channels = x.shape[0] // chunks, x.shape[1]
+    blocked = x.reshape(chunks, size, channels, -1).transpose(0, 1)
+    return blocked.reshape(size, chunks * channels, -1)
+
+
+def _scatter(source: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """Inverse of :func:`_gather`: write ``source`` into ``out`` (a slice of the result)."""
+    if chunks == 1:
+        out.copy_(source)
+        return
+    size, channels = out.shape[0] // chunks, out.shape[1]
+    out.view(chunks, size, channels, -1).copy_(
+        source.view(size, chunks, channels, -1).transpose(0, 1)
+    )
+
+
+def _tile(parameter: torch.Tensor | None, chunks: int) -> torch.Tensor | None:
+    """Per-channel parameter for the gathered layout of :func:`_gather`."""
+    return parameter if parameter is None or chunks == 1 else parameter.repeat(chunks)
+
+
+def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part if total is None else total + part
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if it is contiguous or channels-last, else a contiguous copy.
+
+    BatchNorm's out= kernel assumes the input and the output share a layout;
+    with ``x`` dense, ``torch.empty_like(x)`` has exactly its strides.
+    """
+    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dims and x.is_contiguous(memory_format=layout):
+            return x
+    return x.contiguous()
+
+
+@functools.cache
+def _saved_stat_dtype(
+    device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype | None
+) -> torch.dtype:
+    """Dtype of the mean / invstd that BatchNorm's kernel saves for backward (device-specific)."""
+    x = torch.ones(2, 1, dtype=dtype, device=device_type)
+    weight = None if weight_dtype is None else torch.ones(1, dtype=weight_dtype, device=device_type)
+    return torch.native_batch_norm(x, weight, weight, None, None, True, 0.0, 1e-5)[1].dtype
+
+
+def _normalize_block(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm each of the ``chunks`` ghost batches of ``x`` on its own, into ``out``.
+
+    Writes the batch mean and unbiased variance of ghost batch ``j`` into rows
+    ``mean[j]`` and ``var[j]`` (zero on entry): with momentum 1 BatchNorm's
+    running-statistics update stores exactly them. Returns the kernel's saved
+    mean and inverse standard deviation, flat, for the backward pass.
+    """
+    if chunks > 1:
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            _gather(x, chunks),
+            _tile(weight, chunks),
+            _tile(bias, chunks),
+            mean.view(-1),
+            var.view(-1),
+            True,
+            1.0,
+            eps,
+        )
+        _scatter(y, out, chunks)
+        return save_mean, save_invstd
+    # One ghost batch: the out= kernel writes straight into the result, saving a copy.
+    saved_dtype = _saved_stat_dtype(
+        x.device.type, x.dtype, None if weight is None else weight.dtype
+    )
+    save_mean, save_invstd = x.new_empty(0, dtype=saved_dtype), x.new_empty(0, dtype=saved_dtype)
+    torch.ops.aten.native_batch_norm.out(
+        x,
+        weight,
+        bias,
+        mean.view(-1),
+        var.view(-1),
+        True,
+        1.0,
+        eps,
+        out=out,
+        save_mean=save_mean,
+        save_invstd=save_invstd,
+    )
+    return save_mean, save_invstd
+
+
+class _GhostBatchNormFunction(torch.autograd.Function):
+    """Per-ghost-batch BatchNorm through ATen's own BatchNorm kernels.
+
+    Returns the output and, per ghost batch and channel, the mean and the
+    unbiased variance (what BatchNorm feeds into its running statistics).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        ghost: int,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = _dense(x)
+        blocks = _blocks(x.shape[0], ghost, math.prod(x.shape[1:]))
+        total = sum(chunks for _, chunks, _ in blocks)
+        stat_dtype = weight.dtype if weight is not None else x.dtype
+        out = torch.empty_like(x)
+        # Zero-initialized because BatchNorm blends them with weight 0 (0 * garbage may be NaN).
+        mean = x.new_zeros(total, x.shape[1], dtype=stat_dtype)
+        var = torch.zeros_like(mean)
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        row = 0
+        for start, chunks, size in blocks:
+            stop, rows = start + chunks * size, slice(row, row + chunks)
+            saved.append(
+                _normalize_block(
+                    x[start:stop], weight, bias, chunks, mean[rows], var[rows], eps, out[start:stop]
+                )
+            )
+            row += chunks
+        save_mean = torch.cat([m for m, _ in saved]) if saved else mean.view(-1)
+        save_invstd = torch.cat([s for _, s in saved]) if saved else var.view(-1)
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.blocks, ctx.eps = blocks, eps
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_var: Any
+    ) -> tuple[torch.Tensor | None, ...]:
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grad_x = torch.empty_like(x) if mask[0] else None
+        grad_weight: torch.Tensor | None = None
+        grad_bias: torch.Tensor | None = None
+        channels, first = x.shape[1], 0
+        for start, chunks, size in ctx.blocks:
+            stop, params = start + chunks * size, slice(first, first + chunks * channels)
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                _gather(grad_out[start:stop], chunks),
+                _gather(x[start:stop], chunks),
+                _tile(weight, chunks),
+                None,
+                None,
+                save_mean[params],
+                save_invstd[params],
+                True,
+                ctx.eps,
+                mask,
+            )
+            if grad_x is not None:
+                _scatter(gx, grad_x[start:stop], chunks)
+            if mask[1]:
+                grad_weight = _add(grad_weight, gw.view(chunks, -1).sum(0))
+            if mask[2]:
+                grad_bias = _add(grad_bias, gb.view(chunks, -1).sum(0))
+            first += chunks * channels
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _running_average_weights(
+    chunks: int, momentum: float | None, tracked_before: int | None
+) -> tuple[float, list[float]]:
+    """Closed form of ``chunks`` sequential BatchNorm running-average updates.
+
+    BatchNorm updates ``r <- (1 - f_j) r + f_j s_j`` once per batch. After the
+    ghost batches ``j = 0..n-1`` this is ``r <- keep * r + sum_j w_j s_j`` with
+
+    - constant ``momentum=m``: ``keep = (1-m)^n``, ``w_j = m (1-m)^(n-1-j)``;
+    - ``momentum=None`` (cumulative average, ``t`` batches seen before):
+      ``keep = t / (t+n)``, ``w_j = 1 / (t+n)``;
+    - ``momentum=None`` without ``num_batches_tracked``: factor 0, no change.
+    """
+    if momentum is not None:
+        return (1.0 - momentum) ** chunks, [
+            momentum * (1.0 - momentum) ** (chunks - 1 - j) for j in range(chunks)
+        ]
+    if tracked_before is None:
+        return 1.0, [0.0] * chunks
+    total = tracked_before + chunks
+    return tracked_before / total, [1.0 / total] * chunks
+
+
+class _GhostBatchNorm(_BatchNorm):
+    """Shared implementation of :class:`GhostBatchNorm1d`, ``2d`` and ``3d``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not (self.training or (self.running_mean is None and self.running_var is None)):
+            return super().forward(input)  # running statistics: exactly BatchNorm eval
+        self._check_ghost_batches(input)
+        out, mean, var = _GhostBatchNormFunction.apply(
+            input, self.weight, self.bias, self.ghost_batch_size, self.eps
+        )
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean, var)
+        return out
+
+    def _check_ghost_batches(self, input: torch.Tensor) -> None:
+        name, ghost = type(self).__name__, self.ghost_batch_size
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{name}: input has {input.shape[1]} channels (dim 1), expected "
+                f"num_features={self.num_features} — check the layer before this one"
+            )
+        context = _context.current()
+        if context is not None and context.offset % ghost:
+            raise ValueError(
+                f"{name}: this micro-batch starts at sample {context.offset} of the effective "
+                f"batch, which is not a multiple of ghost_batch_size={ghost}, so a ghost batch "
+                f"would straddle two micro-batches — expected every micro-batch but the last to "
+                f"hold a multiple of {ghost} samples — set micro_batch_size to a multiple of "
+                f"{ghost}"
+            )
+        per_sample = math.prod(input.shape[2:])
+        last = input.shape[0] % ghost or ghost
+        if per_sample == 1 and 1 in (ghost, last) and input.shape[0] > 0:
+            raise ValueError(
+                f"{name}: a ghost batch of 1 sample has 1 value per channel, so its variance "
+                f"is undefined (batch of {input.shape[0]}, ghost_batch_size={ghost}) — "
+                "expected more than 1 value per channel in every ghost batch — use "
+                "ghost_batch_size >= 2 and a batch size that does not leave 1 sample over"
+            )
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        tracked_before = None
+        if self.num_batches_tracked is not None:
+            if self.momentum is None:
+                tracked_before = int(self.num_batches_tracked)
+            self.num_batches_tracked.add_(mean.shape[0])
+        keep, weights = _running_average_weights(mean.shape[0], self.momentum, tracked_before)
+        for running, batch in ((self.running_mean, mean), (self.running_var, var)):
+            assert running is not None
+            w = torch.tensor(weights, dtype=torch.float64).to(running.device, running.dtype)
+            running.mul_(keep).add_(w @ batch.to(running.dtype))
+
+
+_STATISTICS_DOC = """
+    In train mode, each consecutive chunk of ``ghost_batch_size`` samples along
+    dim 0 (a *ghost batch*) is normalized exactly as :class:`torch.nn.{bn}` would
+    normalize that chunk alone::
+
+        y = (x - mean_j) / sqrt(var_j + eps) * weight + bias
+
+    where ``mean_j`` and the biased ``var_j`` are taken over the samples of
+    ghost batch ``j`` and all dims but the channel dim 1. A last ghost batch with
+    fewer than ``ghost_batch_size`` samples (batch size not a multiple) is
+    normalized on its own statistics. The running statistics are updated once
+    per ghost batch, in data order, with the unbiased variance — the values
+    sequential BatchNorm calls on the chunks would leave (computed in closed
+    form, equal up to rounding) — and ``num_batches_tracked`` grows by the number
+    of ghost batches. ``momentum=None`` is the cumulative average, as in BatchNorm.
+
+    In eval mode with running statistics this *is* BatchNorm eval. Without
+    running statistics (``track_running_stats=False``) the layer normalizes per
+    ghost batch in eval mode too, where BatchNorm would use the whole batch.
+
+    The output, the gradients and the running statistics do not depend on how
+    the batch is split into micro-batches, provided every micro-batch but the
+    last holds a multiple of ``ghost_batch_size`` samples. Inside an
+    :class:`truebatch.Accumulator` a micro-batch starting at a sample that is not
+    a multiple of ``ghost_batch_size`` raises ``ValueError``.
+
+    State-dict keys, constructor arguments and the eval path are those of
+    :class:`torch.nn.{bn}`, and ``isinstance(layer, torch.nn.{bn})`` holds.
+    Supports first-order gradients only (no double backward).
+
+    Example::
+
+        >>> bn = truebatch.nn.{name}(64, ghost_batch_size=32)
+        >>> y = bn(torch.randn({example}))  # 8 ghost batches of 32 samples
+"""
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    __doc__ = (
+        "BatchNorm1d over ghost batches of ``ghost_batch_size`` samples; "
+        "input ``(N, C)`` or ``(N, C, L)``.\n"
+        + _STATISTICS_DOC.format(bn="BatchNorm1d", name="GhostBatchNorm1d", example="256, 64")
+    )
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    __doc__ = (
+        "BatchNorm2d over ghost batches of ``ghost_batch_size`` samples; input ``(N, C, H, W)``.\n"
+        + _STATISTICS_DOC.format(
+            bn="BatchNorm2d", name="GhostBatchNorm2d", example="256, 64, 16, 16"
+        )
+    )
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    __doc__ = (
+        "BatchNorm3d over ghost batches of ``ghost_batch_size`` samples; "
+        "input ``(N, C, D, H, W)``.\n"
+        + _STATISTICS_DOC.format(
+            bn="BatchNorm3d", name="GhostBatchNorm3d", example="256, 64, 4, 8, 8"
+        )
+    )

@@ -1,0 +1,218 @@
+"""Dropout whose mask is a pure function of the sample, not of the global RNG.
+
+``nn.Dropout`` draws its mask from the global random stream, so a sample gets a
+different mask depending on which micro-batch it lands in. Here the keep
+decision of every element is a counter-based hash of
+
+    (seed, window, layer_id, global sample index, element index within the sample)
+
+so the full batch and any split of it into micro-batches draw identical masks.
+The hash is a few rounds of the splitmix64 finalizer computed with int64 tensor
+ops on the input's device; no random state is read or advanced.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from truebatch import _context
+
+__all__ = ["SplitInvariantDropout"]
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: odd, so counter * _GOLDEN is a bijection
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+# Layers constructed without a layer_id get the next number: distinct masks by
+# default, in construction order. convert_dropout renumbers by module order.
+_next_layer_id = itertools.count()
+
+
+def _signed(value: int) -> int:
+    """The int64 with the same 64 bits as ``value`` (torch has no uint64 arithmetic)."""
+    value &= _MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _mix64(value: int) -> int:
+    """splitmix64 finalizer on a Python int, modulo 2**64."""
+    value &= _MASK64
+    value = ((value ^ (value >> 30)) * _MIX1) & _MASK64
+    value = ((value ^ (value >> 27)) * _MIX2) & _MASK64
+    return value ^ (value >> 31)
+
+
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finalizer, in place on an int64 tensor.
+
+    torch int64 multiplication wraps modulo 2**64 like uint64 does, but ``>>``
+    is arithmetic (copies the sign bit), so each shift is masked to be logical.
+    """
+    for shift, multiplier in ((30, _MIX1), (27, _MIX2), (31, None)):
+        z.bitwise_xor_((z >> shift).bitwise_and_((1 << (64 - shift)) - 1))
+        if multiplier is not None:
+            z.mul_(_signed(multiplier))
+    return z
+
+
+def _stream_key(seed: int, window: int, layer_id: int) -> int:
+    """64-bit key of one (seed, window, layer): distinct inputs give unrelated keys."""
+    key = _GOLDEN
+    for value in (seed, window, layer_id):
+        key = _mix64(key ^ (value & _MASK64))
+    return key
+
+
+def _keep_mask(
+    samples: int,
+    elements: int,
+    p: float,
+    *,
+    seed: int,
+    window: int,
+    layer_id: int,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean keep mask of shape ``(samples, elements)``; True with probability ``1 - p``.
+
+    Row ``i`` belongs to the sample with global index ``s = offset + i``. With
+    ``K = _stream_key(seed, window, layer_id)`` and ``P = ceil(elements / 2)``,
+    one 64-bit word is hashed per pair of elements::
+
+        h = splitmix64_finalizer((s * P + e // 2) * 0x9E3779B97F4A7C15 + K)   (mod 2**64)
+
+    element ``e`` reads the 32-bit half ``e % 2`` of ``h`` (low half first), as a
+    signed int32 ``u``, and is kept iff ``u < round((1 - p) * 2**32) - 2**31``.
+    Every factor is exact integer arithmetic, so the mask depends only on these
+    inputs: not on the device, the global RNG, or how samples are batched.
+
+    Example::
+
+        >>> _keep_mask(4, 10, 0.5, seed=0, window=0, layer_id=0).shape
+        torch.Size([4, 10])
+    """
+    pairs = (elements + 1) // 2
+    keep_count = round((1.0 - p) * 2**32)  # out of 2**32 equally likely halves
+    if keep_count >= 2**32 or samples * pairs == 0:
+        return torch.ones(samples, elements, dtype=torch.bool, device=device)
+    start = _signed(offset * pairs * _GOLDEN + _stream_key(seed, window, layer_id))
+    z = torch.arange(samples * pairs, dtype=torch.int64, device=device)
+    _mix64_(z.mul_(_signed(_GOLDEN)).add_(start))
+    keep = (z.view(torch.int32) < keep_count - 2**31).view(samples, 2 * pairs)
+    return keep if 2 * pairs == elements else keep[:, :elements]
+
+
+def check_probability(p: object) -> float:
+    """Return ``p`` as a float if it is a probability in [0, 1], else raise with the fix."""
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(
+            f"p must be a number, got {type(p).__name__} {p!r} — pass the drop "
+            "probability, e.g. p=0.1"
+        )
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(
+            f"p must be a probability in [0, 1], got p={p} — pass the probability of "
+            "dropping an element, e.g. p=0.1"
+        )
+    return float(p)
+
+
+class SplitInvariantDropout(nn.Module):
+    """Dropout whose mask does not depend on how the batch is split.
+
+    In train mode, element ``e`` of sample ``i`` of the input is kept with
+    probability ``1 - p`` (and scaled by ``1 / (1 - p)``) or zeroed, decided by
+    :func:`_keep_mask` from ``(seed, window, layer_id, offset + i, e)``:
+
+    - inside a :class:`truebatch.Accumulator`, ``window`` is the index of the
+      window (optimizer step) and ``offset`` the global index of the first
+      sample of the micro-batch in the effective batch, read from
+      ``truebatch._context.current()`` — so the full batch and every split of it
+      draw the same mask, and each window draws a new one;
+    - outside an Accumulator, ``offset = 0`` and ``window`` is the number of
+      train-mode calls this layer has made before (0, 1, 2, ...): ordinary
+      dropout, reproducible from ``seed`` and independent of the global RNG.
+
+    Dim 0 of the input must be the sample dim. ``channelwise=False`` keys the
+    mask by the flat index of the element within its sample (like
+    ``nn.Dropout``); ``channelwise=True`` keys it by the channel (dim 1) and
+    drops whole channels (like ``nn.Dropout1d/2d/3d``; input ``(N, C, ...)``).
+
+    ``layer_id`` separates the masks of different layers; by default each new
+    layer takes the next number of a process-wide counter, and
+    :func:`truebatch.nn.convert_dropout` renumbers the layers of a model
+    0, 1, 2, ... in module order. The mask is a pure function of the inputs
+    above, so a layer called twice on the same samples in one window reuses
+    its mask (use two layers for two independent masks), and recomputation
+    (activation checkpointing) inside the same context reproduces it.
+
+    Eval mode, and ``p=0``, are the identity; ``p=1`` zeroes everything.
+
+    Example::
+
+        >>> drop = truebatch.nn.SplitInvariantDropout(p=0.1, seed=0)
+        >>> y = drop(torch.randn(8, 16))
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        seed: int = 0,
+        layer_id: int | None = None,
+        channelwise: bool = False,
+    ) -> None:
+        super().__init__()
+        self.p = check_probability(p)
+        self.seed = int(seed)
+        self.layer_id = next(_next_layer_id) if layer_id is None else int(layer_id)
+        self.channelwise = bool(channelwise)
+        self._calls = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"p={self.p}, seed={self.seed}, layer_id={self.layer_id}, "
+            f"channelwise={self.channelwise}"
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return input
+        self._check_input(input)
+        if self.p == 1.0:
+            return input * 0.0
+        context = _context.current()
+        if context is None:
+            window, offset, self._calls = self._calls, 0, self._calls + 1
+        else:
+            window, offset = context.window, context.offset
+        samples = input.shape[0]
+        shape = input.shape[:2] if self.channelwise else input.shape
+        keep = _keep_mask(
+            samples,
+            math.prod(shape[1:]),
+            self.p,
+            seed=self.seed,
+            window=window,
+            layer_id=self.layer_id,
+            offset=offset,
+            device=input.device,
+        )
+        keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
+        return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        needed = 2 if self.channelwise else 1
+        if input.dim() < needed:
+            layout = "(N, C, ...)" if self.channelwise else "(N, ...)"
+            raise ValueError(
+                f"SplitInvariantDropout(channelwise={self.channelwise}) got an input of shape "
+                f"{tuple(input.shape)} — expected {layout} with the samples along dim 0 — "
+                "add the batch dim (e.g. input.unsqueeze(0))"
+            )

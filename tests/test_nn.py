@@ -1,0 +1,592 @@
+"""Split-invariant layers: ghost BatchNorm, split-invariant dropout and the converters.
+
+References are written out here: sequential ``nn.BatchNorm`` calls on each ghost
+batch, and a pure-Python splitmix64 for the dropout mask. Exactness is checked
+in float64 at 1e-12 (relative, per tensor), as in the library's contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import truebatch.nn as tnn
+from truebatch import _context
+from truebatch.nn import batchnorm as ghost_module
+
+DTYPE = torch.float64
+EXACT = 1e-12
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (``b`` is the reference), ``||a - b||`` when ``b`` is zero."""
+    scale = torch.linalg.vector_norm(b.double()).item()
+    difference = torch.linalg.vector_norm((a - b).double()).item()
+    return difference / scale if scale > 0 else difference
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=DTYPE)
+
+
+# --------------------------------------------------------------------------- ghost BatchNorm
+
+BATCHNORMS = {
+    "1d": (nn.BatchNorm1d, tnn.GhostBatchNorm1d, (5,)),
+    "1d-seq": (nn.BatchNorm1d, tnn.GhostBatchNorm1d, (5, 7)),
+    "2d": (nn.BatchNorm2d, tnn.GhostBatchNorm2d, (5, 3, 4)),
+    "3d": (nn.BatchNorm3d, tnn.GhostBatchNorm3d, (5, 2, 3, 2)),
+}
+
+
+@pytest.fixture(params=["direct", "gathered"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run ghost BN both ways: one kernel call per ghost batch, or all in one gathered call."""
+    threshold = 1 if request.param == "direct" else 2**62
+    monkeypatch.setattr(ghost_module, "_DIRECT_CHUNK_NUMEL", threshold)
+    return request.param
+
+
+def make_pair(kind: str, ghost: int, **kwargs: object) -> tuple[nn.Module, nn.Module]:
+    """A ghost layer with random affine parameters and running stats, and a BatchNorm twin."""
+    native_cls, ghost_cls, (channels, *_) = BATCHNORMS[kind]
+    layer = ghost_cls(channels, ghost, dtype=DTYPE, **kwargs)
+    with torch.no_grad():
+        if layer.affine:
+            layer.weight.copy_(1 + randn(channels, seed=1).abs())
+            layer.bias.copy_(randn(channels, seed=2))
+        if layer.track_running_stats:
+            layer.running_mean.copy_(randn(channels, seed=3))
+            layer.running_var.copy_(1 + randn(channels, seed=4).abs())
+            layer.num_batches_tracked.fill_(3)
+    native = native_cls(channels, dtype=DTYPE, **kwargs)
+    native.load_state_dict(layer.state_dict())
+    return layer, native
+
+
+def input_for(kind: str, batch: int, seed: int = 0) -> torch.Tensor:
+    return 2.0 + 3.0 * randn(batch, *BATCHNORMS[kind][2], seed=seed)
+
+
+def assert_same_state(layer: nn.Module, reference: nn.Module) -> None:
+    for (name, ours), (_, theirs) in zip(
+        layer.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        if name.endswith("num_batches_tracked"):
+            assert ours.item() == theirs.item(), name
+        else:
+            assert relative_difference(ours, theirs) <= EXACT, name
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("batch", [12, 14])  # 3 ghost batches of 4; 3 and a last one of 2
+def test_ghost_batchnorm_is_sequential_batchnorm_per_ghost_batch(
+    kind: str, momentum: float | None, batch: int, layout: str
+) -> None:
+    ghost = 4
+    layer, native = make_pair(kind, ghost, momentum=momentum)
+    for step in range(2):
+        x = input_for(kind, batch, seed=step)
+        ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = layer(ours_x)
+        theirs = torch.cat([native(chunk) for chunk in their_x.split(ghost)])
+        assert relative_difference(ours, theirs) <= EXACT
+        grad = randn(*ours.shape, seed=10 + step)
+        ours_grads = torch.autograd.grad(ours, (ours_x, layer.weight, layer.bias), grad)
+        their_grads = torch.autograd.grad(theirs, (their_x, native.weight, native.bias), grad)
+        for a, b in zip(ours_grads, their_grads, strict=True):
+            assert relative_difference(a, b) <= EXACT
+        assert_same_state(layer, native)
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_ghost_batch_of_whole_batch_is_batchnorm(kind: str, momentum: float | None) -> None:
+    batch = 6
+    layer, native = make_pair(kind, batch, momentum=momentum)
+    for step in range(3):
+        x = input_for(kind, batch, seed=step)
+        ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, theirs = layer(ours_x), native(their_x)
+        assert torch.equal(ours, theirs)
+        grad = randn(*ours.shape, seed=10 + step)
+        ours_grads = torch.autograd.grad(ours, (ours_x, layer.weight, layer.bias), grad)
+        their_grads = torch.autograd.grad(theirs, (their_x, native.weight, native.bias), grad)
+        for a, b in zip(ours_grads, their_grads, strict=True):
+            assert torch.equal(a, b)
+        assert_same_state(layer, native)
+        assert layer.num_batches_tracked.item() == 3 + step + 1
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+def test_eval_mode_is_batchnorm_eval(kind: str) -> None:
+    layer, native = make_pair(kind, 2)
+    layer(input_for(kind, 8))  # move the running statistics away from the twin's
+    native.load_state_dict(layer.state_dict())
+    layer.eval(), native.eval()
+    x = input_for(kind, 5, seed=1)
+    assert torch.equal(layer(x), native(x))
+    assert_same_state(layer, native)
+
+
+def test_without_running_stats_eval_still_uses_ghost_batches() -> None:
+    layer, _ = make_pair("2d", 3, track_running_stats=False)
+    x = input_for("2d", 9)
+    expected = torch.cat(
+        [F.batch_norm(c, None, None, layer.weight, layer.bias, True) for c in x.split(3)]
+    )
+    for training in (True, False):
+        layer.train(training)
+        assert relative_difference(layer(x), expected) <= EXACT
+
+
+def run_split(
+    layer: nn.Module, x: torch.Tensor, sizes: list[int], window: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output (concatenated) and summed parameter gradients over micro-batches of ``sizes``."""
+    outputs, grads = [], [torch.zeros_like(p) for p in layer.parameters()]
+    start = 0
+    for size in sizes:
+        with _context.micro_batch(window=window, offset=start):
+            out = layer(x[start : start + size])
+        weights = torch.arange(start, start + size, dtype=DTYPE).view(-1, *[1] * (x.dim() - 1))
+        for total, g in zip(
+            grads, torch.autograd.grad((out * weights).sum(), list(layer.parameters())), strict=True
+        ):
+            total += g
+        outputs.append(out.detach())
+        start += size
+    return torch.cat(outputs), grads
+
+
+@st.composite
+def ghost_splits(draw: st.DrawFn) -> tuple[int, list[int]]:
+    """A ghost size and micro-batch sizes: multiples of it, the last may have a remainder."""
+    ghost = draw(st.integers(1, 4))
+    chunks = draw(st.lists(st.integers(1, 3), min_size=1, max_size=4))
+    remainder = draw(st.integers(0, ghost - 1))
+    sizes = [c * ghost for c in chunks]
+    sizes[-1] += remainder
+    return ghost, sizes
+
+
+@given(ghost_splits(), st.sampled_from([0.1, None]))
+def test_ghost_batchnorm_is_split_invariant(split: tuple[int, list[int]], momentum) -> None:
+    ghost, sizes = split
+    layer, _ = make_pair("2d", ghost, momentum=momentum)
+    x = input_for("2d", sum(sizes))
+    full = copy.deepcopy(layer)
+    full_out, full_grads = run_split(full, x, [sum(sizes)])
+    out, grads = run_split(layer, x, sizes)
+    assert relative_difference(out, full_out) <= EXACT
+    for a, b in zip(grads, full_grads, strict=True):
+        assert relative_difference(a, b) <= EXACT
+    assert_same_state(layer, full)
+
+
+def test_micro_batch_not_on_a_ghost_boundary_raises() -> None:
+    layer, _ = make_pair("2d", 4)
+    x = input_for("2d", 6)
+    with _context.micro_batch(window=0, offset=0):
+        layer(x)  # the first micro-batch may hold any number of samples...
+    with _context.micro_batch(window=0, offset=6), pytest.raises(ValueError) as error:
+        layer(x)  # ...but then the next one starts inside a ghost batch
+    assert "multiple of 4" in str(error.value)
+    assert "micro_batch_size" in str(error.value)
+
+
+def test_single_value_ghost_batch_raises() -> None:
+    layer, _ = make_pair("1d", 4)
+    with pytest.raises(ValueError, match="variance"):
+        layer(input_for("1d", 9))  # 4 + 4 + 1: the last ghost batch has one value per channel
+    make_pair("2d", 1)[0](input_for("2d", 3))  # one sample, but 12 values per channel: fine
+
+
+def test_input_shape_is_validated_like_batchnorm() -> None:
+    layer, native = make_pair("2d", 2)
+    x = randn(4, 5, 3)
+    with pytest.raises(ValueError, match="4D input"):
+        native(x)
+    with pytest.raises(ValueError, match="4D input"):
+        layer(x)
+    with pytest.raises(ValueError, match="num_features=5"):
+        layer(randn(4, 6, 3, 3))
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_ghost_batch_size_must_be_positive(bad: int) -> None:
+    with pytest.raises(ValueError, match="ghost_batch_size"):
+        tnn.GhostBatchNorm2d(4, bad)
+    with pytest.raises(TypeError, match="ghost_batch_size"):
+        tnn.GhostBatchNorm2d(4, 2.0)  # type: ignore[arg-type]
+
+
+def test_state_dict_and_isinstance_match_batchnorm() -> None:
+    layer, native = make_pair("2d", 4)
+    assert isinstance(layer, nn.BatchNorm2d)
+    assert list(layer.state_dict()) == list(native.state_dict())
+    layer.load_state_dict(nn.BatchNorm2d(5, dtype=DTYPE).state_dict())  # strict
+
+
+def test_non_contiguous_and_channels_last_inputs(layout: str) -> None:
+    layer, _ = make_pair("2d", 3)
+    x = input_for("2d", 9)
+    expected = copy.deepcopy(layer)(x)
+    channels_last = x.to(memory_format=torch.channels_last)
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)
+    for variant in (channels_last, transposed):
+        assert relative_difference(copy.deepcopy(layer)(variant), expected) <= EXACT
+
+
+# --------------------------------------------------------------------------- converters
+
+
+class ConvNet(nn.Module):
+    """Conv/BN/dropout classifier for ``(N, 2, 4, 4)`` inputs.
+
+    Layers feeding a BatchNorm have no bias: BatchNorm subtracts it again, so
+    its gradient is zero up to rounding and a relative comparison is meaningless.
+    """
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(4, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4, momentum=None),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(64, 8, bias=False),
+            nn.BatchNorm1d(8),
+            nn.Linear(8, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_convert_batchnorm_keeps_parameters_buffers_and_flags() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.BatchNorm1d(3, momentum=None),
+        nn.BatchNorm2d(3, eps=1e-3, affine=False),
+        nn.BatchNorm3d(3, track_running_stats=False),
+    ).to(DTYPE)
+    model.train()
+    model[0](randn(8, 3))
+    model[1].eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    objects = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    old_layers = list(model)
+
+    converted = tnn.convert_batchnorm(model, ghost_batch_size=2)
+
+    assert converted is model
+    assert [type(m) for m in model] == [
+        tnn.GhostBatchNorm1d,
+        tnn.GhostBatchNorm2d,
+        tnn.GhostBatchNorm3d,
+    ]
+    for old, new in zip(old_layers, model, strict=True):
+        for attribute in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            assert getattr(new, attribute) == getattr(old, attribute), attribute
+        assert new.training == old.training
+        assert new.ghost_batch_size == 2
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    for name, tensor in after.items():
+        assert tensor is objects[name], name  # same objects: optimizers keep working
+        assert torch.equal(tensor, before[name]) and tensor.dtype == before[name].dtype
+
+
+def test_convert_batchnorm_root_shared_and_nested() -> None:
+    root = nn.BatchNorm2d(3)
+    assert isinstance(tnn.convert_batchnorm(root, 4), tnn.GhostBatchNorm2d)
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Sequential(shared), shared)
+    tnn.convert_batchnorm(model, 4)
+    assert isinstance(model[1], tnn.GhostBatchNorm1d) and model[0][0] is model[1]
+    ghost = model[1]
+    assert tnn.convert_batchnorm(model, 8)[1] is ghost  # ghost layers are left alone
+
+
+@pytest.mark.parametrize(
+    "layer, hint",
+    [(nn.SyncBatchNorm(3), "convert_sync_batchnorm"), (nn.LazyBatchNorm2d(), "forward pass")],
+)
+def test_convert_batchnorm_rejects_what_it_cannot_swap(layer: nn.Module, hint: str) -> None:
+    with pytest.raises(TypeError, match=hint) as error:
+        tnn.convert_batchnorm(nn.Sequential(nn.Identity(), layer), 4)
+    assert "module '1'" in str(error.value)
+
+
+def test_freeze_batchnorm_uses_and_keeps_running_statistics() -> None:
+    model = tnn.convert_batchnorm(ConvNet(dropout=0.0).to(DTYPE), 4)
+    model.features[1] = nn.BatchNorm2d(4, dtype=DTYPE)  # a native one too
+    model(randn(8, 2, 4, 4))  # non-trivial running statistics
+    state = copy.deepcopy(model.state_dict())
+    reference = copy.deepcopy(model).eval()
+
+    tnn.freeze_batchnorm(model)
+    model.train()
+    x = randn(6, 2, 4, 4, seed=1)
+    out = model(x)
+    assert relative_difference(out, reference(x)) <= EXACT
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    out.sum().backward()
+    assert model.features[1].weight.grad is not None  # affine parameters still train
+
+    for frozen in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        frozen.train()
+        frozen(x)
+        assert torch.equal(frozen.features[1].running_mean, state["features.1.running_mean"])
+
+    tnn.unfreeze_batchnorm(model)
+    assert model.features[1].training
+    model(x)
+    assert not torch.equal(model.features[1].running_mean, state["features.1.running_mean"])
+
+
+def test_frozen_state_survives_conversion() -> None:
+    model = tnn.freeze_batchnorm(nn.Sequential(nn.BatchNorm2d(3)))
+    tnn.convert_batchnorm(model, 2).train()
+    before = model[0].running_mean.clone()
+    model(torch.randn(4, 3, 2, 2))
+    assert torch.equal(model[0].running_mean, before)
+
+
+def test_freeze_batchnorm_without_running_statistics_raises() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"module '1'.*track_running_stats"):
+        tnn.freeze_batchnorm(model)
+
+
+def test_convert_dropout_types_numbering_and_flags() -> None:
+    existing = tnn.SplitInvariantDropout(0.2, seed=9, layer_id=77)
+    model = nn.Sequential(
+        nn.Dropout(0.1), nn.Sequential(nn.Dropout2d(0.2), existing), nn.Dropout3d(0.4)
+    )
+    model[2].eval()
+    tnn.convert_dropout(model, seed=5)
+    layers = [model[0], model[1][0], model[1][1], model[2]]
+    assert all(isinstance(m, tnn.SplitInvariantDropout) for m in layers)
+    assert layers[2] is existing
+    assert [m.layer_id for m in layers] == [0, 1, 2, 3]
+    assert {m.seed for m in layers} == {5}
+    assert [m.channelwise for m in layers] == [False, True, False, True]
+    assert [m.p for m in layers] == [0.1, 0.2, 0.2, 0.4]
+    assert [m.training for m in layers] == [True, True, True, False]
+
+
+def test_convert_dropout_rejects_alpha_dropout() -> None:
+    with pytest.raises(TypeError, match=r"AlphaDropout.*nn\.Dropout"):
+        tnn.convert_dropout(nn.Sequential(nn.AlphaDropout(0.1)))
+
+
+# --------------------------------------------------------------------------- dropout
+
+MASK64 = (1 << 64) - 1
+
+
+def reference_mix(value: int) -> int:
+    """splitmix64's finalizer on Python ints (Steele, Lea & Flood; also Java's SplittableRandom)."""
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK64
+    return value ^ (value >> 31)
+
+
+def reference_keep(
+    p: float, seed: int, window: int, layer_id: int, sample: int, element: int, elements: int
+) -> bool:
+    """The documented mask, written out element by element with exact integers."""
+    key = 0x9E3779B97F4A7C15
+    for value in (seed, window, layer_id):
+        key = reference_mix(key ^ (value & MASK64))
+    pairs = (elements + 1) // 2
+    counter = sample * pairs + element // 2
+    word = reference_mix((counter * 0x9E3779B97F4A7C15 + key) & MASK64)
+    half = (word >> (32 * (element % 2))) & 0xFFFFFFFF
+    signed = half - (1 << 32) if half >> 31 else half
+    return signed < round((1 - p) * 2**32) - 2**31
+
+
+@pytest.mark.parametrize(
+    "p, seed, window, layer_id, offset, shape",
+    [(0.5, 0, 0, 0, 0, (3, 4)), (0.3, -7, 12, 2**40, 5, (2, 5)), (0.9, 2**63, 1, 3, 2**33, (2, 3))],
+)
+def test_mask_is_the_documented_hash(
+    p: float, seed: int, window: int, layer_id: int, offset: int, shape: tuple[int, int]
+) -> None:
+    layer = tnn.SplitInvariantDropout(p, seed=seed, layer_id=layer_id)
+    with _context.micro_batch(window=window, offset=offset):
+        kept = layer(torch.ones(shape, dtype=DTYPE)) != 0
+    expected = [
+        [
+            reference_keep(p, seed, window, layer_id, offset + i, e, shape[1])
+            for e in range(shape[1])
+        ]
+        for i in range(shape[0])
+    ]
+    assert kept.tolist() == expected
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_and_scale(p: float) -> None:
+    x = torch.ones(256, 4096)
+    out = tnn.SplitInvariantDropout(p, seed=1)(x)
+    kept = int((out != 0).sum())
+    n = x.numel()
+    assert abs(kept - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p))
+    assert torch.all((out == 0) | (out == torch.tensor(1 / (1 - p), dtype=torch.float32)))
+
+
+@given(
+    st.lists(st.integers(1, 5), min_size=1, max_size=5),
+    st.integers(0, 3),
+    st.booleans(),
+)
+def test_dropout_mask_is_split_invariant(sizes: list[int], window: int, channelwise: bool) -> None:
+    layer = tnn.SplitInvariantDropout(0.5, seed=3, channelwise=channelwise)
+    x = randn(sum(sizes), 3, 5).requires_grad_()
+    with _context.micro_batch(window=window, offset=0):
+        full = layer(x)
+    (full_grad,) = torch.autograd.grad(full.sum(), x)
+    parts, start = [], 0
+    for size in sizes:
+        with _context.micro_batch(window=window, offset=start):
+            parts.append(layer(x[start : start + size]))
+        start += size
+    (grad,) = torch.autograd.grad(torch.cat(parts).sum(), x)
+    assert torch.equal(torch.cat(parts), full)
+    assert torch.equal(grad, full_grad)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a != 0) == (b != 0)).double().mean().item()
+
+
+def test_masks_differ_across_windows_layers_and_seeds() -> None:
+    x = torch.ones(64, 256)
+
+    def mask(window: int, layer: tnn.SplitInvariantDropout) -> torch.Tensor:
+        with _context.micro_batch(window=window, offset=0):
+            return layer(x)
+
+    first, second = tnn.SplitInvariantDropout(0.5), tnn.SplitInvariantDropout(0.5)
+    assert first.layer_id != second.layer_id
+    # independent masks with p=0.5 agree on half of the elements
+    assert abs(agreement(mask(0, first), mask(1, first)) - 0.5) < 0.02
+    assert abs(agreement(mask(0, first), mask(0, second)) - 0.5) < 0.02
+    reseeded = tnn.SplitInvariantDropout(0.5, seed=1, layer_id=first.layer_id)
+    assert abs(agreement(mask(0, first), mask(0, reseeded)) - 0.5) < 0.02
+    assert torch.equal(mask(0, first), mask(0, first))
+
+
+def test_channelwise_dropout_drops_whole_channels() -> None:
+    layer = tnn.SplitInvariantDropout(0.5, channelwise=True)
+    out = layer(torch.ones(16, 32, 3, 3))
+    per_channel = (out != 0).flatten(2)
+    assert torch.all(per_channel.all(-1) | ~per_channel.any(-1))
+    assert 0.3 < per_channel.all(-1).double().mean().item() < 0.7
+    with pytest.raises(ValueError, match=r"\(N, C, \.\.\.\)"):
+        layer(torch.ones(5))
+
+
+def test_outside_an_accumulator_each_call_draws_a_new_reproducible_mask() -> None:
+    x = torch.ones(8, 64)
+    rng = torch.get_rng_state()
+    first = tnn.SplitInvariantDropout(0.5, seed=4, layer_id=0)
+    again = tnn.SplitInvariantDropout(0.5, seed=4, layer_id=0)
+    calls = [first(x) for _ in range(3)]
+    assert abs(agreement(calls[0], calls[1]) - 0.5) < 0.1
+    assert all(torch.equal(a, again(x)) for a in calls)
+    with _context.micro_batch(window=1, offset=0):
+        assert torch.equal(first(x), calls[1])  # call n uses window n
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is not touched
+
+
+def test_dropout_eval_and_extreme_probabilities() -> None:
+    x = randn(4, 6)
+    layer = tnn.SplitInvariantDropout(0.5).eval()
+    assert layer(x) is x
+    assert tnn.SplitInvariantDropout(0.0)(x) is x
+    assert torch.equal(tnn.SplitInvariantDropout(1.0)(x), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("p, error", [(-0.1, ValueError), (1.5, ValueError), ("0.1", TypeError)])
+def test_dropout_probability_is_validated(p: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="p must be"):
+        tnn.SplitInvariantDropout(p)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def window_gradients(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch_size: int, window: int
+) -> list[torch.Tensor]:
+    """Sum over micro-batches of the gradient of the summed loss, run under the context."""
+    model.zero_grad(set_to_none=True)
+    for start in range(0, len(x), micro_batch_size):
+        stop = start + micro_batch_size
+        with _context.micro_batch(window=window, offset=start):
+            loss = F.cross_entropy(model(x[start:stop]), y[start:stop], reduction="sum")
+        loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def split_differences(model: nn.Module, ghost: int, chunk_counts: list[int]) -> list[float]:
+    """Worst relative gradient / buffer difference to the full batch, per micro-batch size."""
+    batch = 8 * ghost
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 2, 4, 4, generator=generator, dtype=DTYPE)
+    y = torch.randint(0, 3, (batch,), generator=generator)
+    full = copy.deepcopy(model)
+    reference = [window_gradients(full, x, y, batch, window=w) for w in range(2)]
+    worst = []
+    for chunks in chunk_counts:
+        split = copy.deepcopy(model)
+        grads = [window_gradients(split, x, y, chunks * ghost, window=w) for w in range(2)]
+        differences = [
+            relative_difference(a, b)
+            for window, full_window in zip(grads, reference, strict=True)
+            for a, b in zip(window, full_window, strict=True)
+        ]
+        buffers = zip(split.state_dict().items(), full.state_dict().values(), strict=True)
+        for (name, ours), theirs in buffers:
+            assert ours.dtype == theirs.dtype, name
+            differences.append(relative_difference(ours.double(), theirs.double()))
+        worst.append(max(differences))
+    return worst
+
+
+def test_converted_cnn_gives_full_batch_gradients_and_statistics() -> None:
+    torch.manual_seed(0)
+    model = ConvNet().to(DTYPE)
+    model = tnn.convert_dropout(tnn.convert_batchnorm(model, ghost_batch_size=4), seed=0)
+    for worst in split_differences(model, ghost=4, chunk_counts=[1, 2, 4, 8]):
+        assert worst <= EXACT
+
+
+def test_unconverted_cnn_is_not_split_invariant() -> None:
+    """The control: the same check does catch BatchNorm and dropout."""
+    torch.manual_seed(0)
+    for worst in split_differences(ConvNet().to(DTYPE), ghost=4, chunk_counts=[1, 4]):
+        assert worst > 1e-3
