@@ -258,6 +258,11 @@ class Accumulator:
                     _split_all(pieces, size), loss_fn, count, share_oom=self.sync.distributed
                 )
             except (OutOfMemoryError, _RetryWindow) as error:
+                # The failed attempt leaves no trace, for the retry and for a caller who
+                # catches the error below: BatchNorm statistics and the RNG go back to
+                # the window start.
+                _restore_buffers(self.model, buffers)
+                _set_rng_state(device, rng)
                 failed = error.size if isinstance(error, _RetryWindow) else size
                 if failed == 1:
                     raise RuntimeError(
@@ -275,8 +280,6 @@ class Accumulator:
             log.info(
                 "truebatch: out of memory at micro-batch size %d, retrying at %d", failed, size
             )
-            _restore_buffers(self.model, buffers)
-            _set_rng_state(device, rng)
             _free_memory(device)
 
     def _accumulate(
@@ -343,13 +346,14 @@ class Accumulator:
                             self._replay(loss_fn, synchronize)
                 grads.restore()
                 totals = self.sync.all_reduce(
-                    torch.stack([loss_sum, returned.total, returned.flag()])
+                    torch.stack([loss_sum, returned.total, returned.flag(), returned.negative])
                 )
+                returned.check(int(totals[3]))
         except BaseException:
             grads.discard()
             self._zero_grad()
             raise
-        loss_total, n_items, pair_mode = totals.tolist()
+        loss_total, n_items, pair_mode, _ = totals.tolist()
         if pair_mode:
             if n_items > 0:
                 self._scale_grads(1.0 / n_items)
@@ -576,6 +580,9 @@ class _ReturnedCounts:
         self.counter_given = counter_given
         self.used: bool | None = None
         self.total = torch.zeros((), dtype=torch.float64, device=device)
+        # Counted on the device and checked once per window, after the all-reduce, so no
+        # micro-batch waits for a device sync and every rank raises together.
+        self.negative = torch.zeros((), dtype=torch.float64, device=device)
 
     def parse(self, output: Any) -> torch.Tensor:
         pair = isinstance(output, tuple | list)
@@ -599,8 +606,18 @@ class _ReturnedCounts:
                     "alone or a pair (loss_sum, count)"
                 )
             output, count = output
-            self.total += _as_count(count, "the count returned by loss_fn").to(self.total.device)
+            value = _as_count(count, "the count returned by loss_fn").to(self.total.device)
+            self.total += value
+            self.negative += value < 0
         return _check_loss(output)
+
+    def check(self, negative: int) -> None:
+        """Refuse the window if loss_fn returned ``negative`` negative counts (all ranks)."""
+        if negative:
+            raise ValueError(
+                f"loss_fn returned a negative count for {negative} micro-batch(es); a count is "
+                "a number of items (samples, tokens), 0 or more: return (loss_sum, n_items)"
+            )
 
     def flag(self) -> torch.Tensor:
         """1.0 when loss_fn returned counts (summed over ranks, so all ranks agree)."""
