@@ -372,7 +372,11 @@ def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
         ({"autocast": torch.int8}, TypeError, r"autocast must be a floating torch\.dtype"),
         ({"autocast": torch.float64}, ValueError, r"autocast must be one of"),
     ],
-    ids=lambda v: str(v) if isinstance(v, dict) else "",
+    ids=lambda v: (
+        ",".join(f"{k}={type(x).__name__ if k == 'scaler' else x!r}" for k, x in v.items())
+        if isinstance(v, dict)
+        else ""
+    ),
 )
 def test_bad_accumulator_options(options: dict, error: type[Exception], words: str) -> None:
     model, optimizer = _model_and_optimizer()
