@@ -128,37 +128,48 @@ class SplitInvariantDropout(nn.Module):
     """Dropout whose mask does not depend on how the batch is split.
 
     In train mode, element ``e`` of sample ``i`` of the input is kept with
-    probability ``1 - p`` (and scaled by ``1 / (1 - p)``) or zeroed, decided by
-    :func:`_keep_mask` from ``(seed, window, layer_id, offset + i, e)``:
+    probability ``1 - p`` and scaled by ``1 / (1 - p)``, or zeroed. The decision
+    is a pure function of ``(seed, window, layer_id, s = offset + i, e)``: with
+    ``K`` a splitmix64 hash of ``(seed, window, layer_id)`` and ``P`` the number
+    of element pairs per sample, the 64-bit word
+    ``splitmix64_finalizer((s * P + e // 2) * 0x9E3779B97F4A7C15 + K)``
+    supplies two 32-bit halves, one per element of the pair, and an element is
+    kept iff its half (as a signed int32) is below ``round((1 - p) * 2**32) - 2**31``.
+    It is computed with int64 tensor ops on the input's device; the global RNG
+    is neither read nor advanced.
 
-    - inside a :class:`truebatch.Accumulator`, ``window`` is the index of the
-      window (optimizer step) and ``offset`` the global index of the first
-      sample of the micro-batch in the effective batch, read from
-      ``truebatch._context.current()`` — so the full batch and every split of it
-      draw the same mask, and each window draws a new one;
-    - outside an Accumulator, ``offset = 0`` and ``window`` is the number of
-      train-mode calls this layer has made before (0, 1, 2, ...): ordinary
-      dropout, reproducible from ``seed`` and independent of the global RNG.
+    - Inside a :class:`truebatch.Accumulator`, ``window`` is the index of the
+      window (optimizer step) and ``offset`` the global index of the micro-batch's
+      first sample in the effective batch (``truebatch._context.current()``): the
+      full batch and every split of it draw the same masks, each window new ones.
+    - Outside an Accumulator, ``offset = 0`` and ``window`` is the number of
+      earlier train-mode calls of this layer made outside an Accumulator
+      (0, 1, 2, ...; a counter that is not part of the ``state_dict``): ordinary
+      dropout, a new mask on every call, reproducible from ``seed`` and
+      ``layer_id`` for a freshly built layer.
 
     Dim 0 of the input must be the sample dim. ``channelwise=False`` keys the
-    mask by the flat index of the element within its sample (like
-    ``nn.Dropout``); ``channelwise=True`` keys it by the channel (dim 1) and
-    drops whole channels (like ``nn.Dropout1d/2d/3d``; input ``(N, C, ...)``).
+    mask by the flat (row-major) index of the element within its sample, like
+    ``nn.Dropout``; ``channelwise=True`` keys it by the channel (dim 1) and drops
+    whole channels, like ``nn.Dropout1d/2d/3d`` on batched ``(N, C, ...)`` input.
 
-    ``layer_id`` separates the masks of different layers; by default each new
-    layer takes the next number of a process-wide counter, and
-    :func:`truebatch.nn.convert_dropout` renumbers the layers of a model
-    0, 1, 2, ... in module order. The mask is a pure function of the inputs
-    above, so a layer called twice on the same samples in one window reuses
-    its mask (use two layers for two independent masks), and recomputation
-    (activation checkpointing) inside the same context reproduces it.
+    ``layer_id`` separates the masks of different layers. By default each new
+    layer takes the next number of a process-wide counter (a program that builds
+    its layers in the same order gets the same ids in every process), and
+    :func:`truebatch.nn.convert_dropout` renumbers a model's layers 0, 1, 2, ...
+    in module order. As the mask is a pure function, a layer called twice on the
+    same samples under the same context reuses its mask (use two layers for two
+    masks).
 
-    Eval mode, and ``p=0``, are the identity; ``p=1`` zeroes everything.
+    Eval mode and ``p=0`` are the identity (the input is returned); ``p=1`` zeroes
+    everything; ``p`` outside [0, 1] is a ``ValueError``.
 
     Example::
 
         >>> drop = truebatch.nn.SplitInvariantDropout(p=0.1, seed=0)
-        >>> y = drop(torch.randn(8, 16))
+        >>> y = drop(torch.randn(8, 16))                  # new mask on every call
+        >>> with truebatch._context.micro_batch(window=3, offset=8):
+        ...     y = drop(torch.randn(4, 16))              # samples 8..11 of window 3
     """
 
     def __init__(
