@@ -19,9 +19,11 @@ output differs while its inputs agreed, and none of whose submodules did, is a
 source; everything downstream merely inherits the difference and is not
 reported. Sources are classified by a second full-batch run under another seed
 (a module whose output changes with the seed draws random numbers), by their
-type (BatchNorm, dropout), and otherwise mix samples. The same comparisons in
-eval mode find sample-mixing layers hidden behind BatchNorm and tell whether
-the loss is a sum over items. Buffers are compared after the window.
+type (BatchNorm, dropout), and otherwise mix samples. When some module output
+differs and the model is in train mode, the same comparisons in eval mode (one
+split) find what train-only layers hide: sample mixers and random ops
+downstream, and whether the loss is a sum over items. Buffers are compared
+after the window.
 """
 
 from __future__ import annotations
@@ -239,8 +241,13 @@ def check(
     devices = _cuda_devices()
     with torch.random.fork_rng(devices=devices):
         passes = _Passes(loss_fn, data, count, sizes, tolerance, devices)
-        given = passes.run(base)
-        in_eval = passes.run(copy.deepcopy(base).eval()) if _any_training(base) else given
+        given = passes.run(base, sizes)
+        # A module whose output differs hides whatever is downstream of it. Eval mode stills
+        # BatchNorm, dropout and other train-only behaviour, which shows what they hide:
+        # sample mixers and random ops downstream, and whether the loss is a sum. One split
+        # is enough for that.
+        hidden = given.diverged(tolerance) and any(m.training for m in base.modules())
+        in_eval = passes.run(copy.deepcopy(base).eval(), sizes[-1:]) if hidden else given
         grads = {
             s: _grad_differences(given.full.grads, given.splits[s].grads, dtype) for s in sizes
         }
@@ -381,10 +388,6 @@ def _cuda_devices() -> list[int]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return list(range(torch.cuda.device_count()))
     return []
-
-
-def _any_training(model: nn.Module) -> bool:
-    return any(m.training for m in model.modules())
 
 
 # --------------------------------------------------------- module probes
@@ -530,6 +533,12 @@ class _Mode:
     full: _Outcome
     reseeded: _Outcome
     splits: dict[int, _Outcome]
+    training: bool
+
+    def diverged(self, tolerance: float) -> bool:
+        """Whether any module output differs under another seed or in any split."""
+        outcomes = (self.reseeded, *self.splits.values())
+        return any(outcome.probe.diverged(tolerance) for outcome in outcomes)
 
 
 class _Passes:
@@ -548,13 +557,14 @@ class _Passes:
         self.sizes, self.tolerance, self.devices = sizes, tolerance, devices
         self.total = batch_size(batch)
 
-    def run(self, base: nn.Module) -> _Mode:
-        """The full batch (seeded twice differently) and every split, on copies of ``base``."""
+    def run(self, base: nn.Module, sizes: list[int]) -> _Mode:
+        """The full batch (seeded twice differently) and each split, on copies of ``base``."""
         full = self.window(base, None, _SEED, None)
         return _Mode(
             full=full,
             reseeded=self.window(base, None, _SEED + 1, full.probe),
-            splits={s: self.window(base, s, _SEED, full.probe) for s in self.sizes},
+            splits={s: self.window(base, s, _SEED, full.probe) for s in sizes},
+            training=base.training,
         )
 
     def window(
@@ -604,7 +614,8 @@ def _module_findings(
             measure = "relative output change between two seeds, full batch"
             found[name] = _finding(base, name, "random_op", effect, measure)
     for size in passes.sizes:
-        for name, effect in _merge((mode.splits[size].probe for mode in modes), tolerance).items():
+        probes = (mode.splits[size].probe for mode in modes if size in mode.splits)
+        for name, effect in _merge(probes, tolerance).items():
             known = found.get(name)
             if name in typed or (known is not None and known.effect >= effect):
                 continue
@@ -714,8 +725,10 @@ def _finding(
 def _loss_findings(in_eval: _Mode, tolerance: float) -> list[Finding]:
     """``loss_not_additive`` when micro-batch losses do not sum to the full-batch loss.
 
-    Judged in eval mode, and only on splits where every module output agreed,
-    so that any difference comes from the loss itself.
+    Judged only on splits where every module output agreed (in eval mode when
+    some output differed in train mode), so that any difference comes from the
+    loss itself. A random op or a sample mixer that is active in
+    eval mode leaves the loss unjudged until it is fixed.
     """
     full = in_eval.full.loss_sum
     judged = {
@@ -730,7 +743,7 @@ def _loss_findings(in_eval: _Mode, tolerance: float) -> list[Finding]:
         return []
     measure = (
         f"relative difference of the sum of micro-batch losses from the full-batch loss, "
-        f"micro-batch size {size}, eval mode"
+        f"micro-batch size {size}{', eval mode' if not in_eval.training else ''}"
     )
     return [Finding("loss_fn", "loss_not_additive", effect, measure, _FIXES["loss_not_additive"])]
 
