@@ -5,7 +5,7 @@ acc = tb.Accumulator(model, optimizer, micro_batch_size=16)
 result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losses
 """
 
-from truebatch import testing  # tb.testing.assert_accumulation_equivalent
+from truebatch import nn, testing  # tb.nn layers, tb.testing.assert_accumulation_equivalent
 from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import batch_size, count_samples, count_tokens, split, windows
 from truebatch.check import Finding, Report, check
@@ -20,6 +20,7 @@ __all__ = [
     "check",
     "count_samples",
     "count_tokens",
+    "nn",
     "scale_lr",
     "split",
     "testing",
