@@ -17,20 +17,16 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+import truebatch as tb
 import truebatch.nn as tnn
+from models import relative_difference
 from truebatch import _context
 from truebatch.nn import batchnorm as ghost_module
 
 DTYPE = torch.float64
 EXACT = 1e-12
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (``b`` is the reference), ``||a - b||`` when ``b`` is zero."""
-    scale = torch.linalg.vector_norm(b.double()).item()
-    difference = torch.linalg.vector_norm((a - b).double()).item()
-    return difference / scale if scale > 0 else difference
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -447,13 +443,15 @@ def test_mask_is_the_documented_hash(
     assert kept.tolist() == expected
 
 
+@pytest.mark.parametrize("channelwise", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_and_scale(p: float) -> None:
-    x = torch.ones(256, 4096)
-    out = tnn.SplitInvariantDropout(p, seed=1)(x)
-    kept = int((out != 0).sum())
-    n = x.numel()
-    assert abs(kept - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p))
+def test_keep_rate_and_scale(p: float, channelwise: bool) -> None:
+    x = torch.ones(256, 4096, 2)
+    with _context.micro_batch(window=5, offset=96):
+        out = tnn.SplitInvariantDropout(p, seed=1, channelwise=channelwise)(x)
+    kept = (out != 0).all(-1) if channelwise else out != 0  # one decision per channel
+    n = kept.numel()  # independent keep decisions: Binomial(n, 1 - p) kept
+    assert abs(int(kept.sum()) - n * (1 - p)) <= 5 * math.sqrt(n * p * (1 - p))
     assert torch.all((out == 0) | (out == torch.tensor(1 / (1 - p), dtype=torch.float32)))
 
 
@@ -530,6 +528,20 @@ def test_dropout_eval_and_extreme_probabilities() -> None:
     assert torch.equal(tnn.SplitInvariantDropout(1.0)(x), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("in_window", [False, True])
+def test_checkpointed_dropout_refuses_to_recompute(in_window: bool) -> None:
+    """Recomputation in backward has no micro-batch context: it would draw another mask."""
+    model = nn.Sequential(nn.Linear(6, 6), tnn.SplitInvariantDropout(0.5)).to(DTYPE)
+    x = randn(4, 6)
+    if in_window:
+        with _context.micro_batch(window=0, offset=0):
+            out = checkpoint(model, x, use_reentrant=False)
+    else:
+        out = checkpoint(model, x, use_reentrant=False)
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        out.sum().backward()
+
+
 @pytest.mark.parametrize("p, error", [(-0.1, ValueError), (1.5, ValueError), ("0.1", TypeError)])
 def test_dropout_probability_is_validated(p: object, error: type[Exception]) -> None:
     with pytest.raises(error, match="p must be"):
@@ -590,3 +602,62 @@ def test_unconverted_cnn_is_not_split_invariant() -> None:
     torch.manual_seed(0)
     for worst in split_differences(ConvNet().to(DTYPE), ghost=4, chunk_counts=[1, 4]):
         assert worst > 1e-3
+
+
+def converted_convnet() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ConvNet().to(DTYPE)
+    return tnn.convert_dropout(tnn.convert_batchnorm(model, ghost_batch_size=4), seed=0)
+
+
+def image_batches(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(n, 2, 4, 4, generator=generator, dtype=DTYPE),
+            torch.randint(0, 3, (n,), generator=generator),
+        )
+        for n in sizes
+    ]
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 4, 8])
+def test_accumulator_matches_full_batch_over_several_windows(chunks: int) -> None:
+    """Several optimizer steps: every parameter and buffer as with the whole batch at once.
+
+    The batches of 34 and 30 samples end with a short ghost batch (2 samples), and
+    a micro-batch of ``chunks`` ghost batches leaves a short last micro-batch.
+    """
+    batches = image_batches([34, 32, 30])
+    reference = converted_convnet()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for window, (x, y) in enumerate(batches):  # the plain full-batch loop
+        optimizer.zero_grad(set_to_none=True)
+        with _context.micro_batch(window=window, offset=0):
+            loss = F.cross_entropy(reference(x), y)
+        loss.backward()
+        optimizer.step()
+
+    model = converted_convnet()
+    acc = tb.Accumulator(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        micro_batch_size=4 * chunks,
+    )
+    for batch in batches:
+        acc.step(batch, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="sum"))
+
+    for (name, ours), theirs in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert relative_difference(ours.double(), theirs.double()) <= EXACT, name
+
+
+def test_accumulator_refuses_micro_batches_that_split_a_ghost_batch() -> None:
+    model = converted_convnet()
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=6)
+    with pytest.raises(ValueError, match=r"starts at sample 6.*multiple of 4"):
+        acc.step(
+            image_batches([12])[0], lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="sum")
+        )

@@ -159,7 +159,9 @@ class SplitInvariantDropout(nn.Module):
     :func:`truebatch.nn.convert_dropout` renumbers a model's layers 0, 1, 2, ...
     in module order. As the mask is a pure function, a layer called twice on the
     same samples under the same context reuses its mask (use two layers for two
-    masks).
+    masks). Activation checkpointing must not recompute this layer: the
+    recomputation runs in backward, outside the micro-batch context, and raises
+    ``RuntimeError`` rather than draw another mask.
 
     Eval mode and ``p=0`` are the identity (the input is returned); ``p=1`` zeroes
     everything; ``p`` outside [0, 1] is a ``ValueError``.
@@ -200,6 +202,7 @@ class SplitInvariantDropout(nn.Module):
             return input * 0.0
         context = _context.current()
         if context is None:
+            self._refuse_recomputation()
             window, offset, self._calls = self._calls, 0, self._calls + 1
         else:
             window, offset = context.window, context.offset
@@ -217,6 +220,19 @@ class SplitInvariantDropout(nn.Module):
         )
         keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
         return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def _refuse_recomputation(self) -> None:
+        # Activation checkpointing re-runs the forward inside backward, where the
+        # micro-batch context is gone (and on GPU, on another thread): the mask
+        # would come from another window and silently corrupt the gradients.
+        if torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                "SplitInvariantDropout ran inside a backward pass (activation checkpointing "
+                "recomputes the forward there) without a micro-batch context, so it would draw "
+                "a different mask than in the forward and give wrong gradients — expected it "
+                "to run only in the forward — keep it out of checkpointed segments "
+                "(checkpoint the layers before and after it instead)"
+            )
 
     def _check_input(self, input: torch.Tensor) -> None:
         needed = 2 if self.channelwise else 1
