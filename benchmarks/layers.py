@@ -8,7 +8,9 @@ time ratios truebatch / native, with PASS/FAIL for the cases that have a target:
 - GhostBatchNorm2d (ghost size 32) vs nn.BatchNorm2d, batch 256x64x16x16: <= 1.3
 - SplitInvariantDropout vs nn.Dropout, 256x4096 float32:                    <= 1.5
 
-Run: python benchmarks/layers.py --repeats 30 [--threads 2]
+Run: python benchmarks/layers.py [--repeats 30] [--threads 2]
+     python benchmarks/layers.py --quick   (3 rounds per case: a smoke run, exit 0 whatever
+                                            the ratios, which are too noisy to judge)
 """
 
 from __future__ import annotations
@@ -105,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per case")
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds per case")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds, 1 warm-up: check that it runs"
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 3, 1
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads is not None:
@@ -125,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{case.name}: native {native * 1e3:.2f} ms, truebatch {ours * 1e3:.2f} ms, "
             f"ratio {ratio:.2f} {verdict}"
         )
+    if args.quick:
+        print("quick run: too few rounds to judge the targets (run without --quick)")
+        return 0
     return 1 if failed else 0
 
 
