@@ -35,14 +35,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from truebatch.accumulator import Accumulator
 from truebatch.batching import Batch, batch_size
-from truebatch.demos import loops
+from truebatch.demos import loops, methods
+from truebatch.demos.console import positive_int, table
 from truebatch.demos.data import micro_batches_of
-from truebatch.demos.loops import OnStep
+from truebatch.demos.methods import Method
 from truebatch.demos.runs import (
     SEED,
-    Method,
     Run,
     StepProbe,
     deterministic,
@@ -61,48 +60,6 @@ DTYPE_NOTE = (
 
 
 # ------------------------------------------------------------------- methods
-
-
-def _big_batch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep):
-    for batches in task.epochs:
-        loops.big_batch(model, optimizer, batches, task.mean_loss, on_step)
-
-
-def _hand_written(loop: Callable[..., None]) -> Method:
-    """A hand-written accumulation loop over micro-batches of ``task.micro_batch_size``."""
-
-    def method(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep):
-        for batches in task.epochs:
-            micro_batches = micro_batches_of(batches, task.micro_batch_size)
-            loop(
-                model,
-                optimizer,
-                micro_batches,
-                task.accumulation_steps,
-                task.mean_loss,
-                task.count,
-                on_step,
-            )
-
-    return method
-
-
-def _truebatch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep):
-    """truebatch on windows of k micro-batches."""
-    accumulator = Accumulator(model, optimizer)
-    for batches in task.epochs:
-        micro_batches = micro_batches_of(batches, task.micro_batch_size)
-        k = task.accumulation_steps
-        loops.truebatch(accumulator, micro_batches, k, task.sum_loss, task.count, on_step)
-
-
-def _truebatch_whole(
-    task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
-):
-    """truebatch with one whole effective batch per window: a big batch run by the Accumulator."""
-    accumulator = Accumulator(model, optimizer)
-    for batches in task.epochs:
-        loops.truebatch(accumulator, batches, 1, task.sum_loss, task.count, on_step)
 
 
 def _split_invariant(model: nn.Module) -> nn.Module:
@@ -204,7 +161,7 @@ def window_errors(task: Task, specs: list[Spec], condition: str) -> WindowErrors
         probe.remove()
         return probe.grads
 
-    reference = applied(_big_batch)
+    reference = applied(methods.big_batch)
     errors = {
         spec.label: [
             max_relative_difference(grads, ref)
@@ -245,37 +202,41 @@ def check_report(task: Task) -> str:
 def run_digits(epochs: int = 4, train_size: int | None = None) -> DemoResult:
     """The default demo: six runs of :class:`DigitsCNN` on the digits (see module docs)."""
     task = digits_task(epochs, train_size)
-    big = Spec("1", f"big batch ({task.batch_size} per step)", "reference of 2-4", _big_batch)
+    big = Spec(
+        "1", f"big batch ({task.batch_size} per step)", "reference of 2-4", methods.big_batch
+    )
     compared = [
         Spec(
             "2",
             "zero_grad() every micro-batch",
             "report 000",
-            _hand_written(loops.zero_grad_every_micro_batch),
+            methods.naive(loops.zero_grad_every_micro_batch),
             reference="1",
         ),
         Spec(
             "3",
             "mean loss / k",
             "reports 003, 004",
-            _hand_written(loops.mean_loss_over_k),
+            methods.naive(loops.mean_loss_over_k),
             reference="1",
         ),
-        Spec("4", "truebatch, model as is", "report 001", _truebatch, reference="1"),
+        Spec(
+            "4", "truebatch, model as is", "report 001", methods.accumulator_windows, reference="1"
+        ),
     ]
     invariant = [
         Spec(
             "1*",
             "big batch, split-invariant layers",
             "reference of 5",
-            _truebatch_whole,
+            methods.accumulator_whole_batches,
             convert=_split_invariant,
         ),
         Spec(
             "5",
             "truebatch, split-invariant layers",
             "the fix",
-            _truebatch,
+            methods.accumulator_windows,
             reference="1*",
             convert=_split_invariant,
         ),
@@ -306,16 +267,18 @@ def run_digits(epochs: int = 4, train_size: int | None = None) -> DemoResult:
 def run_lm(epochs: int = 30) -> DemoResult:
     """``--task lm``: three runs of :class:`CharTransformer` on the Zen of Python."""
     task = lm_task(epochs)
-    big = Spec("1", "big batch (token mean)", "reference of 2-3", _big_batch)
+    big = Spec("1", "big batch (token mean)", "reference of 2-3", methods.big_batch)
     compared = [
         Spec(
             "2",
             "mean of micro-batch means / k",
             "report 002",
-            _hand_written(loops.mean_loss_over_k),
+            methods.naive(loops.mean_loss_over_k),
             reference="1",
         ),
-        Spec("3", "truebatch, tb.count_tokens", "the fix", _truebatch, reference="1"),
+        Spec(
+            "3", "truebatch, tb.count_tokens", "the fix", methods.accumulator_windows, reference="1"
+        ),
     ]
     with deterministic():
         rows = train_rows(task, [big, *compared])
@@ -343,16 +306,6 @@ def _items(task: Task) -> int:
 
 
 # -------------------------------------------------------------------- output
-
-
-def _table(lines: list[tuple[str, ...]]) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    text = [
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
-        for line in lines
-    ]
-    text.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(line.rstrip() for line in text)
 
 
 def format_rows(result: DemoResult) -> str:
@@ -386,7 +339,7 @@ def format_rows(result: DemoResult) -> str:
                 f"{row.run.seconds:.1f}",
             )
         )
-    return _table(lines)
+    return table(lines)
 
 
 def format_window_errors(result: DemoResult) -> str:
@@ -396,7 +349,7 @@ def format_window_errors(result: DemoResult) -> str:
     lines = [("window", *(f"row {label}" for label in labels))]
     for index, window in enumerate(errors.windows):
         lines.append((window, *(f"{errors.errors[label][index]:.1e}" for label in labels)))
-    return _table(lines)
+    return table(lines)
 
 
 def format_result(result: DemoResult, plot_path: Path) -> str:
@@ -411,13 +364,6 @@ def format_result(result: DemoResult, plot_path: Path) -> str:
     return "\n\n".join(parts)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``truebatch demo``."""
     parser.add_argument(
@@ -428,7 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--epochs",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="epochs to train (default: 4 digits, 30 lm)",
     )

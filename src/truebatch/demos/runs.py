@@ -20,13 +20,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from truebatch.demos.loops import OnStep
+from truebatch.demos.methods import Method
 from truebatch.demos.tasks import Task
 
 SEED = 0
-
-Method = Callable[[Task, nn.Module, torch.optim.Optimizer, OnStep], None]
-"""Trains ``model`` on all of ``task.epochs``, calling ``on_step(loss)`` after each step."""
 
 
 @contextmanager

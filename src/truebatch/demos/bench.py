@@ -1,0 +1,308 @@
+"""``truebatch bench``: speed and exactness of truebatch against other accumulation loops.
+
+All methods train the ``--task lm`` demo's model and data (a one-block
+character transformer on the Zen of Python, float64): effective batches of 8
+lines, split into k = 4 micro-batches of 2 lines that hold different numbers
+of scored tokens, each epoch ending with a window of 2 micro-batches. They
+start from the same weights and see the same micro-batches in the same order:
+
+- the big batch (the reference), one step per effective batch on its token mean;
+- a correct hand-written loop: each micro-batch's loss sum divided by the
+  window's token count N (the speed baseline);
+- truebatch: ``Accumulator.step_window(window, loss_sum, count=tb.count_tokens())``;
+- the hand-written loops of the user reports: mean loss / k, and
+  ``zero_grad()`` on every micro-batch;
+- HF Accelerate's ``accumulate()`` and Lightning's ``accumulate_grad_batches``
+  with their default loss handling (each micro-batch's mean loss, divided by
+  k by the framework), and Accelerate's documented recipe for variable-size
+  samples; these rows are skipped, with a note, when the framework is missing.
+
+Exactness: at every optimizer step, the gradient the step applies is compared
+with the big batch's gradient on the same window at the same weights
+(``max over tensors of max|g - g_big| / max|g_big|``), separately for full and
+short windows. Speed: after the exactness pass (which also warms every method
+up), ``--repeats`` rounds train every method once each, in turn, so machine
+noise spreads over all of them; the table gives the median time of a run and
+its ratio to the hand-written loop's median in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from truebatch.batching import batch_size
+from truebatch.demos import frameworks, loops, methods
+from truebatch.demos.console import positive_int, table
+from truebatch.demos.data import micro_batches_of
+from truebatch.demos.methods import Method
+from truebatch.demos.runs import SEED, StepProbe, deterministic, max_relative_difference
+from truebatch.demos.tasks import Task, lm_task
+
+FLOAT64_TOLERANCE = 1e-12
+
+Train = Callable[[Task, nn.Module, torch.optim.Optimizer], None]
+"""Trains ``model`` with ``optimizer`` on every epoch of the task."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One method of the table.
+
+    Attributes:
+        name: the loop, in words.
+        loss: how the loop normalizes the loss.
+        reproduces: the user report(s) whose failure the row shows, or its role.
+        train: the training function.
+    """
+
+    name: str
+    loss: str
+    reproduces: str
+    train: Train
+
+
+@dataclass(frozen=True)
+class Measured:
+    """An entry's measurements.
+
+    Attributes:
+        full: max relative gradient difference from the big batch over the full windows.
+        short: the same over the short windows that end the epochs.
+        seconds: wall time of each timed run.
+    """
+
+    entry: Entry
+    full: float
+    short: float
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        """Median wall time of a run."""
+        return statistics.median(self.seconds)
+
+
+def _without_steps(method: Method) -> Train:
+    """``method`` with its per-step callback ignored."""
+
+    def train(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        method(task, model, optimizer, lambda loss: None)
+
+    return train
+
+
+BASELINE = "hand-written"
+
+
+def entries() -> tuple[list[Entry], list[str]]:
+    """The methods to compare, and a note for each framework that is not installed."""
+    compared = [
+        Entry("big batch", "token mean", "reference", _without_steps(methods.big_batch)),
+        Entry(
+            BASELINE,
+            "sum / window's N",
+            "correct loop",
+            _without_steps(methods.hand_written_exact),
+        ),
+        Entry(
+            "truebatch step_window",
+            "sum, tb.count_tokens",
+            "the fix",
+            _without_steps(methods.accumulator_windows),
+        ),
+        Entry(
+            "hand-written",
+            "mean / k",
+            "reports 002, 004",
+            _without_steps(methods.naive(loops.mean_loss_over_k)),
+        ),
+        Entry(
+            "hand-written, zero_grad() each",
+            "mean / k",
+            "report 000",
+            _without_steps(methods.naive(loops.zero_grad_every_micro_batch)),
+        ),
+    ]
+    notes = []
+    if frameworks.available("accelerate"):
+        compared += [
+            Entry(
+                "accelerate accumulate()",
+                "mean (default)",
+                "report 002",
+                frameworks.accelerate_accumulate,
+            ),
+            Entry(
+                "accelerate token recipe",
+                "sum * k / window's N",
+                "its docs' fix",
+                frameworks.accelerate_token_recipe,
+            ),
+        ]
+    else:
+        notes.append("accelerate is not installed: its rows are skipped (pip install accelerate)")
+    if frameworks.available("lightning"):
+        compared.append(
+            Entry(
+                "lightning accumulate_grad_batches",
+                "mean (default)",
+                "reports 002, 004",
+                frameworks.lightning_accumulate,
+            )
+        )
+    else:
+        notes.append("lightning is not installed: its row is skipped (pip install lightning)")
+    return compared, notes
+
+
+def _fresh(task: Task) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The shared initial model (seeded) and its optimizer; the RNG is reseeded for training."""
+    torch.manual_seed(SEED)
+    model = task.make_model()
+    optimizer = task.make_optimizer(model)
+    torch.manual_seed(SEED + 1)
+    return model, optimizer
+
+
+def gradient_differences(task: Task, train: Train) -> tuple[float, float]:
+    """Train once and compare every step's gradient with the big batch's at the same weights.
+
+    Returns the largest :func:`~truebatch.demos.runs.max_relative_difference`
+    over the full windows and over the short ones. The big batch's gradient of
+    window ``w`` is ``grad (1/N) sum_i loss_i`` over the window's ``N`` items,
+    computed on a copy of the model holding the weights the step started from.
+    """
+    model, optimizer = _fresh(task)
+    reference = copy.deepcopy(model)
+    probe = StepProbe(optimizer)
+    train(task, model, optimizer)
+    probe.remove()
+    batches = [batch for epoch in task.epochs for batch in epoch]
+    if len(probe.grads) != len(batches):
+        raise RuntimeError(
+            f"the loop took {len(probe.grads)} optimizer steps, expected one per effective "
+            f"batch ({len(batches)}); every method must step once per window"
+        )
+    full = short = 0.0
+    for before, grads, batch in zip(probe.before, probe.grads, batches, strict=True):
+        with torch.no_grad():
+            for param, value in zip(reference.parameters(), before, strict=True):
+                param.copy_(value)
+        reference.zero_grad(set_to_none=True)
+        task.mean_loss(reference, batch).backward()
+        difference = max_relative_difference(grads, [p.grad for p in reference.parameters()])
+        if batch_size(batch) == task.batch_size:
+            full = max(full, difference)
+        else:
+            short = max(short, difference)
+    return full, short
+
+
+def measure(task: Task, compared: list[Entry], repeats: int) -> list[Measured]:
+    """Exactness of every entry, then ``repeats`` alternating timed rounds (see module docs)."""
+    progress = tqdm(total=len(compared) * (1 + repeats), desc="bench", unit="run", leave=False)
+    differences = {}
+    for entry in compared:
+        progress.set_postfix_str(f"exactness: {entry.name}, {entry.loss}")
+        differences[entry] = gradient_differences(task, entry.train)
+        progress.update()
+    seconds: dict[Entry, list[float]] = {entry: [] for entry in compared}
+    for _ in range(repeats):
+        for entry in compared:
+            progress.set_postfix_str(f"timing: {entry.name}, {entry.loss}")
+            model, optimizer = _fresh(task)
+            started = time.perf_counter()
+            entry.train(task, model, optimizer)
+            seconds[entry].append(time.perf_counter() - started)
+            progress.update()
+    progress.close()
+    return [Measured(entry, *differences[entry], seconds[entry]) for entry in compared]
+
+
+def format_table(measured: list[Measured]) -> str:
+    """One row per method: gradient differences (full and short windows), time, ratio."""
+    baseline = next(m for m in measured if m.entry.name == BASELINE).median
+    lines = [
+        (
+            "#",
+            "method",
+            "loss",
+            "reproduces",
+            "grad diff, full windows",
+            "short windows",
+            f"<= {FLOAT64_TOLERANCE:g}",
+            "time/run (s)",
+            f"vs {BASELINE}",
+        )
+    ]
+    for index, row in enumerate(measured, start=1):
+        exact = max(row.full, row.short) <= FLOAT64_TOLERANCE
+        lines.append(
+            (
+                str(index),
+                row.entry.name,
+                row.entry.loss,
+                row.entry.reproduces,
+                f"{row.full:.1e}",
+                f"{row.short:.1e}",
+                "yes" if exact else "no",
+                f"{row.median:.3f}",
+                f"{row.median / baseline:.2f}x",
+            )
+        )
+    return table(lines)
+
+
+def describe(task: Task, repeats: int) -> str:
+    """The setup line printed above the table."""
+    micro = micro_batches_of(task.epochs[0], task.micro_batch_size)
+    tokens = [float(task.count(micro_batch)) for micro_batch in micro]
+    return (
+        f"CharTransformer on the Zen of Python (float64), {len(task.epochs)} epochs of "
+        f"{len(task.epochs[0])} steps; effective batch {task.batch_size} lines = "
+        f"{task.accumulation_steps} micro-batches of {task.micro_batch_size} lines holding "
+        f"{min(tokens):.0f} to {max(tokens):.0f} tokens; each epoch ends with a window of "
+        f"{batch_size(task.epochs[0][-1])} lines.\n"
+        "grad diff: max over steps of max|g - g_big| / max|g_big| per parameter tensor, "
+        "g_big the big batch's gradient on the same window at the same weights.\n"
+        f"time/run: median of {repeats} alternating runs of all epochs (one thread; "
+        "framework setup such as Lightning's Trainer included)."
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``truebatch bench``."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few seconds: 2 epochs, 2 timed rounds (default: 10 epochs, 5 rounds)",
+    )
+    parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run")
+    parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds")
+
+
+def run(epochs: int, repeats: int) -> tuple[Task, list[Measured], list[str]]:
+    """Measure every available method on ``epochs`` epochs with ``repeats`` timed rounds."""
+    task = lm_task(epochs)
+    compared, notes = entries()
+    with deterministic():
+        measured = measure(task, compared, repeats)
+    return task, measured, notes
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and print its table."""
+    epochs = args.epochs or (2 if args.quick else 10)
+    repeats = args.repeats or (2 if args.quick else 5)
+    task, measured, notes = run(epochs, repeats)
+    print("\n\n".join([describe(task, repeats), *notes, format_table(measured)]))
+    return 0
