@@ -36,3 +36,16 @@ def test_layers_benchmark_reports_a_ratio_per_case() -> None:
         "SplitInvariantDropout",
     ], out
     assert all(float(ratio) > 0 for _, ratio in ratios)
+
+
+def test_check_speed_benchmark_times_both_cases_against_the_baseline_step() -> None:
+    out = run_benchmark("check_speed", "--threads", "1")
+    assert "100,682 parameters" in out, out
+    assert "as written (BatchNorm, dropout): NOT equivalent" in out
+    assert "findings ['batchnorm', 'buffer_mismatch', 'dropout']" in out
+    assert "split-invariant dropout): equivalent" in out
+    assert re.search(r"^baseline: one full-batch forward \+ backward \d+\.\d+ ms$", out, re.M)
+    timing = r"^check, (as written|converted) .*: (\d+\.\d+) s, ratio (\d+)x"
+    timings = re.findall(timing, out, re.M)
+    assert [case for case, _, _ in timings] == ["as written", "converted"], out
+    assert all(float(seconds) > 0 and int(ratio) > 0 for _, seconds, ratio in timings)

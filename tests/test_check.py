@@ -542,18 +542,21 @@ def test_cli_usage_errors_exit_2_with_a_message(capsys, argv, message):
 
 
 def test_cli_runs_as_a_command_from_the_project_folder():
-    # The console script, run from tests/, imports check_factories from the
-    # working directory (the script's own sys.path does not hold it).
+    # The console script, run from tests/, imports check_factories from the working
+    # directory (the script's own sys.path does not hold it) and exits with main's
+    # status. A factory of the wrong shape stops before the check: the process
+    # costs little more than importing torch.
     script = Path(sys.executable).with_name("truebatch")
     result = subprocess.run(
-        [str(script), "check", "check_factories:with_batchnorm", "--json"],
+        [str(script), "check", "check_factories:wrong_shape"],
         cwd=Path(__file__).parent,
         capture_output=True,
         text=True,
         timeout=240,
     )
-    assert result.returncode == 1, result.stderr
-    assert json.loads(result.stdout)["findings"][0]["kind"] == "batchnorm"
+    assert result.returncode == 2, result.stderr
+    assert "check_factories:wrong_shape() returned a tuple of 2 items" in result.stderr
+    assert result.stdout == ""
 
 
 def test_cli_reports_an_exception_in_the_model_with_exit_2(capsys, monkeypatch):
