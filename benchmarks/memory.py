@@ -194,6 +194,9 @@ def main() -> int:
     verdict = "PASS" if ratio <= PASS_RATIO else "FAIL"
     print(f"truebatch / plain_micro = {ratio:.3f}  (<= {PASS_RATIO}: {verdict})")
     print(f"plain_full / truebatch  = {extra['plain_full'] / extra['truebatch']:.1f}")
+    if args.quick:
+        print("quick run: one measurement, exit 0 whatever the verdict (run without --quick)")
+        return 0
     return 0 if verdict == "PASS" else 1
 
 

@@ -49,3 +49,29 @@ def test_check_speed_benchmark_times_both_cases_against_the_baseline_step() -> N
     timings = re.findall(timing, out, re.M)
     assert [case for case, _, _ in timings] == ["as written", "converted"], out
     assert all(float(seconds) > 0 and int(ratio) > 0 for _, seconds, ratio in timings)
+
+
+def test_memory_benchmark_reports_every_configuration_and_the_ratio() -> None:
+    out = run_benchmark("memory", timeout=300)
+    extra = dict(re.findall(r"^  (\w+)\s+(\d+\.\d+) MiB", out, flags=re.MULTILINE))
+    assert list(extra) == ["truebatch", "plain_micro", "plain_accumulation", "plain_full"], out
+    assert float(extra["plain_full"]) > float(extra["truebatch"]) > 0
+    verdict = r"^truebatch / plain_micro = \d+\.\d{3}  \(<= 1\.05: (PASS|FAIL)\)$"
+    assert re.search(verdict, out, flags=re.MULTILINE), out
+
+
+def test_precision_benchmark_prints_both_errors_per_k_and_saves_the_plot(tmp_path: Path) -> None:
+    png = tmp_path / "precision.png"
+    out = run_benchmark("precision", "--out", str(png))
+    rows = re.findall(
+        r"^\s+(\d+)  (accumulation|total)\s+(\S+)\s+(\S+)\s+\S+$", out, flags=re.MULTILINE
+    )
+    assert [(int(k), reference) for k, reference, _, _ in rows] == [
+        (k, reference) for k in (1, 4, 16) for reference in ("accumulation", "total")
+    ], out
+    errors = {(int(k), ref): (float(bf16), float(fp32)) for k, ref, bf16, fp32 in rows}
+    assert errors[1, "accumulation"] == (0.0, 0.0)  # one micro-batch: nothing is summed
+    bf16, fp32 = errors[16, "accumulation"]
+    assert 0 < fp32 < bf16
+    assert f"plot saved to {png}" in out
+    assert png.read_bytes().startswith(b"\x89PNG")
