@@ -284,7 +284,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a few seconds: 2 epochs, 2 timed rounds (default: 10 epochs, 5 rounds)",
+        help="a few seconds: 1 epoch, 2 timed rounds (default: 10 epochs, 5 rounds)",
     )
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds")
@@ -301,7 +301,7 @@ def run(epochs: int, repeats: int) -> tuple[Task, list[Measured], list[str]]:
 
 def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
-    epochs = args.epochs or (2 if args.quick else 10)
+    epochs = args.epochs or (1 if args.quick else 10)
     repeats = args.repeats or (2 if args.quick else 5)
     task, measured, notes = run(epochs, repeats)
     print("\n\n".join([describe(task, repeats), *notes, format_table(measured)]))

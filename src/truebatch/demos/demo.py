@@ -398,13 +398,18 @@ def run(args: argparse.Namespace) -> DemoResult:
     return run_digits(args.epochs or (2 if args.quick else 4), 301 if args.quick else None)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the demo, print its tables and save its plot."""
+def render(result: DemoResult, args: argparse.Namespace) -> str:
+    """Save the demo's plot (``--out``, or a default under ``truebatch-output/``) and return
+    the text the demo prints, which ends with the plot's path."""
     from truebatch.demos.plot import plot_runs
 
-    result = run(args)
     default_name = "demo-lm.png" if args.task == "lm" else "demo.png"
     path = args.out or Path("truebatch-output") / default_name
     plot_runs(result.rows, result.title, path, FLOAT64_TOLERANCE)
-    print(format_result(result, path))
+    return format_result(result, path)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the demo, save its plot and print its tables."""
+    print(render(run(args), args))
     return 0
