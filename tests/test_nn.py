@@ -311,6 +311,14 @@ def test_convert_batchnorm_keeps_parameters_buffers_and_flags() -> None:
         assert torch.equal(tensor, before[name]) and tensor.dtype == before[name].dtype
 
 
+def test_convert_batchnorm_keeps_the_device() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(3, device="meta", dtype=torch.float16))
+    tnn.convert_batchnorm(model, 4)
+    for name, tensor in model.state_dict().items():
+        assert tensor.device.type == "meta", name
+    assert model[0].weight.dtype == torch.float16
+
+
 def test_convert_batchnorm_root_shared_and_nested() -> None:
     root = nn.BatchNorm2d(3)
     assert isinstance(tnn.convert_batchnorm(root, 4), tnn.GhostBatchNorm2d)
