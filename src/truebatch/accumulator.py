@@ -208,11 +208,10 @@ class Accumulator:
                 f"Accumulator.load_state_dict: keys {sorted(missing)} are missing; pass the "
                 "dict returned by Accumulator.state_dict()"
             )
-        self._window_index = int(state["window"])
-        self._auto_size = state.get("auto_micro_batch_size")
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name in ("scheduler", "scaler"):
-            target, saved = getattr(self, name), state.get(name)
+        wrapped = {name: getattr(self, name) for name in ("scheduler", "scaler")}
+        # Check everything before loading anything, so a refused state leaves self as it was.
+        for name, target in wrapped.items():
+            saved = state.get(name)
             if (target is None) != (saved is None):
                 raise ValueError(
                     f"Accumulator.load_state_dict: the saved state has "
@@ -220,8 +219,12 @@ class Accumulator:
                     f"{'none' if target is None else 'one'}; construct it the same way as "
                     "the one that was saved"
                 )
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, target in wrapped.items():
             if target is not None:
-                target.load_state_dict(saved)
+                target.load_state_dict(state[name])
+        self._window_index = int(state["window"])
+        self._auto_size = state.get("auto_micro_batch_size")
         _set_rng_state(self._device(), state["rng"])
 
     # ---------------------------------------------------------------- a window
