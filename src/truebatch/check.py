@@ -483,7 +483,7 @@ class _Probe:
             if t.dim() == 0 or t.shape != rows.shape:
                 self.mismatched.add(entry)
                 continue
-            square = _wide(t.detach() - rows).abs().pow(2).sum().item()
+            square = _norm(t.detach() - rows) ** 2
             self.squares[entry] = self.squares.get(entry, 0.0) + square
 
     def differences(self) -> dict[Key, tuple[float | None, float | None]]:
