@@ -1,0 +1,273 @@
+"""What the processes spawned by ``test_distributed.py`` run.
+
+:func:`launch` starts ``WORLD_SIZE`` processes on the gloo backend (CPU); each
+runs every given :class:`Scenario` in turn and saves, per scenario and rank,
+what the test compares with its single-process reference: the full parameters
+and buffers after every window, every ``StepResult`` (or the error a window
+raised), the number of gradient synchronizations of every window and the
+micro-batch sizes ``loss_fn`` saw. Models and data are built from seeds in
+``models.py`` and here, so the test process builds the very same ones.
+
+One process group serves all scenarios because starting processes (importing
+torch twice on two cores) costs far more than the scenarios themselves.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import truebatch as tb
+from models import FEATURES, TASKS, collate_tokens, seeded, token_sequences, vector_batch
+from truebatch import _context
+
+WORLD_SIZE = 2
+WINDOWS = 3
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+
+# Pieces (samples per step_window element) of each rank in each window.
+LAYOUTS: dict[str, tuple[tuple[tuple[int, ...], ...], ...]] = {
+    # rank 0, rank 1; three windows each
+    "even": (((6,), (6,), (6,)), ((6,), (6,), (6,))),
+    # different numbers of micro-batches per window; rank 1 has no data in the last one
+    "uneven": (((4, 3), (5,), (2, 2, 3)), ((3,), (1, 6), ())),
+    # rank 1 has no data in its first window: every rank must raise, then go on
+    "first_empty": (((4,), (3,), (2,)), ((), (3,), (2,))),
+}
+
+
+class InputMean(nn.Module):
+    """Identity that keeps a running mean of its inputs in a buffer, like BatchNorm.
+
+    Under DDP the buffer is broadcast from rank 0 in the first forward after a
+    synchronizing one; a replayed pass must keep that broadcast.
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(features, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.5).add_(x.mean(0), alpha=0.5)
+        return x
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One distributed run of ``WINDOWS`` windows, compared with one process.
+
+    Attributes:
+        wrapper: ``"ddp"`` or ``"fsdp2"``.
+        task: ``"mlp"`` (samples) or ``"gru_lm"`` (variable-length token sequences,
+            normalized by ``tb.count_tokens()``), from ``models.TASKS``.
+        layout: key of :data:`LAYOUTS`.
+        gradient_sync: passed to the Accumulator.
+        micro_batch_size: passed to the Accumulator.
+        max_grad_norm: passed to the Accumulator.
+        pair: ``loss_fn`` returns ``(loss_sum, count)`` instead of taking ``count=``.
+        oom_above: per window, rank 1's ``loss_fn`` raises ``torch.OutOfMemoryError``
+            for micro-batches larger than this (before reaching the model).
+    """
+
+    wrapper: str
+    task: str = "mlp"
+    layout: str = "even"
+    gradient_sync: str | None = None
+    micro_batch_size: int | str | None = 2
+    max_grad_norm: float | None = None
+    pair: bool = False
+    oom_above: tuple[int, ...] | None = None
+
+
+def rank_data(scenario: Scenario, rank: int) -> list[list[Any]]:
+    """The pieces rank ``rank`` passes to ``step_window`` in each window."""
+    windows = []
+    for window, sizes in enumerate(LAYOUTS[scenario.layout][rank]):
+        seeds = [1000 * window + 100 * rank + piece for piece in range(len(sizes))]
+        if scenario.task == "mlp":
+            windows.append([vector_batch(n, seed) for n, seed in zip(sizes, seeds, strict=True)])
+        else:
+            # One padded length per piece, so pieces of different ranks differ in shape too.
+            windows.append(
+                [
+                    collate_tokens(token_sequences(n, seed))
+                    for n, seed in zip(sizes, seeds, strict=True)
+                ]
+            )
+    return windows
+
+
+def build_model(scenario: Scenario) -> nn.Module:
+    """The unwrapped float64 model; identical on every rank and in the test process."""
+    factory = TASKS[scenario.task].model
+    if scenario.task == "mlp":
+        return seeded(lambda: nn.Sequential(InputMean(FEATURES), factory()))
+    return seeded(factory)
+
+
+def build_optimizer(parameters: Any) -> torch.optim.Optimizer:
+    """SGD with momentum: its update is linear in the gradient, so a wrong scale shows."""
+    return torch.optim.SGD(parameters, lr=0.2, momentum=0.9)
+
+
+def launch(scenarios: dict[str, Scenario], out_dir: Path, timeout: float) -> None:
+    """Run ``scenarios`` on ``WORLD_SIZE`` spawned gloo processes; fail if they hang.
+
+    Raises:
+        AssertionError: a process was still running after ``timeout`` seconds
+            (it is terminated) or exited with an error.
+    """
+    port = _free_port()
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_main, args=(rank, port, str(out_dir), scenarios), daemon=True)
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(10)
+    errors = "".join(path.read_text() for path in sorted(out_dir.glob("error-*.txt")))
+    if hung:
+        raise AssertionError(f"ranks {hung} still ran after {timeout} s (a hang?)\n{errors}")
+    failed = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode != 0}
+    if failed:
+        raise AssertionError(f"ranks exited with codes {failed}\n{errors}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _main(rank: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) -> None:
+    # Two processes share two cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
+    _count_reduce_scatters()
+    try:
+        for name, scenario in scenarios.items():
+            try:
+                record = _run(scenario, rank)
+            except BaseException:
+                Path(out_dir, f"error-{name}-{rank}.txt").write_text(
+                    f"rank {rank}, scenario {name}:\n{traceback.format_exc()}"
+                )
+                raise
+            torch.save(record, Path(out_dir, f"{name}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(scenario: Scenario, rank: int) -> dict[str, list]:
+    model, synchronizations = _wrap(build_model(scenario), scenario.wrapper)
+    accumulator = tb.Accumulator(
+        model,
+        build_optimizer(model.parameters()),
+        micro_batch_size=scenario.micro_batch_size,
+        max_grad_norm=scenario.max_grad_norm,
+        gradient_sync=scenario.gradient_sync,
+    )
+    seen: list[int] = []
+    loss_fn = _loss_fn(scenario, rank, seen)
+    count = None if scenario.pair else TASKS[scenario.task].count
+    record: dict[str, list] = {key: [] for key in ("results", "params", "buffers", "syncs", "seen")}
+    for pieces in rank_data(scenario, rank):
+        before, seen[:] = synchronizations(), []
+        try:
+            result: Any = asdict(accumulator.step_window(pieces, loss_fn, count=count))
+        except RuntimeError as error:
+            result = {"error": str(error)}
+        record["results"].append(result)
+        record["syncs"].append(synchronizations() - before)
+        record["seen"].append(list(seen))
+        record["params"].append([_full(p) for p in model.parameters()])
+        record["buffers"].append([b.detach().clone() for b in model.buffers()])
+    return record
+
+
+def _loss_fn(scenario: Scenario, rank: int, seen: list[int]) -> tb.accumulator.LossFn:
+    """The task's loss sum; records micro-batch sizes and injects out-of-memory errors."""
+    task = TASKS[scenario.task]
+
+    def loss_fn(model: nn.Module, micro_batch: Any) -> Any:
+        size = tb.batch_size(micro_batch)
+        seen.append(size)
+        context = _context.current()
+        if scenario.oom_above and rank == 1 and size > scenario.oom_above[context.window]:
+            raise torch.OutOfMemoryError(f"injected: {size} samples on rank 1")
+        loss = task.loss_sum(model, micro_batch)
+        return (loss, task.count(micro_batch)) if scenario.pair else loss
+
+    return loss_fn
+
+
+def _wrap(model: nn.Module, wrapper: str) -> tuple[nn.Module, Any]:
+    """The data-parallel model and a function returning its gradient syncs so far.
+
+    DDP counts all-reduce rounds through a communication hook (the last bucket
+    closes a round); FSDP2 counts reduce-scatters, one per sharded module per
+    synchronization, and divides by the number of sharded modules.
+    """
+    if wrapper == "ddp":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        calls = [0]
+
+        # No annotations: DDP compares them with dist.GradBucket, and this module's
+        # annotations are strings (from __future__ import annotations).
+        def counting_hook(state, bucket):
+            calls[0] += bucket.is_last()
+            return allreduce_hook(state, bucket)
+
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp.register_comm_hook(None, counting_hook)
+        return ddp, lambda: calls[0]
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    for module in sharded:
+        fully_shard(module)
+    fully_shard(model)
+    return model, lambda: _REDUCE_SCATTERS[0] / len(sharded)
+
+
+_REDUCE_SCATTERS = [0]
+
+
+def _count_reduce_scatters() -> None:
+    """Count FSDP2's gradient reduce-scatters (it calls ``dist.reduce_scatter_single``)."""
+    original = dist.reduce_scatter_single
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        _REDUCE_SCATTERS[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counting
+
+
+def _full(parameter: torch.Tensor) -> torch.Tensor:
+    """A full copy of a parameter (FSDP2's are sharded DTensors: gather them)."""
+    value = parameter.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value.clone()

@@ -1,0 +1,234 @@
+"""Exact accumulation under DDP and FSDP2: 2 gloo processes vs one process.
+
+All scenarios run in one spawned process group (``dist_workers.launch``, under
+a hard timeout, every collective under a 60 s gloo timeout); each test then
+compares what the ranks saved with a reference computed here, plainly: one
+process, the concatenated global batch of every window, the mean loss over
+its N items, ``backward``, ``clip_grad_norm_`` and an SGD step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dist_workers import WINDOWS, WORLD_SIZE, Scenario, build_model, build_optimizer, rank_data
+from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
+from truebatch.distributed import GradientSync
+
+EXACT = 1e-12
+REPO = Path(__file__).resolve().parents[1]
+
+SCENARIOS: dict[str, Scenario] = {
+    "ddp-even": Scenario("ddp"),
+    "ddp-even-micro_batch": Scenario("ddp", gradient_sync="micro_batch"),
+    "ddp-uneven-clip": Scenario("ddp", layout="uneven", max_grad_norm=0.5),
+    "ddp-uneven-micro_batch": Scenario("ddp", layout="uneven", gradient_sync="micro_batch"),
+    "ddp-tokens": Scenario("ddp", task="gru_lm", layout="uneven"),
+    "ddp-tokens-pair": Scenario("ddp", task="gru_lm", layout="uneven", pair=True),
+    "ddp-auto-oom": Scenario("ddp", micro_batch_size="auto", oom_above=(4, 2, 6)),
+    "ddp-first-empty": Scenario("ddp", layout="first_empty"),
+    "fsdp2-even-window": Scenario("fsdp2", gradient_sync="window"),
+    "fsdp2-even": Scenario("fsdp2"),
+    "fsdp2-uneven-window-clip": Scenario(
+        "fsdp2", layout="uneven", gradient_sync="window", max_grad_norm=0.5
+    ),
+    "fsdp2-uneven-clip": Scenario("fsdp2", layout="uneven", max_grad_norm=0.5),
+    "fsdp2-tokens": Scenario("fsdp2", task="gru_lm", layout="uneven"),
+    "fsdp2-tokens-pair-window": Scenario(
+        "fsdp2", task="gru_lm", layout="uneven", gradient_sync="window", pair=True
+    ),
+    "fsdp2-first-empty": Scenario("fsdp2", layout="first_empty"),
+}
+EXACT_RUNS = [name for name in SCENARIOS if "first-empty" not in name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, list]]]:
+    """What each rank saved, per scenario: ``runs[name][rank]``."""
+    import dist_workers
+
+    out_dir = tmp_path_factory.mktemp("distributed")
+    dist_workers.launch(SCENARIOS, out_dir, timeout=240)
+    return {
+        name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
+        for name in SCENARIOS
+    }
+
+
+def reference(scenario: Scenario, first_window: int = 0) -> list[dict[str, Any]]:
+    """One process, windows ``first_window..`` on the global batch (all ranks' data)."""
+    task = TASKS[scenario.task]
+    model = build_model(scenario)
+    optimizer = build_optimizer(model.parameters())
+    data = [rank_data(scenario, rank) for rank in range(WORLD_SIZE)]
+    windows = []
+    for window in range(first_window, WINDOWS):
+        batch = concat([piece for pieces in data for piece in pieces[window]])
+        loss = task.loss_mean(model, batch)
+        loss.backward()
+        if scenario.max_grad_norm is None:
+            norm = torch.linalg.vector_norm(
+                torch.cat([p.grad.flatten() for p in model.parameters()])
+            )
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        if scenario.task == "mlp":
+            count = len(batch[0])
+        else:
+            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        windows.append(
+            {
+                "loss": loss.item(),
+                "count": count,
+                "grad_norm": norm.item(),
+                "params": parameters(model),
+            }
+        )
+    return windows
+
+
+def passes(scenario: Scenario, window: int) -> int:
+    """Forward-backward passes every rank runs in ``window``: the most of any rank."""
+    return max(
+        sum(
+            len(pieces)
+            if scenario.micro_batch_size is None
+            else sum(math.ceil(tb_size(piece) / scenario.micro_batch_size) for piece in pieces)
+            for pieces in [rank_data(scenario, rank)[window]]
+        )
+        for rank in range(WORLD_SIZE)
+    )
+
+
+def tb_size(piece: Any) -> int:
+    return len(piece[0]) if isinstance(piece, tuple) else len(piece["input_ids"])
+
+
+def assert_matches(
+    saved: list[dict[str, list]], expected: list[dict[str, Any]], start: int
+) -> None:
+    for rank, record in enumerate(saved):
+        for offset, want in enumerate(expected):
+            window = start + offset
+            got = record["results"][window]
+            where = f"rank {rank}, window {window}"
+            assert got["stepped"], f"{where}: {got['skip_reason']}"
+            assert got["count"] == want["count"], where
+            assert got["loss"] == pytest.approx(want["loss"], rel=EXACT), where
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=EXACT), where
+            for index, (a, b) in enumerate(
+                zip(record["params"][window], want["params"], strict=True)
+            ):
+                assert relative_difference(a, b) <= EXACT, f"{where}, parameter {index}"
+
+
+@pytest.mark.parametrize("name", EXACT_RUNS)
+def test_same_update_as_one_process_on_the_global_batch(runs: dict, name: str) -> None:
+    scenario = SCENARIOS[name]
+    if scenario.max_grad_norm is not None:
+        # The clip must act, or the test would not show that it is global.
+        norms = [w["grad_norm"] for w in reference(scenario)]
+        assert max(norms) > scenario.max_grad_norm
+    assert_matches(runs[name], reference(scenario), start=0)
+
+
+@pytest.mark.parametrize("name", EXACT_RUNS)
+def test_gradients_synchronize_once_per_window_or_per_pass(runs: dict, name: str) -> None:
+    scenario = SCENARIOS[name]
+    per_pass = (
+        scenario.gradient_sync or {"ddp": "window", "fsdp2": "micro_batch"}[scenario.wrapper]
+    ) == "micro_batch"
+    expected = [passes(scenario, w) if per_pass else 1 for w in range(WINDOWS)]
+    for rank, record in enumerate(runs[name]):
+        assert record["syncs"] == expected, f"rank {rank}"
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_rank_without_data_in_its_first_window_fails_on_every_rank(
+    runs: dict, wrapper: str
+) -> None:
+    name = f"{wrapper}-first-empty"
+    scenario = SCENARIOS[name]
+    errors = [record["results"][0].get("error") for record in runs[name]]
+    assert errors[0] is not None and "no data in their first window" in errors[0]
+    assert errors[1] == errors[0]
+    initial = parameters(build_model(scenario))
+    for record in runs[name]:
+        assert record["syncs"][0] == 0
+        for a, b in zip(record["params"][0], initial, strict=True):
+            assert torch.equal(a, b)
+    # The process group is still usable and the next windows are exact.
+    assert_matches(runs[name], reference(scenario, first_window=1), start=1)
+
+
+def test_auto_retries_every_rank_at_the_same_size(runs: dict) -> None:
+    record0, record1 = runs["ddp-auto-oom"]
+    # Rank 1 alone fails above 4 samples in window 0 and above 2 in window 1.
+    for record in (record0, record1):
+        assert [r["micro_batch_size"] for r in record["results"]] == [3, 1, 1]
+        assert [max(seen) for seen in record["seen"]] == [6, 3, 1]
+    # Rank 0 never fails itself, yet redoes window 0 at 3 samples: two passes of 3.
+    assert record0["seen"][0].count(6) == 1 and record0["seen"][0].count(3) == 2
+
+
+def test_replayed_pass_keeps_the_ddp_buffer_broadcast(runs: dict) -> None:
+    record0, record1 = runs["ddp-uneven-clip"]
+    # Rank 1 has no data in window 2: its only forwards are replays, and DDP's
+    # broadcast in the first of them gives it rank 0's buffers of the window's start.
+    assert not torch.equal(record1["buffers"][1][0], record0["buffers"][1][0])
+    assert torch.equal(record1["buffers"][2][0], record0["buffers"][1][0])
+
+
+def test_a_model_without_a_wrapper_trains_locally() -> None:
+    sync = GradientSync(torch.nn.Linear(2, 2))
+    assert (sync.kind, sync.world_size, sync.rank, sync.distributed) == ("local", 1, 0, False)
+    assert sync.mode == "window"
+    table = sync.exchange([3.0, 1.0])
+    assert table.tolist() == [[3.0, 1.0]]
+
+
+def test_unknown_gradient_sync_is_refused() -> None:
+    with pytest.raises(ValueError, match="gradient_sync must be 'window', 'micro_batch'"):
+        GradientSync(torch.nn.Linear(2, 2), "every_step")
+
+
+@pytest.mark.slow
+def test_torchrun_example_trains(tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is installed with torch"
+    completed = subprocess.run(
+        [
+            torchrun,
+            # A single-node rendezvous on a free port; "--master-port 0" would hand every
+            # worker MASTER_PORT=0, and the ranks would never find each other.
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(REPO / "examples" / "ddp_torchrun.py"),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    losses = [
+        float(line.split("loss")[1].split()[0])
+        for line in completed.stdout.splitlines()
+        if " loss " in line
+    ]
+    assert len(losses) >= 2 and losses[-1] < losses[0], completed.stdout
