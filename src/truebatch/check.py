@@ -222,7 +222,10 @@ def check(
 
     Only module outputs that are tensors with the batch along dim 0 are
     compared (tensor leaves of tuples, dicts and dataclasses included);
-    scalars and tensors without the batch dim are skipped.
+    scalars and tensors without the batch dim are skipped. The loss is judged
+    (``loss_not_additive``) only on a split where every module output agrees,
+    in eval mode if needed: behind a sample mixer that is active in eval mode
+    it goes unjudged until that finding is fixed.
 
     Example:
         >>> report = tb.check(model, loss_fn, (x, y))
