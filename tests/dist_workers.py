@@ -4,8 +4,9 @@
 runs every given :class:`Scenario` in turn and saves, per scenario and rank,
 what the test compares with its single-process reference: the full parameters
 and buffers after every window, every ``StepResult`` (or the error a window
-raised), the number of gradient synchronizations of every window and the
-micro-batch sizes ``loss_fn`` saw. Models and data are built from seeds in
+raised), the number of gradient synchronizations of every window, the
+micro-batch sizes ``loss_fn`` saw and the collectives the window called
+(and how many ``all_gather`` calls preceded each pass). Models and data are built from seeds in
 ``models.py`` and here, so the test process builds the very same ones.
 
 One process group serves all scenarios because starting processes (importing
@@ -165,7 +166,7 @@ def _main(rank: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) ->
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
-    _count_reduce_scatters()
+    _count_calls()
     try:
         for name, scenario in scenarios.items():
             try:
@@ -189,31 +190,58 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
         max_grad_norm=scenario.max_grad_norm,
         gradient_sync=scenario.gradient_sync,
     )
-    seen: list[int] = []
-    loss_fn = _loss_fn(scenario, rank, seen)
+    trace = _Trace()
+    loss_fn = _loss_fn(scenario, rank, trace)
     count = None if scenario.pair else TASKS[scenario.task].count
-    record: dict[str, list] = {key: [] for key in ("results", "params", "buffers", "syncs", "seen")}
+    keys = ("results", "params", "buffers", "syncs", "seen", "gathers_at_pass", "collectives")
+    record: dict[str, list] = {key: [] for key in keys}
     for pieces in rank_data(scenario, rank):
-        before, seen[:] = synchronizations(), []
+        before = synchronizations()
+        trace.start()
         try:
             result: Any = asdict(accumulator.step_window(pieces, loss_fn, count=count))
         except RuntimeError as error:
             result = {"error": str(error)}
         record["results"].append(result)
         record["syncs"].append(synchronizations() - before)
-        record["seen"].append(list(seen))
+        record["seen"].append(trace.sizes)
+        record["gathers_at_pass"].append(trace.gathers_at_pass)
+        record["collectives"].append({name: trace.calls(name) for name in _CALLS})
         record["params"].append([_full(p) for p in model.parameters()])
         record["buffers"].append([b.detach().clone() for b in model.buffers()])
     return record
 
 
-def _loss_fn(scenario: Scenario, rank: int, seen: list[int]) -> tb.accumulator.LossFn:
-    """The task's loss sum; records micro-batch sizes and injects out-of-memory errors."""
+class _Trace:
+    """What one window does on this rank, as seen from ``loss_fn`` and ``torch.distributed``.
+
+    Attributes:
+        sizes: the micro-batch size of every call of ``loss_fn`` (replays included).
+        gathers_at_pass: the ``all_gather`` calls made in the window so far, at
+            every call of ``loss_fn`` (each call precedes its backward).
+    """
+
+    def start(self) -> None:
+        self._start = dict(_CALLS)
+        self.sizes: list[int] = []
+        self.gathers_at_pass: list[int] = []
+
+    def calls(self, name: str) -> int:
+        """Calls of ``torch.distributed.<name>`` since the window started."""
+        return _CALLS[name] - self._start[name]
+
+    def record_pass(self, size: int) -> None:
+        self.sizes.append(size)
+        self.gathers_at_pass.append(self.calls("all_gather"))
+
+
+def _loss_fn(scenario: Scenario, rank: int, trace: _Trace) -> tb.accumulator.LossFn:
+    """The task's loss sum; traces the pass and injects out-of-memory errors."""
     task = TASKS[scenario.task]
 
     def loss_fn(model: nn.Module, micro_batch: Any) -> Any:
         size = tb.batch_size(micro_batch)
-        seen.append(size)
+        trace.record_pass(size)
         context = _context.current()
         if scenario.oom_above and rank == 1 and size > scenario.oom_above[context.window]:
             raise torch.OutOfMemoryError(f"injected: {size} samples on rank 1")
@@ -231,15 +259,17 @@ def _wrap(model: nn.Module, wrapper: str) -> tuple[nn.Module, Any]:
     synchronization, and divides by the number of sharded modules.
     """
     if wrapper == "ddp":
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
         calls = [0]
 
         # No annotations: DDP compares them with dist.GradBucket, and this module's
         # annotations are strings (from __future__ import annotations).
         def counting_hook(state, bucket):
             calls[0] += bucket.is_last()
-            return allreduce_hook(state, bucket)
+            # DDP's default averaging, through the process group itself rather than
+            # dist.all_reduce, which then counts truebatch's calls only.
+            gradient = bucket.buffer().div_(WORLD_SIZE)
+            work = dist.group.WORLD.allreduce([gradient])
+            return work.get_future().then(lambda future: future.value()[0])
 
         ddp = nn.parallel.DistributedDataParallel(model)
         ddp.register_comm_hook(None, counting_hook)
@@ -250,21 +280,27 @@ def _wrap(model: nn.Module, wrapper: str) -> tuple[nn.Module, Any]:
     for module in sharded:
         fully_shard(module)
     fully_shard(model)
-    return model, lambda: _REDUCE_SCATTERS[0] / len(sharded)
+    return model, lambda: _CALLS["reduce_scatter_single"] / len(sharded)
 
 
-_REDUCE_SCATTERS = [0]
+# Calls of these torch.distributed functions so far in this process. FSDP2 reduce-scatters
+# gradients through reduce_scatter_single; truebatch exchanges counts with all_gather and
+# sums losses with all_reduce; DDP's comm hook and DTensor's collectives use neither.
+_CALLS = {"reduce_scatter_single": 0, "all_gather": 0, "all_reduce": 0}
 
 
-def _count_reduce_scatters() -> None:
-    """Count FSDP2's gradient reduce-scatters (it calls ``dist.reduce_scatter_single``)."""
-    original = dist.reduce_scatter_single
+def _count_calls() -> None:
+    """Wrap the functions of :data:`_CALLS` in ``torch.distributed`` to count their calls."""
+    for name in _CALLS:
+        setattr(dist, name, _counting(name, getattr(dist, name)))
 
+
+def _counting(name: str, original: Any) -> Any:
     def counting(*args: Any, **kwargs: Any) -> Any:
-        _REDUCE_SCATTERS[0] += 1
+        _CALLS[name] += 1
         return original(*args, **kwargs)
 
-    dist.reduce_scatter_single = counting
+    return counting
 
 
 def _full(parameter: torch.Tensor) -> torch.Tensor:

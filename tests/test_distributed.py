@@ -14,12 +14,18 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
+import truebatch as tb
 from dist_workers import WINDOWS, WORLD_SIZE, Scenario, build_model, build_optimizer, rank_data
 from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
 from truebatch.distributed import GradientSync
@@ -49,6 +55,8 @@ SCENARIOS: dict[str, Scenario] = {
     "fsdp2-first-empty": Scenario("fsdp2", layout="first_empty"),
 }
 EXACT_RUNS = [name for name in SCENARIOS if "first-empty" not in name]
+# "auto" exchanges once more per attempt (see test_auto_retries_every_rank_at_the_same_size).
+FIXED_SIZE_RUNS = [name for name in EXACT_RUNS if SCENARIOS[name].micro_batch_size != "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +162,20 @@ def test_gradients_synchronize_once_per_window_or_per_pass(runs: dict, name: str
         assert record["syncs"] == expected, f"rank {rank}"
 
 
+@pytest.mark.parametrize("name", FIXED_SIZE_RUNS)
+def test_item_count_is_exchanged_once_per_window_before_the_first_backward(
+    runs: dict, name: str
+) -> None:
+    for rank, record in enumerate(runs[name]):
+        for window in range(WINDOWS):
+            where = f"rank {rank}, window {window}"
+            # loss_fn runs before each backward: the exchange preceded all of them.
+            assert record["gathers_at_pass"][window][0] == 1, where
+            # truebatch's own collectives: the counts before, the loss sum after.
+            assert record["collectives"][window]["all_gather"] == 1, where
+            assert record["collectives"][window]["all_reduce"] == 1, where
+
+
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_rank_without_data_in_its_first_window_fails_on_every_rank(
     runs: dict, wrapper: str
@@ -196,6 +218,47 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     assert sync.mode == "window"
     table = sync.exchange([3.0, 1.0])
     assert table.tolist() == [[3.0, 1.0]]
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank, in this process: enough to wrap models."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_models_are_detected_with_their_default_sync(one_rank_group: None) -> None:
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    sharded = nn.Linear(2, 2)
+    fully_shard(sharded)
+    found = [GradientSync(model) for model in (ddp, sharded, nn.Linear(2, 2))]
+    assert [(s.kind, s.mode, s.world_size, s.distributed) for s in found] == [
+        ("ddp", "window", 1, True),
+        ("fsdp2", "micro_batch", 1, True),
+        ("local", "window", 1, False),
+    ]
+    assert found[0].module is ddp.module and found[1].module is sharded
+    assert GradientSync(sharded, "window").mode == "window"
+
+
+def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
+    one_rank_group: None,
+) -> None:
+    sharded = nn.Linear(2, 2)
+    fully_shard(sharded)
+    with pytest.raises(ValueError, match="'auto' is not available for FSDP2 models"):
+        tb.Accumulator(
+            sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), micro_batch_size="auto"
+        )
+    hybrid = nn.Linear(2, 2)
+    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
+    with pytest.raises(ValueError, match="supports one 1-D mesh"):
+        tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
 
 
 def test_unknown_gradient_sync_is_refused() -> None:
