@@ -113,7 +113,7 @@ def errors(k: int, seed: int) -> dict[tuple[str, str], float]:
 def plot(table: dict[tuple[int, str, str], float], ks: tuple[int, ...], out: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     titles = {
-        "accumulation": "vs float64 sum of the same bf16 micro-gradients",
+        "accumulation": "vs float64 sum of the same bf16 micro-gradients\n(k = 1 sums nothing)",
         "total": "vs float64 gradient of the whole batch",
     }
     for axis, (reference, title) in zip(axes, titles.items(), strict=True):
