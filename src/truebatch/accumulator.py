@@ -114,7 +114,7 @@ class Accumulator:
         gradient_sync: ``"window"`` or ``"micro_batch"``: when a data-parallel
             wrapper synchronizes gradients (see :class:`GradientSync`).
 
-    Example:
+    Examples:
         >>> acc = Accumulator(model, optimizer, micro_batch_size=16)
         >>> def loss_fn(model, batch):
         ...     x, y = batch

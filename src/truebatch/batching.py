@@ -122,7 +122,7 @@ def split(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
     leaves are views (no copy); non-tensor leaves are shared. ``None`` returns
     ``[batch]``.
 
-    Example:
+    Examples:
         >>> x = torch.arange(10)
         >>> [m.tolist() for m in split(x, 4)]
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -145,7 +145,7 @@ def windows(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
     The last window may be shorter; the Accumulator normalizes it by its own item
     count, so it is still exact.
 
-    Example:
+    Examples:
         >>> list(windows(range(5), 2))
         [[0, 1], [2, 3], [4]]
     """
@@ -190,7 +190,7 @@ def count_tokens(
     counted: ``(labels[:, 1:] != ignore_index).sum()``. This matches a loss that is
     ``cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=..., reduction="sum")``.
 
-    Example:
+    Examples:
         >>> labels = torch.tensor([[5, 6, 7, -100], [1, 2, -100, -100]])
         >>> int(count_tokens()({"labels": labels}))
         3

@@ -227,7 +227,7 @@ def check(
     in eval mode if needed: behind a sample mixer that is active in eval mode
     it goes unjudged until that finding is fixed.
 
-    Example:
+    Examples:
         >>> report = tb.check(model, loss_fn, (x, y))
         >>> print(report)              # a table of splits, parameters and findings
         >>> report.equivalent
@@ -286,7 +286,7 @@ def default_micro_batch_sizes(batch: int, unit: int = 1, minimum: int = 1) -> li
     batch sizes and ``minimum = 2`` when the model has BatchNorm in train mode
     (one sample has no batch statistics).
 
-    Example:
+    Examples:
         >>> default_micro_batch_sizes(12)
         [1, 2, 5, 6]
     """

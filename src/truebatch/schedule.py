@@ -39,7 +39,7 @@ def scale_lr(lr: float, from_batch: float, to_batch: float, rule: Rule = "linear
     guarantees: past some batch size (task dependent) no rate recovers the
     small-batch result in the same number of epochs.
 
-    Example:
+    Examples:
         >>> scale_lr(0.1, from_batch=256, to_batch=1024)
         0.4
         >>> scale_lr(1e-3, from_batch=32, to_batch=128, rule="sqrt")
@@ -75,7 +75,7 @@ def windows_per_epoch(length: int, size: int) -> int:
         total_steps = epochs * tb.windows_per_epoch(len(loader), k)
         scheduler = OneCycleLR(optimizer, max_lr=0.1, total_steps=total_steps)
 
-    Example:
+    Examples:
         >>> windows_per_epoch(63, 4)   # 63 micro-batches, 4 per window
         16
     """

@@ -40,7 +40,7 @@ def assert_accumulation_equivalent(
         AssertionError: otherwise; its message is the printed report, which
             names each culprit module, its effect and its fix.
 
-    Example:
+    Examples:
         >>> tb.testing.assert_accumulation_equivalent(model, loss_fn, (x, y))
     """
     report = check(model, loss_fn, batch, micro_batch_sizes, count, dtype)

@@ -75,7 +75,7 @@ def accumulator(module: nn.Module, **kwargs: Any) -> Accumulator:
         ValueError: the module has no optimizer yet, several optimizers or
             schedulers, or a ReduceLROnPlateau scheduler.
 
-    Example:
+    Examples:
         >>> def on_fit_start(self):
         ...     self.accumulator = accumulator(self, micro_batch_size=16, max_grad_norm=1.0)
     """

@@ -66,7 +66,7 @@ def token_loss_sum(
         ignore_index: label value that is not scored.
         shift: whether ``labels[:, t + 1]`` is the target of ``logits[:, t]``.
 
-    Example:
+    Examples:
         >>> logits = torch.zeros(1, 3, 4)                  # uniform over 4 tokens
         >>> labels = torch.tensor([[2, 1, -100]])          # one scored position
         >>> round(float(token_loss_sum(logits, labels)), 4)   # log(4)
@@ -115,7 +115,7 @@ def causal_lm_loss(
         ignore_index: label value that is not scored.
         shift: whether ``labels[:, t + 1]`` is the target of the logits at ``t``.
 
-    Example:
+    Examples:
         >>> acc = tb.Accumulator(model, optimizer, micro_batch_size=8)
         >>> result = acc.step(batch, causal_lm_loss, count=tb.count_tokens())
         >>> result.loss   # mean token loss of the whole batch
