@@ -11,15 +11,20 @@ optimizers, each tuned once at batch 16:
 - Adam: the same rate at every batch, or tb.scale_lr(rule="sqrt").
 
 Prints a table (mean and standard deviation of test accuracy over seeds) and
-saves a plot; ``--out`` chooses its path (default docs/img/lr_scaling.png).
+saves a plot to the printed path; ``--out`` chooses it (default
+docs/img/lr_scaling.png). ``--quick`` is a smoke run (2 epochs, 2 seeds, 2
+batch sizes) whose plot goes to the temporary directory unless ``--out`` says
+otherwise, so it never replaces the documentation's figure.
 
-    python benchmarks/lr_scaling.py
+    python benchmarks/lr_scaling.py            # the figure of docs/learning-rate.md
+    python benchmarks/lr_scaling.py --quick    # seconds, to check the script runs
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +41,9 @@ import truebatch as tb
 MICRO_BATCH = 64
 BASE_BATCH = 16
 BATCHES = (16, 32, 64, 128, 256, 512)
+QUICK_BATCHES = (16, 128)
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "lr_scaling.png"
+QUICK_OUT = Path(tempfile.gettempdir()) / "lr_scaling_quick.png"
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ def train(recipe: Recipe, batch: int, epochs: int, seed: int, data) -> float:
     lr = (
         tb.scale_lr(recipe.base_lr, BASE_BATCH, batch, recipe.rule)
         if recipe.rule
-        else (recipe.base_lr)
+        else recipe.base_lr
     )
     if recipe.optimizer == "SGD":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -111,15 +118,17 @@ def train(recipe: Recipe, batch: int, epochs: int, seed: int, data) -> float:
         return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
-def plot(results: dict[tuple[Recipe, int], list[float]], epochs: int, out: Path) -> None:
+def plot(
+    results: dict[tuple[Recipe, int], list[float]], batches: tuple[int, ...], epochs: int, out: Path
+) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for axis, name in zip(axes, ("SGD", "Adam"), strict=True):
         for recipe in (r for r in RECIPES if r.optimizer == name):
-            means = [statistics.mean(results[recipe, b]) for b in BATCHES]
-            spreads = [statistics.stdev(results[recipe, b]) for b in BATCHES]
-            axis.errorbar(BATCHES, means, yerr=spreads, marker="o", capsize=3, label=recipe.label)
+            means = [statistics.mean(results[recipe, b]) for b in batches]
+            spreads = [statistics.stdev(results[recipe, b]) for b in batches]
+            axis.errorbar(batches, means, yerr=spreads, marker="o", capsize=3, label=recipe.label)
         axis.set_xscale("log", base=2)
-        axis.set_xticks(BATCHES, [str(b) for b in BATCHES])
+        axis.set_xticks(batches, [str(b) for b in batches])
         axis.set_xlabel("effective batch (samples per optimizer step)")
         axis.set_title(f"{name}, rate tuned at batch {BASE_BATCH}, {epochs} epochs")
         axis.grid(alpha=0.3)
@@ -132,30 +141,35 @@ def plot(results: dict[tuple[Recipe, int], list[float]], epochs: int, out: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs, 2 seeds")
+    parser.add_argument("--epochs", type=int, help="default: 20 (2 with --quick)")
+    parser.add_argument("--seeds", type=int, help="default: 3 (2 with --quick)")
+    parser.add_argument(
+        "--out", type=Path, help=f"default: {DEFAULT_OUT} ({QUICK_OUT} with --quick)"
+    )
     args = parser.parse_args()
-    if args.seeds < 2:
+    epochs = args.epochs or (2 if args.quick else 20)
+    seeds = args.seeds or (2 if args.quick else 3)
+    out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    batches = QUICK_BATCHES if args.quick else BATCHES
+    if seeds < 2:
         parser.error("--seeds must be 2 or more (the plot shows the spread over seeds)")
     torch.set_num_threads(1)
     data = digits()
-    runs = [(r, b, s) for r in RECIPES for b in BATCHES for s in range(args.seeds)]
+    runs = [(r, b, s) for r in RECIPES for b in batches for s in range(seeds)]
     results: dict[tuple[Recipe, int], list[float]] = {}
     for recipe, batch, seed in tqdm(runs, desc="training runs"):
-        results.setdefault((recipe, batch), []).append(
-            train(recipe, batch, args.epochs, seed, data)
-        )
-    print(f"test accuracy after {args.epochs} epochs, mean ± std over {args.seeds} seeds")
-    print(f"{'recipe':<52}" + "".join(f"{b:>15}" for b in BATCHES))
+        results.setdefault((recipe, batch), []).append(train(recipe, batch, epochs, seed, data))
+    print(f"test accuracy after {epochs} epochs, mean ± std over {seeds} seeds")
+    print(f"{'recipe':<52}" + "".join(f"{b:>15}" for b in batches))
     for recipe in RECIPES:
         cells = (
             f"{statistics.mean(accuracies):.3f} ± {statistics.stdev(accuracies):.3f}"
-            for accuracies in (results[recipe, b] for b in BATCHES)
+            for accuracies in (results[recipe, b] for b in batches)
         )
         print(f"{recipe.label:<52}" + "".join(f"{c:>15}" for c in cells))
-    plot(results, args.epochs, args.out)
-    print(f"plot saved to {args.out}")
+    plot(results, batches, epochs, out)
+    print(f"plot saved to {out}")
 
 
 if __name__ == "__main__":
