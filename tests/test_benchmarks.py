@@ -1,7 +1,8 @@
-"""Smoke tests of the benchmark scripts: each runs with ``--quick`` and prints its ratios.
+"""Smoke tests of the scripts in benchmarks/: each runs with ``--quick`` and prints its ratios.
 
-Timings are never asserted (the machine is shared and noisy); a test checks
-that the script runs to the end and reports every case it promises.
+These check that a benchmark runs end to end and reports what it measures; they
+assert nothing about speed (timings belong to the benchmarks themselves, run on
+a quiet machine). Add one test per benchmark script, using :func:`run_benchmark`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_benchmark(name: str, *args: str, timeout: float = 180) -> str:
-    """Run ``benchmarks/<name>.py --quick *args`` in a subprocess; its stdout (exit 0 required)."""
+def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
+    """Run ``benchmarks/<script>`` in a fresh interpreter; return its stdout.
+
+    Fails with the script's stderr if it exits with a non-zero code.
+    """
     completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{name}.py"), "--quick", *args],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -26,52 +30,12 @@ def run_benchmark(name: str, *args: str, timeout: float = 180) -> str:
     return completed.stdout
 
 
-def test_layers_benchmark_reports_a_ratio_per_case() -> None:
-    out = run_benchmark("layers", "--threads", "1")
-    ratios = re.findall(r"^(\w+)\S* .*ratio (\d+\.\d+)", out, flags=re.MULTILINE)
-    assert [name for name, _ in ratios] == [
-        "GhostBatchNorm2d",
-        "SplitInvariantDropout",
-        "GhostBatchNorm1d",
-        "SplitInvariantDropout",
-    ], out
-    assert all(float(ratio) > 0 for _, ratio in ratios)
-
-
-def test_check_speed_benchmark_times_both_cases_against_the_baseline_step() -> None:
-    out = run_benchmark("check_speed", "--threads", "1")
-    assert "100,682 parameters" in out, out
-    assert "as written (BatchNorm, dropout): NOT equivalent" in out
-    assert "findings ['batchnorm', 'buffer_mismatch', 'dropout']" in out
-    assert "split-invariant dropout): equivalent" in out
-    assert re.search(r"^baseline: one full-batch forward \+ backward \d+\.\d+ ms$", out, re.M)
-    timing = r"^check, (as written|converted) .*: (\d+\.\d+) s, ratio (\d+)x"
-    timings = re.findall(timing, out, re.M)
-    assert [case for case, _, _ in timings] == ["as written", "converted"], out
-    assert all(float(seconds) > 0 and int(ratio) > 0 for _, seconds, ratio in timings)
-
-
-def test_memory_benchmark_reports_every_configuration_and_the_ratio() -> None:
-    out = run_benchmark("memory", timeout=300)
-    extra = dict(re.findall(r"^  (\w+)\s+(\d+\.\d+) MiB", out, flags=re.MULTILINE))
-    assert list(extra) == ["truebatch", "plain_micro", "plain_accumulation", "plain_full"], out
-    assert float(extra["plain_full"]) > float(extra["truebatch"]) > 0
-    verdict = r"^truebatch / plain_micro = \d+\.\d{3}  \(<= 1\.05: (PASS|FAIL)\)$"
-    assert re.search(verdict, out, flags=re.MULTILINE), out
-
-
-def test_precision_benchmark_prints_both_errors_per_k_and_saves_the_plot(tmp_path: Path) -> None:
-    png = tmp_path / "precision.png"
-    out = run_benchmark("precision", "--out", str(png))
+def test_overhead_quick_prints_a_ratio_per_model() -> None:
+    out = run_benchmark("overhead.py", "--quick")
     rows = re.findall(
-        r"^\s+(\d+)  (accumulation|total)\s+(\S+)\s+(\S+)\s+\S+$", out, flags=re.MULTILINE
+        r"^(MLP|CNN)\s+4\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)\s+([\d.]+)", out, re.M
     )
-    assert [(int(k), reference) for k, reference, _, _ in rows] == [
-        (k, reference) for k in (1, 4, 16) for reference in ("accumulation", "total")
-    ], out
-    errors = {(int(k), ref): (float(bf16), float(fp32)) for k, ref, bf16, fp32 in rows}
-    assert errors[1, "accumulation"] == (0.0, 0.0)  # one micro-batch: nothing is summed
-    bf16, fp32 = errors[16, "accumulation"]
-    assert 0 < fp32 < bf16
-    assert f"plot saved to {png}" in out
-    assert png.read_bytes().startswith(b"\x89PNG")
+    assert [row[0] for row in rows] == ["MLP", "CNN"], out
+    for _, hand, ours, ratio, _ in rows:
+        # The printed ratio is the ratio of the printed medians, up to their rounding.
+        assert abs(float(ratio) - float(ours) / float(hand)) < 2e-3, out
