@@ -16,6 +16,7 @@ Run: python benchmarks/layers.py [--repeats 30] [--threads 2]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -118,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (ratios are only "
+        "meaningful when it is below the CPU count: each ghost batch is its own kernel call, "
+        "which a busy machine delays more than one call)"
+    )
     failed = False
     for case in cases():
         native, ours, ratio = measure(case, args.repeats, args.warmup)
