@@ -272,10 +272,12 @@ def test_bench_quick_prints_exactness_and_overhead_in_one_table() -> None:
 
     def differences(method: str, loss: str) -> tuple[float, float]:
         cells = rows[method, loss]
-        assert float(cells[8].rstrip("x")) > 0  # the overhead ratio is printed
+        assert float(cells[8].rstrip("x")) > 0  # both time ratios are printed
+        assert float(cells[9].rstrip("x")) > 0
         return float(cells[4]), float(cells[5])
 
     assert rows["hand-written", "sum / window's N"][8] == "1.00x"  # the speed baseline
+    assert rows["truebatch step_window", "sum, tb.count_tokens"][9] == "1.00x"
     for exact in [
         ("big batch", "token mean"),
         ("hand-written", "sum / window's N"),
