@@ -39,3 +39,15 @@ def test_overhead_quick_prints_a_ratio_per_model() -> None:
     for _, hand, ours, ratio, _ in rows:
         # The printed ratio is the ratio of the printed medians, up to their rounding.
         assert abs(float(ratio) - float(ours) / float(hand)) < 2e-3, out
+
+
+def test_layers_quick_prints_a_ratio_per_case() -> None:
+    out = run_benchmark("layers.py", "--quick", "--threads", "1")
+    ratios = re.findall(r"^(\w+)\S* .*ratio (\d+\.\d+)", out, flags=re.MULTILINE)
+    assert [name for name, _ in ratios] == [
+        "GhostBatchNorm2d",
+        "SplitInvariantDropout",
+        "GhostBatchNorm1d",
+        "SplitInvariantDropout",
+    ], out
+    assert all(float(ratio) > 0 for _, ratio in ratios), out
