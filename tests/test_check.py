@@ -35,15 +35,6 @@ TOL64, TOL32 = 1e-12, 1e-5
 KAPPA64 = 100 * 2.0**-52 / 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models here are tiny: intra-op threads only contend, most under ``pytest -n 2``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def plain_gradients(model: nn.Module, loss, micro_batches: list, n: int) -> dict:
     """``(1/n) * sum_j d(loss_sum_j)/d(params)`` by a hand-written loop on a copy."""
     copied = copy.deepcopy(model)
