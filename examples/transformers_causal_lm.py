@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps-per-epoch", type=int, default=None, help="stop each epoch early (a quick run)"
+    )
     args = parser.parse_args(argv)
 
     sequences = token_sequences()
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     model.train()
     for epoch in range(args.epochs):
-        windows = list(tb.windows(data, args.accumulation))
+        windows = list(tb.windows(data, args.accumulation))[: args.steps_per_epoch]
         losses = []
         for window in tqdm(windows, desc=f"epoch {epoch}", leave=False):
             result = acc.step_window(window, causal_lm_loss, count=tb.count_tokens())
