@@ -274,8 +274,10 @@ def describe(task: Task, repeats: int) -> str:
     """The setup line printed above the table."""
     micro = micro_batches_of(task.epochs[0], task.micro_batch_size)
     tokens = [float(task.count(micro_batch)) for micro_batch in micro]
+    parameters = sum(p.numel() for p in task.make_model().parameters())
     return (
-        f"CharTransformer on the Zen of Python (float64), {len(task.epochs)} epochs of "
+        f"CharTransformer ({parameters} parameters) on the Zen of Python (float64), "
+        f"{len(task.epochs)} epochs of "
         f"{len(task.epochs[0])} steps; effective batch {task.batch_size} lines = "
         f"{task.accumulation_steps} micro-batches of {task.micro_batch_size} lines holding "
         f"{min(tokens):.0f} to {max(tokens):.0f} tokens; each epoch ends with a window of "
@@ -296,11 +298,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=positive_int, default=None, help="epochs per run")
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds")
+    parser.add_argument(
+        "--width",
+        type=positive_int,
+        default=32,
+        help="the model's width (default 32; wider: more compute per step, so fixed "
+        "per-step costs weigh less; a multiple of 2, its attention heads)",
+    )
 
 
-def run(epochs: int, repeats: int) -> tuple[Task, list[Measured], list[str]]:
-    """Measure every available method on ``epochs`` epochs with ``repeats`` timed rounds."""
-    task = lm_task(epochs)
+def run(epochs: int, repeats: int, width: int = 32) -> tuple[Task, list[Measured], list[str]]:
+    """Measure every available method on ``epochs`` epochs with ``repeats`` timed rounds,
+    the model ``width`` wide."""
+    task = lm_task(epochs, width=width)
     compared, notes = entries()
     with deterministic():
         measured = measure(task, compared, repeats)
@@ -311,6 +321,6 @@ def main(args: argparse.Namespace) -> int:
     """Run the benchmark and print its table."""
     epochs = args.epochs or (1 if args.quick else 10)
     repeats = args.repeats or (2 if args.quick else 5)
-    task, measured, notes = run(epochs, repeats)
+    task, measured, notes = run(epochs, repeats, args.width)
     print("\n\n".join([describe(task, repeats), *notes, format_table(measured)]))
     return 0

@@ -136,12 +136,13 @@ def _loss_per_token(model: nn.Module, batch: Batch, count: Counter) -> float:
     return value
 
 
-def lm_task(epochs: int, batch_size: int = 8, micro_batch_size: int = 2) -> Task:
+def lm_task(epochs: int, batch_size: int = 8, micro_batch_size: int = 2, width: int = 32) -> Task:
     """``--task lm``: :class:`CharTransformer` on the Zen of Python by character, float64.
 
     Loss is the mean over scored tokens (``ignore_index`` padding); SGD with
     momentum 0.9, learning rate 0.3; lines reshuffled every epoch by a fixed seed. With 20
     lines and effective batches of 8, every epoch ends with a window of 4 lines.
+    ``width`` is the model's (``truebatch bench --width`` scales the compute per step).
     """
     corpus = data.char_corpus(data.zen_lines())
     everything = corpus.batch(torch.arange(len(corpus.labels)))
@@ -150,7 +151,7 @@ def lm_task(epochs: int, batch_size: int = 8, micro_batch_size: int = 2) -> Task
     return Task(
         name="lm",
         make_model=lambda: CharTransformer(
-            len(corpus.vocabulary) + 2, corpus.input_ids.shape[1]
+            len(corpus.vocabulary) + 2, corpus.input_ids.shape[1], width=width
         ).to(torch.float64),
         make_optimizer=lambda model: torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9),
         mean_loss=functools.partial(_lm_loss, reduction="mean"),
