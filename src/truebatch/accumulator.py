@@ -302,7 +302,7 @@ class Accumulator:
         propagates at once.
         """
         sizes = [batch_size(mb) for mb in micro_batches]
-        stats = self._exchange_stats(_evaluate_counts(micro_batches, count or count_samples), sizes)
+        stats = self._exchange_stats(_local_count(micro_batches, sizes, count), sizes)
         largest = max(sizes, default=0)
         if stats["count"] == 0:
             return _Window(0.0, 0.0, len(micro_batches), largest)
@@ -347,20 +347,21 @@ class Accumulator:
                     for index in range(len(micro_batches), passes):
                         with self._pass_sync(index, passes, grads, share_oom) as synchronize:
                             self._replay(loss_fn, synchronize)
-                grads.restore()
                 totals = self.sync.all_reduce(
                     torch.stack([loss_sum, returned.total, returned.flag(), returned.negative])
                 )
                 returned.check(int(totals[3]))
+                loss_total, n_items, pair_mode, _ = totals.tolist()
+                if pair_mode and n_items > 0:
+                    # Divide the wide sums before they are rounded: one rounding per window.
+                    grads.scale(1.0 / n_items)
+                    self._scale_grads(1.0 / n_items)
+                grads.restore()
         except BaseException:
             grads.discard()
             self._zero_grad()
             raise
-        loss_total, n_items, pair_mode, _ = totals.tolist()
-        if pair_mode:
-            if n_items > 0:
-                self._scale_grads(1.0 / n_items)
-        else:
+        if not pair_mode:
             n_items = stats["count"]
         return _Window(loss_total, n_items, len(micro_batches), largest)
 
@@ -473,9 +474,8 @@ class Accumulator:
 
     # --------------------------------------------------------------- helpers
 
-    def _exchange_stats(self, counts: list[torch.Tensor], sizes: list[int]) -> dict[str, float]:
+    def _exchange_stats(self, local: float, sizes: list[int]) -> dict[str, float]:
         """One collective: global item count, passes per rank, this rank's sample offset."""
-        local = float(torch.stack([c.cpu() for c in counts]).sum()) if counts else 0.0
         can_replay = self._template is not None or bool(sizes)
         table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)])
         passes = table[:, 1].max().item()
@@ -667,6 +667,10 @@ class _GradBuffers:
             p.grad = total.to(p.dtype)
         self.sums.clear()
 
+    def scale(self, factor: float) -> None:
+        for total in self.sums.values():
+            total.mul_(factor)
+
     def discard(self) -> None:
         self.sums.clear()
 
@@ -687,6 +691,8 @@ def _replaced_method(obj: Any, name: str, replacement: Callable[..., Any]) -> It
 
 
 def _split_all(pieces: list[Batch], micro_batch_size: int | None) -> list[Batch]:
+    if micro_batch_size is None:  # step/step_window have checked the pieces already
+        return pieces
     return [mb for piece in pieces for mb in split(piece, micro_batch_size)]
 
 
@@ -709,17 +715,23 @@ def _as_count(value: Any, what: str) -> torch.Tensor:
     )
 
 
-def _evaluate_counts(micro_batches: list[Batch], count: Counter) -> list[torch.Tensor]:
-    counts = [_as_count(count(mb), "count(micro_batch)") for mb in micro_batches]
-    if counts:
-        values = torch.stack([c.cpu() for c in counts])
-        negative = torch.nonzero(values < 0).flatten().tolist()
-        if negative:
-            raise ValueError(
-                f"count(micro_batch) returned a negative count for micro-batches {negative}; "
-                "a count is a number of items (samples, tokens), 0 or more"
-            )
-    return counts
+def _local_count(micro_batches: list[Batch], sizes: list[int], count: Counter | None) -> float:
+    """This rank's item count: the sum of ``count(micro_batch)``, by default the samples.
+
+    Counting samples needs no call: ``sizes`` already holds them.
+    """
+    if count is None or count is count_samples:
+        return float(sum(sizes))
+    if not micro_batches:
+        return 0.0
+    values = torch.stack([_as_count(count(mb), "count(micro_batch)").cpu() for mb in micro_batches])
+    negative = torch.nonzero(values < 0).flatten().tolist()
+    if negative:
+        raise ValueError(
+            f"count(micro_batch) returned a negative count for micro-batches {negative}; "
+            "a count is a number of items (samples, tokens), 0 or more"
+        )
+    return float(values.sum())
 
 
 def _check_loss(loss: Any) -> torch.Tensor:
