@@ -498,6 +498,24 @@ def test_float32_accumulation_rounds_to_bfloat16_once_per_window() -> None:
     assert_bitwise_equal(grads, [s.bfloat16() for s in sums])
 
 
+def test_float32_accumulation_divides_returned_counts_before_its_one_rounding() -> None:
+    # Regression: when loss_fn returns (loss_sum, count), N is known only at the end of
+    # the window; the float32 sums were rounded to bf16 and then divided by N in bf16, a
+    # second rounding. Reference: the float32 sum of the micro-batch gradients (not
+    # pre-scaled), divided by N = 61 in float32, rounded to bf16 once.
+    model, data = bf16_model(), bf16_batch(61)
+    params = list(model.parameters())
+    sums = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for micro_batch in tb.split(data, 8):
+        part = torch.autograd.grad(bf16_loss(model, micro_batch), params)
+        for total, g in zip(sums, part, strict=True):
+            total += g
+    acc = tb.Accumulator(model, sgd(model), micro_batch_size=8, accumulate_dtype=torch.float32)
+    acc._accumulate(tb.split(data, 8), lambda m, b: (bf16_loss(m, b), tb.batch_size(b)), None)
+
+    assert_bitwise_equal([p.grad for p in params], [(s * (1 / 61)).bfloat16() for s in sums])
+
+
 def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     error = sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, reference, strict=True))
     return (error / sum((r**2).sum() for r in reference)).sqrt().item()
