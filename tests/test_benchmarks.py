@@ -51,3 +51,42 @@ def test_layers_quick_prints_a_ratio_per_case() -> None:
         "SplitInvariantDropout",
     ], out
     assert all(float(ratio) > 0 for _, ratio in ratios), out
+
+
+def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
+    out = run_benchmark("ddp.py", "--quick")
+    per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)
+    assert [name for name, _ in per_window] == ["truebatch", "no_sync", "sync_every"], out
+    assert all(float(ms) > 0 for _, ms in per_window)
+    verdict = r"^truebatch / no_sync    = \d+\.\d{3}  \(<= 1\.03: (PASS|FAIL)\)$"
+    assert re.search(verdict, out, flags=re.MULTILINE), out
+    assert re.search(r"^truebatch / sync_every = \d+\.\d{3}$", out, flags=re.MULTILINE), out
+    # The loops it is timed against compute the same update: the comparison is fair.
+    difference = re.search(r"max relative difference (\S+) ", out)
+    assert difference is not None and float(difference.group(1)) <= 1e-5, out
+
+
+def test_memory_benchmark_reports_every_configuration_and_the_ratio() -> None:
+    out = run_benchmark("memory.py", "--quick", timeout=300)
+    extra = dict(re.findall(r"^  (\w+)\s+(\d+\.\d+) MiB", out, flags=re.MULTILINE))
+    assert list(extra) == ["truebatch", "plain_micro", "plain_accumulation", "plain_full"], out
+    assert float(extra["plain_full"]) > float(extra["truebatch"]) > 0
+    verdict = r"^truebatch / plain_micro = \d+\.\d{3}  \(<= 1\.05: (PASS|FAIL)\)$"
+    assert re.search(verdict, out, flags=re.MULTILINE), out
+
+
+def test_precision_benchmark_prints_both_errors_per_k_and_saves_the_plot(tmp_path: Path) -> None:
+    png = tmp_path / "precision.png"
+    out = run_benchmark("precision.py", "--quick", "--out", str(png))
+    rows = re.findall(
+        r"^\s+(\d+)  (accumulation|total)\s+(\S+)\s+(\S+)\s+\S+$", out, flags=re.MULTILINE
+    )
+    assert [(int(k), reference) for k, reference, _, _ in rows] == [
+        (k, reference) for k in (1, 4, 16) for reference in ("accumulation", "total")
+    ], out
+    errors = {(int(k), ref): (float(bf16), float(fp32)) for k, ref, bf16, fp32 in rows}
+    assert errors[1, "accumulation"] == (0.0, 0.0)  # one micro-batch: nothing is summed
+    bf16, fp32 = errors[16, "accumulation"]
+    assert 0 < fp32 < bf16
+    assert f"plot saved to {png}" in out
+    assert png.read_bytes().startswith(b"\x89PNG")

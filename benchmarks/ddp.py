@@ -1,0 +1,241 @@
+"""DDP: truebatch against hand-written accumulation loops, 2 gloo processes on CPU.
+
+Three ways to train the same DDP-wrapped MLP on the same data, k micro-batches
+of equal size per window and one SGD step per window, each with its own copy
+of the model:
+
+- ``truebatch``: ``tb.Accumulator(ddp, optimizer).step_window(window, loss_fn)``
+  (one exchange of item counts before the first backward, gradients all-reduced
+  on the last pass only, one all-reduce of the loss, the global gradient norm);
+- ``no_sync``: the usual hand-written loop, ``(mean loss / k).backward()``
+  under ``ddp.no_sync()`` except for the last micro-batch, then step and zero;
+- ``sync_every``: the same loop without ``no_sync``: DDP all-reduces the
+  gradients after every micro-batch.
+
+Each round runs ``--windows`` windows of every method, the order rotating from
+round to round so that a slow moment of the shared machine hits all of them;
+both ranks start each timed block together (a barrier) and the block's time is
+the slower rank's. Prints the median per-window times and the medians of the
+per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL) and
+truebatch / sync_every, and checks that truebatch and the no_sync loop end
+with the same parameters (float32 summation order apart).
+
+    python benchmarks/ddp.py [--rounds 20] [--k 8] [--micro-batch-size 32]
+    python benchmarks/ddp.py --quick   (3 short rounds: a smoke run, exit 0
+                                        whatever the ratios, too noisy to judge)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import queue
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import truebatch as tb
+
+WORLD_SIZE = 2
+METHODS = ("truebatch", "no_sync", "sync_every")
+TARGET = 1.03
+FEATURES, HIDDEN, CLASSES = 256, 1024, 10
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Window = list[Batch]
+
+
+def build_model() -> nn.Module:
+    """The same float32 MLP on every rank and for every method."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(FEATURES, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, CLASSES),
+    )
+
+
+def make_windows(rank: int, count: int, k: int, micro_batch_size: int) -> list[Window]:
+    """``count`` windows of ``k`` micro-batches for ``rank`` (different data per rank)."""
+    generator = torch.Generator().manual_seed(1000 + rank)
+
+    def micro_batch() -> Batch:
+        x = torch.randn(micro_batch_size, FEATURES, generator=generator)
+        return x, torch.randint(0, CLASSES, (micro_batch_size,), generator=generator)
+
+    return [[micro_batch() for _ in range(k)] for _ in range(count)]
+
+
+def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """truebatch's loss_fn: the SUM of the per-sample losses."""
+    x, y = batch
+    return F.cross_entropy(model(x), y, reduction="sum")
+
+
+def hand_written(
+    ddp: nn.Module, optimizer: torch.optim.Optimizer, no_sync: bool
+) -> Callable[[Window], None]:
+    """The hand-written window: mean loss / k per micro-batch, one step at the end."""
+
+    def run(window: Window) -> None:
+        for index, (x, y) in enumerate(window):
+            last = index == len(window) - 1
+            with nullcontext() if last or not no_sync else ddp.no_sync():
+                (F.cross_entropy(ddp(x), y) / len(window)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def window_runners() -> tuple[dict[str, Callable[[Window], Any]], dict[str, nn.Module]]:
+    """Per method, a function that trains one window, and the method's DDP model."""
+    models = {name: nn.parallel.DistributedDataParallel(build_model()) for name in METHODS}
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
+    accumulator = tb.Accumulator(models["truebatch"], optimizers["truebatch"])
+    runners = {
+        "truebatch": lambda window: accumulator.step_window(window, loss_sum),
+        "no_sync": hand_written(models["no_sync"], optimizers["no_sync"], no_sync=True),
+        "sync_every": hand_written(models["sync_every"], optimizers["sync_every"], no_sync=False),
+    }
+    return runners, models
+
+
+def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None:
+    """One rank: time every method, round after round; rank 0 sends the times back."""
+    # Two processes on two cores: one intra-op thread each, as torchrun would set.
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        runners, models = window_runners()
+        data = make_windows(rank, args.windows, args.k, args.micro_batch_size)
+        times: dict[str, list[float]] = {name: [] for name in METHODS}
+        for round_index in range(args.warmup + args.rounds):
+            shift = round_index % len(METHODS)
+            for name in METHODS[shift:] + METHODS[:shift]:
+                dist.barrier()
+                start = time.perf_counter()
+                for window in data:
+                    runners[name](window)
+                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if round_index >= args.warmup:
+                    times[name].append(elapsed.item() / len(data))
+        difference = max(
+            ((a - b).norm() / b.norm()).item()
+            for a, b in zip(
+                models["truebatch"].parameters(), models["no_sync"].parameters(), strict=True
+            )
+        )
+        if rank == 0:
+            results.put({"times": times, "difference": difference})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(args: argparse.Namespace) -> dict[str, Any]:
+    """Start ``WORLD_SIZE`` worker processes; their results, or an error if one fails or hangs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [
+        context.Process(target=worker, args=(rank, port, args, results), daemon=True)
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        outcome = results.get(timeout=args.timeout)
+    except queue.Empty:
+        outcome = None
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.terminate()
+    codes = [process.exitcode for process in processes]
+    if outcome is None or any(code != 0 for code in codes):
+        raise RuntimeError(
+            f"the benchmark's ranks did not finish within {args.timeout} s or failed (exit "
+            f"codes {codes}); their tracebacks are printed above"
+        )
+    return outcome
+
+
+def report(args: argparse.Namespace, outcome: dict[str, Any]) -> bool:
+    """Print times and ratios; whether truebatch met the target against the no_sync loop."""
+    times = outcome["times"]
+    parameters = sum(p.numel() for p in build_model().parameters())
+    print(
+        f"torch {torch.__version__}, {WORLD_SIZE} gloo processes x 1 thread, CPU, float32; "
+        f"MLP {FEATURES}-{HIDDEN}-{HIDDEN}-{CLASSES} ({parameters:,} parameters)"
+    )
+    print(
+        f"window: k={args.k} micro-batches of {args.micro_batch_size} per rank; "
+        f"{args.rounds} rounds of {args.windows} windows per method, order rotating"
+    )
+    for name in METHODS:
+        print(f"  {name:<10} {statistics.median(times[name]) * 1e3:8.2f} ms per window")
+    ratio = {
+        baseline: statistics.median(
+            ours / base for ours, base in zip(times["truebatch"], times[baseline], strict=True)
+        )
+        for baseline in ("no_sync", "sync_every")
+    }
+    passed = ratio["no_sync"] <= TARGET
+    print(
+        f"truebatch / no_sync    = {ratio['no_sync']:.3f}  "
+        f"(<= {TARGET}: {'PASS' if passed else 'FAIL'})"
+    )
+    print(f"truebatch / sync_every = {ratio['sync_every']:.3f}")
+    print(
+        f"parameters, truebatch vs no_sync loop: max relative difference "
+        f"{outcome['difference']:.1e} (float32 summation order)"
+    )
+    return passed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    parser.add_argument("--windows", type=int, default=3, help="windows per method and round")
+    parser.add_argument("--k", type=int, default=8, help="micro-batches per window")
+    parser.add_argument("--micro-batch-size", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds before giving up")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 rounds of 1 window of 2 micro-batches of 8, 1 warm-up: check that it runs",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.windows, args.k, args.micro_batch_size = 3, 1, 1, 2, 8
+    for name in ("rounds", "windows", "k", "micro_batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    passed = report(args, run_ranks(args))
+    if args.quick:
+        print("quick run: too few rounds to judge the target (run without --quick)")
+        return 0
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
