@@ -445,6 +445,28 @@ def test_scaler_skips_and_backs_off_exactly_like_a_plain_gradscaler_loop() -> No
     assert any(later > earlier for earlier, later in itertools.pairwise(scales))
 
 
+def test_a_failed_attempt_leaves_the_gradscaler_as_it_was() -> None:
+    # fp16 autocast, a GradScaler and "auto" with room for 4: the attempts at 12 and 6
+    # samples scale their losses and fail. Window after window, the parameters and the
+    # scaler's state must be those of micro_batch_size=3 from the start.
+    runs = []
+    for size, limit in (("auto", 4), (3, 12)):
+        model = gated_model(limit).float()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+        acc = tb.Accumulator(
+            model, sgd(model), micro_batch_size=size, autocast=torch.float16, scaler=scaler
+        )
+        for seed in range(3):
+            x, y = vector_batch(12, seed)
+            assert acc.step((x.float(), y), classification_loss).stepped
+        runs.append((parameters(model), scaler.state_dict(), gate(model).seen))
+
+    assert runs[0][2] == [12, 6] + [3] * 12
+    assert_bitwise_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1]["scale"] == 2.0**11  # grew once per window, never lowered
+
+
 # ---------------------------------------------------------- accumulate_dtype
 
 
