@@ -8,6 +8,7 @@ or ``truebatch.integrations`` imports none of those libraries:
 - :mod:`truebatch.integrations.lightning`: an Accumulator for a
   LightningModule that uses manual optimization.
 
-Accelerate needs no helper: give the Accumulator the prepared model (see the
-README section "Coming from Accelerate").
+Accelerate needs no helper: give the Accumulator the prepared model and data
+loader, and drop ``accelerator.accumulate`` and ``accelerator.backward`` (see
+``docs/how-to/accelerate.md``).
 """

@@ -22,7 +22,9 @@ before it runs, which keeps float16 gradients in range::
     result = acc.step(batch, causal_lm_loss, count=tb.count_tokens())
 
 This is the normalization the Trainer applies through ``num_items_in_batch``
-(transformers >= 4.46), for any training loop. The module imports nothing from
+(transformers >= 4.46), for any training loop; the Trainer counts the shifted
+labels only for models whose ``loss_type`` is ``"ForCausalLM"`` (not, for
+example, ``GPT2LMHeadModel``). The module imports nothing from
 ``transformers``: it only reads the logits the model returns.
 """
 
