@@ -630,6 +630,30 @@ def image_batches(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
+def summed_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+
+
+def full_batch_training(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """The plain loop: one forward of each whole batch (window ``w``), mean loss, SGD step."""
+    model = converted_convnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for window, (x, y) in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        with _context.micro_batch(window=window, offset=0):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def assert_same_model(model: nn.Module, reference: nn.Module) -> None:
+    for (name, ours), theirs in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        assert relative_difference(ours.double(), theirs.double()) <= EXACT, name
+
+
 @pytest.mark.parametrize("chunks", [1, 2, 4, 8])
 def test_accumulator_matches_full_batch_over_several_windows(chunks: int) -> None:
     """Several optimizer steps: every parameter and buffer as with the whole batch at once.
@@ -638,34 +662,28 @@ def test_accumulator_matches_full_batch_over_several_windows(chunks: int) -> Non
     a micro-batch of ``chunks`` ghost batches leaves a short last micro-batch.
     """
     batches = image_batches([34, 32, 30])
-    reference = converted_convnet()
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    for window, (x, y) in enumerate(batches):  # the plain full-batch loop
-        optimizer.zero_grad(set_to_none=True)
-        with _context.micro_batch(window=window, offset=0):
-            loss = F.cross_entropy(reference(x), y)
-        loss.backward()
-        optimizer.step()
-
     model = converted_convnet()
-    acc = tb.Accumulator(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        micro_batch_size=4 * chunks,
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=4 * chunks)
     for batch in batches:
-        acc.step(batch, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="sum"))
+        acc.step(batch, summed_loss)
+    assert_same_model(model, full_batch_training(batches))
 
-    for (name, ours), theirs in zip(
-        model.state_dict().items(), reference.state_dict().values(), strict=True
-    ):
-        assert relative_difference(ours.double(), theirs.double()) <= EXACT, name
+
+def test_accumulator_with_unequal_micro_batches_matches_full_batch() -> None:
+    """step_window with micro-batches of 8, 4, 16 and 6 samples: offsets follow the sizes."""
+    batches = image_batches([34, 34])
+    model = converted_convnet()
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    for x, y in batches:
+        acc.step_window(
+            [(x[a:b], y[a:b]) for a, b in ((0, 8), (8, 12), (12, 28), (28, 34))], summed_loss
+        )
+    assert_same_model(model, full_batch_training(batches))
 
 
 def test_accumulator_refuses_micro_batches_that_split_a_ghost_batch() -> None:
     model = converted_convnet()
     acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=6)
     with pytest.raises(ValueError, match=r"starts at sample 6.*multiple of 4"):
-        acc.step(
-            image_batches([12])[0], lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="sum")
-        )
+        acc.step(image_batches([12])[0], summed_loss)
