@@ -24,7 +24,7 @@ scratch memory constant.
 ``--quick`` measures every configuration once, in turn, in a single fresh
 process (B = 128, m = 16), truebatch first: memory freed by an earlier
 configuration can only make a later one look smaller, so truebatch is never
-favoured. It agrees with the one-process-per-configuration runs to about 1%.
+favoured. It agrees with the one-process-per-configuration runs within 2%.
 
 Prints the extra peak memory of each configuration (median over ``--repeats``
 alternating runs), the ratio truebatch / plain_micro with PASS (<= 1.05) or
