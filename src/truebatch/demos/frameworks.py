@@ -1,13 +1,14 @@
 """Accumulation as HF Accelerate and Lightning users write it, for ``truebatch bench``.
 
-Each function trains ``model`` with ``optimizer`` on every epoch of a task,
-micro-batches of ``task.micro_batch_size``, k = ``task.accumulation_steps``
-micro-batches per optimizer step. Both frameworks
-divide the loss of each micro-batch by k and step after k micro-batches or at
-the end of an epoch, so with their default loss handling (the micro-batch's
-mean loss) a step applies ``sum_j grad(mean_j) / k``, not the big batch's
-``sum_j n_j grad(mean_j) / N``: different whenever micro-batches hold
-different item counts ``n_j`` or a window holds fewer than k micro-batches.
+Each function trains ``model`` with ``optimizer`` on the CPU (like every
+method of the bench) on every epoch of a task, micro-batches of
+``task.micro_batch_size``, k = ``task.accumulation_steps`` micro-batches per
+optimizer step. Both frameworks divide the loss of each micro-batch by k and
+step after k micro-batches or at the end of an epoch, so with their default
+loss handling (the micro-batch's mean loss) a step applies
+``sum_j grad(mean_j) / k``, not the big batch's ``sum_j n_j grad(mean_j) / N``:
+different whenever micro-batches hold different item counts ``n_j`` or a
+window holds fewer than k micro-batches.
 
 The frameworks are imported inside the functions: they are optional
 (``pip install truebatch[bench]``); :func:`available` says which are installed.
