@@ -37,7 +37,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VOCAB = 32
 IGNORE = -100
 TokenSequence = tuple[torch.Tensor, torch.Tensor]  # (input ids, labels) of one sequence
-Grads = list[torch.Tensor]
+Tensors = list[torch.Tensor]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -87,13 +87,13 @@ def mean_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def take_gradients(model: nn.Module) -> Grads:
+def take_gradients(model: nn.Module) -> Tensors:
     grads = [p.grad.detach().clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return grads
 
 
-def max_relative_difference(grads: Grads, reference: Grads) -> float:
+def max_relative_difference(grads: Tensors, reference: Tensors) -> float:
     """max over parameter tensors of |g - g_ref| / |g_ref| (L2 norms)."""
     return max(
         float(torch.linalg.vector_norm(g - r) / torch.linalg.vector_norm(r))
@@ -111,8 +111,8 @@ class StepRecorder:
 
     def __init__(self, optimizer: torch.optim.Optimizer, hook: bool = True) -> None:
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        self.weights: list[Grads] = []
-        self.gradients: list[Grads] = []
+        self.weights: list[Tensors] = []
+        self.gradients: list[Tensors] = []
         if hook:
             optimizer.register_step_pre_hook(lambda *_: self.record())
 
@@ -122,8 +122,8 @@ class StepRecorder:
 
 
 def big_batch_gradient(
-    model: nn.Module, weights: Grads, loss: Callable[[nn.Module], torch.Tensor]
-) -> Grads:
+    model: nn.Module, weights: Tensors, loss: Callable[[nn.Module], torch.Tensor]
+) -> Tensors:
     """The gradient of ``loss`` (the big batch's mean loss) at ``weights``, on a copy of model."""
     reference = copy.deepcopy(model)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def tiny_llama() -> nn.Module:
     return transformers.LlamaForCausalLM(config).double()
 
 
-def truebatch_gradient(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> Grads:
+def truebatch_gradient(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> Tensors:
     """The gradient the Accumulator hands to the optimizer for one window."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     recorder = StepRecorder(optimizer)
@@ -255,7 +255,7 @@ def test_causal_lm_loss_is_the_models_own_loss_times_the_token_count():
 
 def trainer_window_gradient(
     model: nn.Module, window: list[dict], tmp_path: Path
-) -> tuple[int, Grads]:
+) -> tuple[int, Tensors]:
     """What Trainer.train does for one window: count, then training_step per micro-batch."""
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
