@@ -477,19 +477,21 @@ class Accumulator:
     def _exchange_stats(self, local: float, sizes: list[int]) -> dict[str, float]:
         """One collective: global item count, passes per rank, this rank's sample offset."""
         can_replay = self._template is not None or bool(sizes)
-        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)])
-        passes = table[:, 1].max().item()
-        stranded = [r for r in range(len(table)) if table[r, 1] < passes and table[r, 3] == 0]
-        if stranded and table[:, 0].sum().item() > 0:
+        # Python numbers from here: a few tensor ops per window would cost more than the rest.
+        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)]).tolist()
+        count = sum(row[0] for row in table)
+        passes = max(row[1] for row in table)
+        stranded = [r for r, row in enumerate(table) if row[1] < passes and row[3] == 0]
+        if stranded and count > 0:
             raise RuntimeError(
                 f"ranks {stranded} have no data in their first window and cannot take part in "
                 "the window's collectives; give every rank at least one sample in its first "
                 "window"
             )
         return {
-            "count": table[:, 0].sum().item(),
+            "count": count,
             "passes": passes,
-            "offset": int(table[: self.sync.rank, 2].sum().item()),
+            "offset": int(sum(row[2] for row in table[: self.sync.rank])),
         }
 
     def _share_out_of_memory(self, out_of_memory: bool, largest: int) -> None:
