@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from filelock import FileLock  # a dependency of torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -61,11 +62,24 @@ FIXED_SIZE_RUNS = [name for name in EXACT_RUNS if SCENARIOS[name].micro_batch_si
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, list]]]:
-    """What each rank saved, per scenario: ``runs[name][rank]``."""
+    """What each rank saved, per scenario: ``runs[name][rank]``.
+
+    The processes run once per test session. Under pytest-xdist every worker
+    that gets tests of this module needs the runs: the first one starts the
+    processes, the others wait on a lock and read its files.
+    """
     import dist_workers
 
-    out_dir = tmp_path_factory.mktemp("distributed")
-    dist_workers.launch(SCENARIOS, out_dir, timeout=240)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out_dir = tmp_path_factory.getbasetemp().parent / "distributed-runs"
+    else:
+        out_dir = tmp_path_factory.mktemp("distributed-runs")
+    with FileLock(f"{out_dir}.lock"):
+        done = out_dir / "done"
+        if not done.exists():
+            out_dir.mkdir(exist_ok=True)
+            dist_workers.launch(SCENARIOS, out_dir, timeout=240)
+            done.touch()
     return {
         name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
         for name in SCENARIOS
