@@ -146,7 +146,7 @@ def test_partial_last_window(
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adam", "adamw"])
-@pytest.mark.parametrize("task", [TASKS["mlp"], TASKS["gru_lm"]], ids=["mlp", "gru_lm"])
+@pytest.mark.parametrize("task", TASKS.values(), ids=list(TASKS))
 def test_optimizer_state_over_five_windows(task: Task, optimizer_name: str) -> None:
     """Parameters and optimizer state (momentum, Adam moments) after 5 windows."""
     model, optimizer, ref_model, ref_optimizer = twins(task, OPTIMIZERS[optimizer_name])
@@ -245,7 +245,7 @@ def test_float32_within_its_tolerance() -> None:
 @st.composite
 def splits(draw: st.DrawFn) -> tuple[str, int, list[int], int | None]:
     """A task, a batch size, a split of it into pieces, and a micro_batch_size."""
-    task = draw(st.sampled_from(["mlp", "gru_lm"]))
+    task = draw(st.sampled_from(list(TASKS)))
     n = draw(st.integers(1, 20))
     cuts = sorted(draw(st.sets(st.integers(1, n - 1), max_size=4))) if n > 1 else []
     pieces = [b - a for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
