@@ -10,15 +10,23 @@ of the model:
 - ``no_sync``: the usual hand-written loop, ``(mean loss / k).backward()``
   under ``ddp.no_sync()`` except for the last micro-batch, then step and zero;
 - ``sync_every``: the same loop without ``no_sync``: DDP all-reduces the
-  gradients after every micro-batch.
+  gradients after every micro-batch;
+
+and, for the cost of FSDP2's two modes, truebatch on the same MLP sharded with
+``fully_shard`` (each Linear, then the whole):
+
+- ``fsdp2_micro_batch`` (``gradient_sync="micro_batch"``, FSDP2's default):
+  a reduce-scatter after every pass, each rank keeps only its gradient shard;
+- ``fsdp2_window`` (``gradient_sync="window"``): one reduce-scatter per window,
+  but each rank keeps the whole unsharded gradient until the window's last pass.
 
 Each round runs ``--windows`` windows of every method, the order rotating from
 round to round so that a slow moment of the shared machine hits all of them;
 both ranks start each timed block together (a barrier) and the block's time is
 the slower rank's. Prints the median per-window times and the medians of the
-per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL) and
-truebatch / sync_every, and checks that truebatch and the no_sync loop end
-with the same parameters (float32 summation order apart).
+per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL),
+truebatch / sync_every and fsdp2_window / fsdp2_micro_batch, and how far every
+method's final parameters are from truebatch's (float32 summation order).
 
     python benchmarks/ddp.py [--rounds 20] [--k 8] [--micro-batch-size 32]
     python benchmarks/ddp.py --quick   (3 short rounds: a smoke run, exit 0
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import multiprocessing
 import os
 import queue
@@ -43,11 +52,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 
 import truebatch as tb
 
 WORLD_SIZE = 2
-METHODS = ("truebatch", "no_sync", "sync_every")
+METHODS = ("truebatch", "no_sync", "sync_every", "fsdp2_micro_batch", "fsdp2_window")
 TARGET = 1.03
 FEATURES, HIDDEN, CLASSES = 256, 1024, 10
 
@@ -100,17 +110,50 @@ def hand_written(
     return run
 
 
+def sharded_model() -> nn.Module:
+    """:func:`build_model` sharded with FSDP2: every Linear, then the whole."""
+    model = build_model()
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def window_runners() -> tuple[dict[str, Callable[[Window], Any]], dict[str, nn.Module]]:
-    """Per method, a function that trains one window, and the method's DDP model."""
-    models = {name: nn.parallel.DistributedDataParallel(build_model()) for name in METHODS}
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
-    accumulator = tb.Accumulator(models["truebatch"], optimizers["truebatch"])
-    runners = {
-        "truebatch": lambda window: accumulator.step_window(window, loss_sum),
-        "no_sync": hand_written(models["no_sync"], optimizers["no_sync"], no_sync=True),
-        "sync_every": hand_written(models["sync_every"], optimizers["sync_every"], no_sync=False),
+    """Per method, a function that trains one window, and the method's model."""
+    models = {
+        name: sharded_model()
+        if name.startswith("fsdp2")
+        else nn.parallel.DistributedDataParallel(build_model())
+        for name in METHODS
     }
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
+    accumulators = {
+        name: tb.Accumulator(models[name], optimizers[name], gradient_sync=mode)
+        for name, mode in (
+            ("truebatch", None),
+            ("fsdp2_micro_batch", "micro_batch"),
+            ("fsdp2_window", "window"),
+        )
+    }
+    runners: dict[str, Callable[[Window], Any]] = {
+        name: functools.partial(accumulator.step_window, loss_fn=loss_sum)
+        for name, accumulator in accumulators.items()
+    }
+    runners["no_sync"] = hand_written(models["no_sync"], optimizers["no_sync"], no_sync=True)
+    runners["sync_every"] = hand_written(
+        models["sync_every"], optimizers["sync_every"], no_sync=False
+    )
     return runners, models
+
+
+def full_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters, whole (FSDP2's shards gathered)."""
+    return [
+        p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        for p in model.parameters()
+    ]
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None:
@@ -136,14 +179,16 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if round_index >= args.warmup:
                     times[name].append(elapsed.item() / len(data))
-        difference = max(
-            ((a - b).norm() / b.norm()).item()
-            for a, b in zip(
-                models["truebatch"].parameters(), models["no_sync"].parameters(), strict=True
+        reference = full_parameters(models["truebatch"])
+        differences = {
+            name: max(
+                ((a - b).norm() / b.norm()).item()
+                for a, b in zip(full_parameters(models[name]), reference, strict=True)
             )
-        )
+            for name in METHODS[1:]
+        }
         if rank == 0:
-            results.put({"times": times, "difference": difference})
+            results.put({"times": times, "differences": differences})
     finally:
         dist.destroy_process_group()
 
@@ -191,23 +236,25 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> bool:
         f"{args.rounds} rounds of {args.windows} windows per method, order rotating"
     )
     for name in METHODS:
-        print(f"  {name:<10} {statistics.median(times[name]) * 1e3:8.2f} ms per window")
-    ratio = {
-        baseline: statistics.median(
-            ours / base for ours, base in zip(times["truebatch"], times[baseline], strict=True)
-        )
-        for baseline in ("no_sync", "sync_every")
-    }
-    passed = ratio["no_sync"] <= TARGET
+        print(f"  {name:<17} {statistics.median(times[name]) * 1e3:8.2f} ms per window")
+
+    def ratio(ours: str, baseline: str) -> float:
+        pairs = zip(times[ours], times[baseline], strict=True)
+        return statistics.median(a / b for a, b in pairs)
+
+    no_sync = ratio("truebatch", "no_sync")
+    passed = no_sync <= TARGET
+    print(f"truebatch / no_sync    = {no_sync:.3f}  (<= {TARGET}: {'PASS' if passed else 'FAIL'})")
+    print(f"truebatch / sync_every = {ratio('truebatch', 'sync_every'):.3f}")
+    print(f"fsdp2_window / fsdp2_micro_batch = {ratio('fsdp2_window', 'fsdp2_micro_batch'):.3f}")
+    mib = parameters * 4 / 2**20
     print(
-        f"truebatch / no_sync    = {ratio['no_sync']:.3f}  "
-        f"(<= {TARGET}: {'PASS' if passed else 'FAIL'})"
+        f"gradient held per rank between passes (float32, from the parameter count): "
+        f"fsdp2_micro_batch {mib / WORLD_SIZE:.1f} MiB (its shard), fsdp2_window {mib:.1f} MiB"
     )
-    print(f"truebatch / sync_every = {ratio['sync_every']:.3f}")
-    print(
-        f"parameters, truebatch vs no_sync loop: max relative difference "
-        f"{outcome['difference']:.1e} (float32 summation order)"
-    )
+    print("final parameters, max relative difference to truebatch's (float32 summation order):")
+    for name, difference in outcome["differences"].items():
+        print(f"  {name:<17} {difference:.1e}")
     return passed
 
 
