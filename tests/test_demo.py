@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from truebatch.demos import bench, demo, loops, methods
+from truebatch.demos import bench, demo, frameworks, loops, methods
 from truebatch.demos.data import IGNORE_INDEX, micro_batches_of
 from truebatch.demos.runs import SEED, deterministic
 from truebatch.demos.tasks import lm_task
@@ -298,3 +298,19 @@ def test_bench_quick_prints_exactness_and_overhead_in_one_table() -> None:
         assert differences("lightning accumulate_grad_batches", "mean (default)") == naive
     else:
         assert "lightning is not installed" in out
+
+
+def test_bench_skips_missing_frameworks_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frameworks, "available", lambda framework: False)
+    compared, notes = bench.entries()
+    assert [entry.name for entry in compared] == [
+        "big batch",
+        "hand-written",
+        "truebatch step_window",
+        "hand-written",
+        "hand-written, zero_grad() each",
+    ]
+    assert notes == [
+        'accelerate is not installed: its rows are skipped (pip install "truebatch[bench]")',
+        'lightning is not installed: its row is skipped (pip install "truebatch[bench]")',
+    ]

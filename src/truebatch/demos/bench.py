@@ -48,6 +48,7 @@ from truebatch.demos.runs import SEED, StepProbe, deterministic, max_relative_di
 from truebatch.demos.tasks import Task, lm_task
 
 FLOAT64_TOLERANCE = 1e-12
+INSTALL = 'pip install "truebatch[bench]"'
 
 Train = Callable[[Task, nn.Module, torch.optim.Optimizer], None]
 """Trains ``model`` with ``optimizer`` on every epoch of the task."""
@@ -150,7 +151,7 @@ def entries() -> tuple[list[Entry], list[str]]:
             ),
         ]
     else:
-        notes.append("accelerate is not installed: its rows are skipped (pip install accelerate)")
+        notes.append(f"accelerate is not installed: its rows are skipped ({INSTALL})")
     if frameworks.available("lightning"):
         compared.append(
             Entry(
@@ -161,7 +162,7 @@ def entries() -> tuple[list[Entry], list[str]]:
             )
         )
     else:
-        notes.append("lightning is not installed: its row is skipped (pip install lightning)")
+        notes.append(f"lightning is not installed: its row is skipped ({INSTALL})")
     return compared, notes
 
 
