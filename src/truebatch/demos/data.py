@@ -16,6 +16,7 @@ import contextlib
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from truebatch.batching import Batch, split
@@ -52,7 +53,7 @@ def load_digits(dtype: torch.dtype, train_size: int | None = None) -> Digits:
     train_x, train_y = train_x[:train_size], train_y[:train_size]
     mean, std = train_x.mean(), train_x.std()
 
-    def images_of(array) -> torch.Tensor:
+    def images_of(array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor((array - mean) / std, dtype=dtype).reshape(-1, 1, 8, 8)
 
     return Digits(

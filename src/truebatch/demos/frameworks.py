@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from torch.utils.data import DataLoader, Sampler
 from truebatch.batching import Batch, windows
 from truebatch.demos.data import micro_batches_of
 from truebatch.demos.tasks import Task
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def available(framework: str) -> bool:
@@ -45,7 +49,7 @@ def _loader(micro_batches: list[Batch]) -> DataLoader:
     return DataLoader(micro_batches, batch_size=1, collate_fn=_first)
 
 
-def _accelerator(task: Task):
+def _accelerator(task: Task) -> Accelerator:
     from accelerate import Accelerator
 
     return Accelerator(cpu=True, gradient_accumulation_steps=task.accumulation_steps)

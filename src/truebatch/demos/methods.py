@@ -25,7 +25,9 @@ Method = Callable[[Task, nn.Module, torch.optim.Optimizer, OnStep], None]
 """Trains ``model`` on all of ``task.epochs``, calling ``on_step(loss)`` after each step."""
 
 
-def big_batch(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep):
+def big_batch(
+    task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
+) -> None:
     """The reference: one step per effective batch on its mean loss."""
     for batches in task.epochs:
         loops.big_batch(model, optimizer, batches, task.mean_loss, on_step)
@@ -38,7 +40,9 @@ def naive(loop: Callable[..., None]) -> Method:
     :func:`~truebatch.demos.loops.mean_loss_over_k`: the loops of the user reports.
     """
 
-    def method(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep):
+    def method(
+        task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
+    ) -> None:
         for batches in task.epochs:
             micro_batches = micro_batches_of(batches, task.micro_batch_size)
             k = task.accumulation_steps
@@ -49,7 +53,7 @@ def naive(loop: Callable[..., None]) -> Method:
 
 def hand_written_exact(
     task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
-):
+) -> None:
     """The correct loop without truebatch: loss sums divided by each window's item count."""
     for batches in task.epochs:
         micro_batches = micro_batches_of(batches, task.micro_batch_size)
@@ -61,7 +65,7 @@ def hand_written_exact(
 
 def accumulator_windows(
     task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
-):
+) -> None:
     """truebatch: an Accumulator stepping on windows of k micro-batches."""
     accumulator = Accumulator(model, optimizer)
     for batches in task.epochs:
@@ -72,7 +76,7 @@ def accumulator_windows(
 
 def accumulator_whole_batches(
     task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, on_step: OnStep
-):
+) -> None:
     """The Accumulator with each effective batch whole as its window: a big batch.
 
     The reference for models whose split-invariant layers need the window's
