@@ -314,3 +314,22 @@ def test_bench_skips_missing_frameworks_with_a_note(monkeypatch: pytest.MonkeyPa
         'accelerate is not installed: its rows are skipped (pip install "truebatch[bench]")',
         'lightning is not installed: its row is skipped (pip install "truebatch[bench]")',
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--width", "3"], "width 3 is odd"),
+        (["--epochs", "0"], "expected a positive integer, got 0"),
+        (["--repeats", "-1"], "expected a positive integer, got -1"),
+    ],
+)
+def test_bench_refuses_bad_arguments(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

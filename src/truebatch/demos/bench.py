@@ -290,6 +290,17 @@ def describe(task: Task, repeats: int) -> str:
     )
 
 
+def _width(text: str) -> int:
+    """An argparse ``type``: a positive, even model width (the model has 2 attention heads)."""
+    value = positive_int(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(
+            f"width {value} is odd; the model splits it over 2 attention heads, "
+            "so pass an even width such as 32 or 128"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``truebatch bench``."""
     parser.add_argument(
@@ -301,10 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=None, help="timed rounds")
     parser.add_argument(
         "--width",
-        type=positive_int,
+        type=_width,
         default=32,
-        help="the model's width (default 32; wider: more compute per step, so fixed "
-        "per-step costs weigh less; a multiple of 2, its attention heads)",
+        help="the model's width, even (default 32; wider: more compute per step, so "
+        "fixed per-step costs weigh less)",
     )
 
 
