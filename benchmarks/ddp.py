@@ -23,7 +23,8 @@ and, for the cost of FSDP2's two modes, truebatch on the same MLP sharded with
 Each round runs ``--windows`` windows of every method, the order rotating from
 round to round so that a slow moment of the shared machine hits all of them;
 both ranks start each timed block together (a barrier) and the block's time is
-the slower rank's. Prints the median per-window times and the medians of the
+the slower rank's. The time truebatch spends in its own two small collectives
+per window (rank 0) is reported too. Prints the median per-window times and the medians of the
 per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL),
 truebatch / sync_every and fsdp2_window / fsdp2_micro_batch, and how far every
 method's final parameters are from truebatch's (float32 summation order).
@@ -55,6 +56,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import truebatch as tb
+from truebatch.distributed import GradientSync
 
 WORLD_SIZE = 2
 METHODS = ("truebatch", "no_sync", "sync_every", "fsdp2_micro_batch", "fsdp2_window")
@@ -120,8 +122,11 @@ def sharded_model() -> nn.Module:
     return model
 
 
-def window_runners() -> tuple[dict[str, Callable[[Window], Any]], dict[str, nn.Module]]:
-    """Per method, a function that trains one window, and the method's model."""
+def window_runners() -> tuple[
+    dict[str, Callable[[Window], Any]], dict[str, nn.Module], GradientSync
+]:
+    """Per method, a function that trains one window, and the method's model; and the
+    GradientSync of truebatch's DDP Accumulator (its collectives are timed)."""
     models = {
         name: sharded_model()
         if name.startswith("fsdp2")
@@ -145,7 +150,26 @@ def window_runners() -> tuple[dict[str, Callable[[Window], Any]], dict[str, nn.M
     runners["sync_every"] = hand_written(
         models["sync_every"], optimizers["sync_every"], no_sync=False
     )
-    return runners, models
+    return runners, models, accumulators["truebatch"].sync
+
+
+def time_collectives(sync: GradientSync) -> list[float]:
+    """Make ``sync``'s own collectives add their seconds to the returned 1-element list."""
+    spent = [0.0]
+
+    def timed(method: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                spent[0] += time.perf_counter() - start
+
+        return run
+
+    sync.exchange = timed(sync.exchange)
+    sync.all_reduce = timed(sync.all_reduce)
+    return spent
 
 
 def full_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -165,20 +189,24 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120)
     )
     try:
-        runners, models = window_runners()
+        runners, models, sync = window_runners()
+        collective_seconds = time_collectives(sync)
         data = make_windows(rank, args.windows, args.k, args.micro_batch_size)
         times: dict[str, list[float]] = {name: [] for name in METHODS}
+        collectives: list[float] = []
         for round_index in range(args.warmup + args.rounds):
             shift = round_index % len(METHODS)
             for name in METHODS[shift:] + METHODS[:shift]:
                 dist.barrier()
-                start = time.perf_counter()
+                start, spent_before = time.perf_counter(), collective_seconds[0]
                 for window in data:
                     runners[name](window)
                 elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 if round_index >= args.warmup:
                     times[name].append(elapsed.item() / len(data))
+                if round_index >= args.warmup and name == "truebatch":
+                    collectives.append((collective_seconds[0] - spent_before) / len(data))
         reference = full_parameters(models["truebatch"])
         differences = {
             name: max(
@@ -188,7 +216,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
             for name in METHODS[1:]
         }
         if rank == 0:
-            results.put({"times": times, "differences": differences})
+            results.put({"times": times, "collectives": collectives, "differences": differences})
     finally:
         dist.destroy_process_group()
 
@@ -237,6 +265,11 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> bool:
     )
     for name in METHODS:
         print(f"  {name:<17} {statistics.median(times[name]) * 1e3:8.2f} ms per window")
+        if name == "truebatch":
+            print(
+                "    of which in its own collectives (N exchange, loss all-reduce), rank 0: "
+                f"{statistics.median(outcome['collectives']) * 1e3:.2f} ms"
+            )
 
     def ratio(ours: str, baseline: str) -> float:
         pairs = zip(times[ours], times[baseline], strict=True)

@@ -42,3 +42,21 @@ def test_overhead_quick_prints_a_ratio_per_model() -> None:
         # The printed ratios are those of the printed medians, up to their rounding.
         assert abs(float(ratio) - float(ours) / float(hand)) < 2e-3, out
         assert abs(float(ratio_norm) - float(ours) / float(hand_norm)) < 2e-3, out
+
+
+def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
+    out = run_benchmark("ddp.py", "--quick")
+    per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)
+    methods = ["truebatch", "no_sync", "sync_every", "fsdp2_micro_batch", "fsdp2_window"]
+    assert [name for name, _ in per_window] == methods, out
+    assert all(float(ms) > 0 for _, ms in per_window)
+    assert re.search(r"^    of which in its own collectives .*: \d+\.\d\d ms$", out, re.M), out
+    verdict = r"^truebatch / no_sync    = \d+\.\d{3}  \(<= 1\.03: (PASS|FAIL)\)$"
+    assert re.search(verdict, out, flags=re.MULTILINE), out
+    assert re.search(r"^truebatch / sync_every = \d+\.\d{3}$", out, flags=re.MULTILINE), out
+    fsdp2 = r"^fsdp2_window / fsdp2_micro_batch = \d+\.\d{3}$"
+    assert re.search(fsdp2, out, flags=re.MULTILINE), out
+    # Every method computes the same update as truebatch: the comparison is fair.
+    differences = re.findall(r"^  (\w+)\s+(\d\.\de[-+]\d+)$", out, flags=re.MULTILINE)
+    assert [name for name, _ in differences] == methods[1:], out
+    assert all(float(difference) <= 1e-5 for _, difference in differences), out

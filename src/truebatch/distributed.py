@@ -19,7 +19,7 @@ rank, which is what keeps uneven data from hanging:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -144,7 +144,7 @@ class GradientSync:
         dist.all_reduce(values, group=self.group)
         return values.cpu()
 
-    def pass_context(self, synchronize: bool) -> contextmanager:
+    def pass_context(self, synchronize: bool) -> AbstractContextManager[None]:
         """Context for one forward+backward pass that does (not) synchronize gradients."""
         if self.kind == "ddp" and not synchronize:
             return self.model.no_sync()
