@@ -230,16 +230,7 @@ class Accumulator:
     # ---------------------------------------------------------------- a window
 
     def _run(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> StepResult:
-        if not callable(loss_fn):
-            raise TypeError(
-                f"loss_fn must be callable as loss_fn(model, micro_batch) -> loss_sum, got "
-                f"{type(loss_fn).__name__}"
-            )
-        if count is not None and not callable(count):
-            raise TypeError(
-                f"count must be callable as count(micro_batch) -> int or tensor, or None, got "
-                f"{type(count).__name__}; use tb.count_samples or tb.count_tokens(...)"
-            )
+        _check_loss_fn_and_count(loss_fn, count)
         if self.micro_batch_size == "auto":
             window = self._accumulate_auto(pieces, loss_fn, count)
         else:
@@ -734,6 +725,19 @@ def _local_count(micro_batches: list[Batch], sizes: list[int], count: Counter | 
             "a count is a number of items (samples, tokens), 0 or more"
         )
     return float(values.sum())
+
+
+def _check_loss_fn_and_count(loss_fn: Any, count: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn must be callable as loss_fn(model, micro_batch) -> loss_sum, got "
+            f"{type(loss_fn).__name__}"
+        )
+    if count is not None and not callable(count):
+        raise TypeError(
+            f"count must be callable as count(micro_batch) -> int or tensor, or None, got "
+            f"{type(count).__name__}; use tb.count_samples or tb.count_tokens(...)"
+        )
 
 
 def _check_loss(loss: Any) -> torch.Tensor:

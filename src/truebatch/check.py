@@ -40,7 +40,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from truebatch import _context
-from truebatch.accumulator import Accumulator, LossFn
+from truebatch.accumulator import Accumulator, LossFn, _check_loss_fn_and_count
 from truebatch.batching import Batch, Counter, _map_tensors, _tensor_leaves, batch_size, split
 
 __all__ = ["Finding", "Kind", "Report", "check", "default_micro_batch_sizes"]
@@ -323,16 +323,7 @@ def _check_arguments(model: Any, loss_fn: Any, count: Any, dtype: Any) -> None:
             "model has no parameter that requires grad, so there is no update to compare; "
             "pass a model with trainable parameters"
         )
-    if not callable(loss_fn):
-        raise TypeError(
-            f"loss_fn must be callable as loss_fn(model, micro_batch) -> loss_sum, got "
-            f"{type(loss_fn).__name__}"
-        )
-    if count is not None and not callable(count):
-        raise TypeError(
-            f"count must be callable as count(micro_batch) -> int or tensor, or None, got "
-            f"{type(count).__name__}; use tb.count_samples or tb.count_tokens(...)"
-        )
+    _check_loss_fn_and_count(loss_fn, count)
     if dtype not in TOLERANCES:
         raise ValueError(
             f"dtype must be torch.float64 or torch.float32, got {dtype!r}; the check compares "
