@@ -511,8 +511,10 @@ class Accumulator:
             torch._foreach_mul_(grads, factor)
 
     def _zero_grad(self) -> None:
-        self.model.zero_grad(set_to_none=True)
-        self.optimizer.zero_grad(set_to_none=True)
+        """``zero_grad(set_to_none=True)`` of model and optimizer in one pass: the
+        optimizer's parameters are the model's (checked at construction)."""
+        for parameter in self.model.parameters():
+            parameter.grad = None
 
     def _device(self) -> torch.device:
         for parameter in self.model.parameters():
