@@ -295,6 +295,47 @@ def test_a_single_sample_that_does_not_fit_is_a_clear_error() -> None:
     assert acc.optimizer.state == {}
 
 
+def ghost_gated_model(limit: int, ghost: int) -> nn.Sequential:
+    """:func:`gated_model` with its BatchNorm as ghost BatchNorm of ``ghost`` samples."""
+    return tb.nn.convert_batchnorm(gated_model(limit, batchnorm=True), ghost_batch_size=ghost)
+
+
+@pytest.mark.parametrize(
+    ("batch", "ghost", "limit", "tried", "final"),
+    [
+        (96, 32, 40, [96], 32),  # half of 96 is 48, one ghost batch and a half: 32
+        (96, 24, 30, [96, 48], 24),  # 48 is two ghost batches of 24: tried, then 24
+        (64, 16, 20, [64, 32], 16),
+    ],
+)
+def test_auto_halves_to_whole_ghost_batches(
+    batch: int, ghost: int, limit: int, tried: list[int], final: int
+) -> None:
+    model = ghost_gated_model(limit, ghost)
+    acc = tb.Accumulator(model, sgd(model), micro_batch_size="auto")
+    fixed_model = ghost_gated_model(batch, ghost)
+    fixed = tb.Accumulator(fixed_model, sgd(fixed_model), micro_batch_size=final)
+    data = vector_batch(batch)
+
+    assert acc.step(data, classification_loss).micro_batch_size == final
+    fixed.step(data, classification_loss)
+
+    assert gate(model).seen == tried + [final] * (batch // final)
+    assert_bitwise_equal(state(model), state(fixed_model))
+
+
+def test_one_ghost_batch_that_does_not_fit_is_a_clear_error() -> None:
+    model = ghost_gated_model(limit=10, ghost=16)
+    acc = tb.Accumulator(model, sgd(model), micro_batch_size="auto")
+    before = state(model)
+
+    with pytest.raises(RuntimeError, match=r"one ghost batch \(16 samples\) still runs out"):
+        acc.step(vector_batch(64), classification_loss)
+
+    assert gate(model).seen == [64, 32, 16]
+    assert_bitwise_equal(state(model), before)
+
+
 # ---------------------------------------------------------------- autocast
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from truebatch import _context
 from truebatch.batching import Batch, Counter, _map_tensors, batch_size, count_samples, split
 from truebatch.distributed import GradientSync, SyncMode
+from truebatch.nn.batchnorm import ghost_unit
 
 __all__ = ["Accumulator", "LossFn", "StepResult"]
 
@@ -245,6 +246,8 @@ class Accumulator:
         size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
         device = self._device()
         rng, buffers = _rng_state(device), _clone_buffers(self.model)
+        # Halve, but keep whole ghost batches (tb.nn.GhostBatchNorm) in every micro-batch.
+        unit = ghost_unit(self.model)
         retried = False
         while True:
             try:
@@ -258,18 +261,19 @@ class Accumulator:
                 _restore_buffers(self.model, buffers)
                 _set_rng_state(device, rng)
                 failed = error.size if isinstance(error, _RetryWindow) else size
-                if failed == 1:
+                if failed <= unit:
+                    smallest = "1 sample" if unit == 1 else f"one ghost batch ({unit} samples)"
                     raise RuntimeError(
-                        "micro_batch_size='auto': a micro-batch of 1 sample still runs out of "
-                        "memory; reduce the model or sequence size, use autocast=torch.bfloat16, "
-                        "or shard the model (FSDP2)"
+                        f"micro_batch_size='auto': a micro-batch of {smallest} still runs out of "
+                        "memory; reduce the model or sequence size (or the ghost_batch_size), use "
+                        "autocast=torch.bfloat16, or shard the model (FSDP2)"
                     ) from error
             else:
                 if self._window_index == 0 or retried:
                     log.info("truebatch: micro_batch_size='auto' runs %d samples per pass", size)
                 return window
             # Retry outside the except block, so the traceback and its activations are freed.
-            size = self._auto_size = max(1, failed // 2)
+            size = self._auto_size = max(unit, failed // 2 // unit * unit)
             retried = True
             log.info(
                 "truebatch: out of memory at micro-batch size %d, retrying at %d", failed, size

@@ -42,6 +42,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from truebatch import _context
 from truebatch.accumulator import Accumulator, LossFn, _check_loss_fn_and_count
 from truebatch.batching import Batch, Counter, _map_tensors, _tensor_leaves, batch_size, split
+from truebatch.nn.batchnorm import ghost_unit
 
 __all__ = ["Finding", "Kind", "Report", "check", "default_micro_batch_sizes"]
 
@@ -331,21 +332,12 @@ def _check_arguments(model: Any, loss_fn: Any, count: Any, dtype: Any) -> None:
         )
 
 
-def _ghost_unit(model: nn.Module) -> int:
-    unit = 1
-    for module in model.modules():
-        ghost = getattr(module, "ghost_batch_size", None)
-        if isinstance(ghost, int) and module.training:
-            unit = math.lcm(unit, ghost)
-    return unit
-
-
 def _has_batch_statistics(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
 
 
 def _micro_batch_sizes(model: nn.Module, total: int, requested: Iterable[int] | None) -> list[int]:
-    unit = _ghost_unit(model)
+    unit = ghost_unit(model)
     if requested is None:
         minimum = 2 if _has_batch_statistics(model) else 1
         sizes = default_micro_batch_sizes(total, unit, minimum)
