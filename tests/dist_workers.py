@@ -30,11 +30,12 @@ import torch.distributed as dist
 from torch import nn
 
 import truebatch as tb
-from models import FEATURES, TASKS, collate_tokens, seeded, token_sequences, vector_batch
+from models import CLASSES, FEATURES, TASKS, collate_tokens, seeded, token_sequences, vector_batch
 from truebatch import _context
 
 WORLD_SIZE = 2
 WINDOWS = 3
+GHOST_BATCH_SIZE = 4
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 
 # Pieces (samples per step_window element) of each rank in each window.
@@ -45,6 +46,8 @@ LAYOUTS: dict[str, tuple[tuple[tuple[int, ...], ...], ...]] = {
     "uneven": (((4, 3), (5,), (2, 2, 3)), ((3,), (1, 6), ())),
     # rank 1 has no data in its first window: every rank must raise, then go on
     "first_empty": (((4,), (3,), (2,)), ((), (3,), (2,))),
+    # 12 samples on rank 0 and 8 on rank 1 in every window, in multiples of GHOST_BATCH_SIZE
+    "ghost": (((8, 4), (12,), (4, 8)), ((8,), (4, 4), (8,))),
 }
 
 
@@ -81,6 +84,10 @@ class Scenario:
         pair: ``loss_fn`` returns ``(loss_sum, count)`` instead of taking ``count=``.
         oom_above: per window, rank 1's ``loss_fn`` raises ``torch.OutOfMemoryError``
             for micro-batches larger than this (before reaching the model).
+        split_layers: ``None`` for the task's model; ``"torch"`` for
+            :func:`batchnorm_dropout_mlp` with ``nn.Dropout`` and ``nn.BatchNorm1d``;
+            ``"converted"`` for the same model after ``tb.nn.convert_batchnorm``
+            (``GHOST_BATCH_SIZE``) and ``tb.nn.convert_dropout``.
     """
 
     wrapper: str
@@ -91,6 +98,7 @@ class Scenario:
     max_grad_norm: float | None = None
     pair: bool = False
     oom_above: tuple[int, ...] | None = None
+    split_layers: str | None = None
 
 
 def rank_data(scenario: Scenario, rank: int) -> list[list[Any]]:
@@ -111,8 +119,29 @@ def rank_data(scenario: Scenario, rank: int) -> list[list[Any]]:
     return windows
 
 
+def batchnorm_dropout_mlp() -> nn.Module:
+    """``Linear -> Dropout -> BatchNorm1d -> Tanh -> Linear`` on ``models.FEATURES`` inputs.
+
+    Dropout comes before BatchNorm, so the batch statistics, and hence the
+    running statistics, depend on the dropout masks too.
+    """
+    return nn.Sequential(
+        nn.Linear(FEATURES, 10),
+        nn.Dropout(0.3),
+        nn.BatchNorm1d(10),
+        nn.Tanh(),
+        nn.Linear(10, CLASSES),
+    )
+
+
 def build_model(scenario: Scenario) -> nn.Module:
     """The unwrapped float64 model; identical on every rank and in the test process."""
+    if scenario.split_layers is not None:
+        model = seeded(batchnorm_dropout_mlp)
+        if scenario.split_layers == "converted":
+            model = tb.nn.convert_batchnorm(model, ghost_batch_size=GHOST_BATCH_SIZE)
+            model = tb.nn.convert_dropout(model, seed=0)
+        return model
     factory = TASKS[scenario.task].model
     if scenario.task == "mlp":
         return seeded(lambda: nn.Sequential(InputMean(FEATURES), factory()))

@@ -5,6 +5,12 @@ a hard timeout, every collective under a 60 s gloo timeout); each test then
 compares what the ranks saved with a reference computed here, plainly: one
 process, the concatenated global batch of every window, the mean loss over
 its N items, ``backward``, ``clip_grad_norm_`` and an SGD step.
+
+The ghost-BatchNorm scenario also checks BatchNorm's running statistics, whose
+reference is not the single process's: DDP broadcasts rank 0's buffers at the
+first forward of every window (``broadcast_buffers=True``, its default), so the
+running statistics every rank continues from are rank 0's, updated with rank
+0's ghost batches only (see :func:`reference`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch.distributed.fsdp import fully_shard
 import truebatch as tb
 from dist_workers import WINDOWS, WORLD_SIZE, Scenario, build_model, build_optimizer, rank_data
 from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
+from truebatch import _context
 from truebatch.distributed import GradientSync
 
 EXACT = 1e-12
@@ -54,8 +61,19 @@ SCENARIOS: dict[str, Scenario] = {
         "fsdp2", task="gru_lm", layout="uneven", gradient_sync="window", pair=True
     ),
     "fsdp2-first-empty": Scenario("fsdp2", layout="first_empty"),
+    "ddp-ghost-batchnorm-dropout": Scenario(
+        "ddp", layout="ghost", micro_batch_size=8, split_layers="converted"
+    ),
+    "ddp-torch-batchnorm-dropout": Scenario(
+        "ddp", layout="ghost", micro_batch_size=8, split_layers="torch"
+    ),
 }
-EXACT_RUNS = [name for name in SCENARIOS if "first-empty" not in name]
+# nn.BatchNorm and nn.Dropout are not split-invariant: that run is the control.
+EXACT_RUNS = [
+    name
+    for name, scenario in SCENARIOS.items()
+    if "first-empty" not in name and scenario.split_layers != "torch"
+]
 # "auto" exchanges once more per attempt (see test_auto_retries_every_rank_at_the_same_size).
 FIXED_SIZE_RUNS = [name for name in EXACT_RUNS if SCENARIOS[name].micro_batch_size != "auto"]
 
@@ -87,37 +105,84 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, l
 
 
 def reference(scenario: Scenario, first_window: int = 0) -> list[dict[str, Any]]:
-    """One process, windows ``first_window..`` on the global batch (all ranks' data)."""
+    """One process, windows ``first_window..`` on the global batch (all ranks' data).
+
+    Window ``w`` runs as the Accumulator declares it to split-invariant layers:
+    window index ``w``, the global batch from sample 0 (ranks in order, so rank
+    ``r``'s samples start after those of ranks ``< r``). ``nn.Dropout`` draws
+    from the global RNG, seeded here.
+
+    For ghost BatchNorm (``split_layers="converted"``), each window also records
+    ``rank_buffers[r]``: the buffers rank ``r`` must hold after the window under
+    DDP. DDP broadcasts rank 0's buffers at the window's first forward; rank
+    ``r`` then updates them with the ghost batches of its own share only. So
+    ``rank_buffers[r]`` is rank 0's buffers after the previous window (the
+    initial ones in window 0), run forward
+    (same parameters, same masks) on rank ``r``'s share of the global batch.
+    ``buffers`` are the single process's, updated with every ghost batch of the
+    global batch, which no rank holds.
+    """
     task = TASKS[scenario.task]
     model = build_model(scenario)
     optimizer = build_optimizer(model.parameters())
     data = [rank_data(scenario, rank) for rank in range(WORLD_SIZE)]
+    broadcast = {name: b.clone() for name, b in model.named_buffers()}
     windows = []
-    for window in range(first_window, WINDOWS):
-        batch = concat([piece for pieces in data for piece in pieces[window]])
-        loss = task.loss_mean(model, batch)
-        loss.backward()
-        if scenario.max_grad_norm is None:
-            norm = torch.linalg.vector_norm(
-                torch.cat([p.grad.flatten() for p in model.parameters()])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for window in range(first_window, WINDOWS):
+            batch = concat([piece for pieces in data for piece in pieces[window]])
+            with _context.micro_batch(window, offset=0):
+                loss = task.loss_mean(model, batch)
+            loss.backward()
+            rank_buffers = []
+            if scenario.split_layers == "converted":
+                rank_buffers = ddp_buffers(model, broadcast, [d[window] for d in data], window)
+                broadcast = dict(zip(broadcast, rank_buffers[0], strict=True))
+            if scenario.max_grad_norm is None:
+                norm = torch.linalg.vector_norm(
+                    torch.cat([p.grad.flatten() for p in model.parameters()])
+                )
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            if scenario.task == "mlp":
+                count = len(batch[0])
+            else:
+                count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            windows.append(
+                {
+                    "loss": loss.item(),
+                    "count": count,
+                    "grad_norm": norm.item(),
+                    "params": parameters(model),
+                    "buffers": [b.clone() for b in model.buffers()],
+                    "rank_buffers": rank_buffers,
+                }
             )
-        else:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), scenario.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad()
-        if scenario.task == "mlp":
-            count = len(batch[0])
-        else:
-            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        windows.append(
-            {
-                "loss": loss.item(),
-                "count": count,
-                "grad_norm": norm.item(),
-                "params": parameters(model),
-            }
-        )
     return windows
+
+
+def ddp_buffers(
+    model: nn.Module, broadcast: dict[str, torch.Tensor], shares: list[list[Any]], window: int
+) -> list[list[torch.Tensor]]:
+    """Per rank, ``broadcast`` (rank 0's buffers) after a forward of the rank's share.
+
+    Rank ``r``'s pieces ``shares[r]`` are samples ``s_r .. s_r + n_r`` of the
+    window's global batch, with ``s_r`` the samples of ranks ``< r``: the
+    offset the Accumulator gives split-invariant layers. ``model`` holds the
+    parameters of the window's forward; its own buffers are left alone.
+    """
+    result, first = [], 0
+    for pieces in shares:
+        x, _ = concat(pieces)
+        buffers = {name: b.clone() for name, b in broadcast.items()}
+        with torch.no_grad(), _context.micro_batch(window, offset=first):
+            torch.func.functional_call(model, buffers, (x,))
+        result.append(list(buffers.values()))
+        first += len(x)
+    return result
 
 
 def passes(scenario: Scenario, window: int) -> int:
@@ -224,6 +289,58 @@ def test_replayed_pass_keeps_the_ddp_buffer_broadcast(runs: dict) -> None:
     # broadcast in the first of them gives it rank 0's buffers of the window's start.
     assert not torch.equal(record1["buffers"][1][0], record0["buffers"][1][0])
     assert torch.equal(record1["buffers"][2][0], record0["buffers"][1][0])
+
+
+def test_ghost_batchnorm_running_statistics_are_rank_0s_under_ddp(runs: dict) -> None:
+    """Running statistics of ghost BatchNorm under DDP: exact, but rank 0's, not global.
+
+    The parameters, loss and gradient norm of this run (ghost BatchNorm and
+    split-invariant dropout, 12 samples on rank 0 and 8 on rank 1 per window)
+    equal the single process on the global batch:
+    ``test_same_update_as_one_process_on_the_global_batch`` checks them. The
+    running statistics cannot: DDP broadcasts rank 0's buffers at the first
+    forward of each window, which drops what rank 1 added, and no rank ever
+    sees the ghost batches of the other. What each rank holds is exactly
+    ``reference``'s ``rank_buffers``: rank 0's buffers of the window's start,
+    updated with the ghost batches of the rank's own share, whose dropout masks
+    are drawn at the share's global sample offset (0 on rank 0, 12 on rank 1).
+    """
+    name = "ddp-ghost-batchnorm-dropout"
+    expected = reference(SCENARIOS[name])
+    for rank, record in enumerate(runs[name]):
+        for window, want in enumerate(expected):
+            pairs = zip(record["buffers"][window], want["rank_buffers"][rank], strict=True)
+            for index, (got, ref) in enumerate(pairs):
+                where = f"rank {rank}, window {window}, buffer {index}"
+                if got.is_floating_point():
+                    assert relative_difference(got, ref) <= EXACT, where
+                else:  # num_batches_tracked: the rank's ghost batches since the broadcast
+                    assert torch.equal(got, ref), where
+    # The single process updates them with all 20 / 4 = 5 ghost batches of each window,
+    # rank 0's survive with its 12 / 4 = 3.
+    for window, want in enumerate(expected):
+        saved, single = runs[name][0]["buffers"][window], want["buffers"]
+        pairs = zip(saved, single, strict=True)
+        gaps = [relative_difference(a, b) for a, b in pairs if a.is_floating_point()]
+        assert min(gaps) > 1e-3, f"window {window}"
+        assert saved[-1] == 3 * (window + 1) and single[-1] == 5 * (window + 1)
+
+
+def test_torch_batchnorm_and_dropout_are_not_exact_under_ddp(runs: dict) -> None:
+    """The control: the same run with ``nn.BatchNorm1d`` and ``nn.Dropout`` is far off.
+
+    BatchNorm takes its statistics over each micro-batch instead of the global
+    batch, and each rank draws its dropout masks from its own RNG stream.
+    """
+    name = "ddp-torch-batchnorm-dropout"
+    expected = reference(SCENARIOS[name])
+    for rank, record in enumerate(runs[name]):
+        for window, want in enumerate(expected):
+            gap = max(
+                relative_difference(a, b)
+                for a, b in zip(record["params"][window], want["params"], strict=True)
+            )
+            assert gap > 1e-3, f"rank {rank}, window {window}"
 
 
 def test_a_model_without_a_wrapper_trains_locally() -> None:
