@@ -159,7 +159,6 @@ class Accumulator:
         self._window_index = 0
         self._auto_size: int | None = None
         self._template: Batch | None = None
-        self._in_loss_fn = False
 
     # ------------------------------------------------------------------ public
 
@@ -304,11 +303,12 @@ class Accumulator:
         passes = int(stats["passes"])
         scale = self.sync.world_size / stats["count"]
         device = self._device()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        losses: list[torch.Tensor] = []
         returned = _ReturnedCounts(count is not None, device)
         offset = int(stats["offset"])
         out_of_memory = False
         grads = _GradBuffers(self.model, self.accumulate_dtype)
+        params = list(self.model.parameters())
         if self.sync.distributed and micro_batches:
             self._template = _template_of(micro_batches[0])
         # A gradient left from before the window (the user's own backward) is not part of it.
@@ -323,8 +323,16 @@ class Accumulator:
                 for index, micro_batch in enumerate(micro_batches):
                     with self._pass_sync(index, passes, grads, share_oom) as synchronize:
                         try:
-                            loss_sum += self._pass(
-                                micro_batch, loss_fn, scale, returned, offset, synchronize
+                            losses.append(
+                                self._pass(
+                                    micro_batch,
+                                    loss_fn,
+                                    scale,
+                                    returned,
+                                    offset,
+                                    synchronize,
+                                    params,
+                                )
                             )
                         except OutOfMemoryError:
                             if not share_oom:
@@ -343,7 +351,14 @@ class Accumulator:
                         with self._pass_sync(index, passes, grads, share_oom) as synchronize:
                             self._replay(loss_fn, synchronize)
                 totals = self.sync.all_reduce(
-                    torch.stack([loss_sum, returned.total, returned.flag(), returned.negative])
+                    torch.stack(
+                        [
+                            _sum_float64(losses, device),
+                            returned.total,
+                            returned.flag(),
+                            returned.negative,
+                        ]
+                    )
                 )
                 returned.check(int(totals[3]))
                 loss_total, n_items, pair_mode, _ = totals.tolist()
@@ -384,22 +399,32 @@ class Accumulator:
         returned: _ReturnedCounts,
         offset: int,
         synchronize: bool,
+        params: list[nn.Parameter],
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its detached loss sum."""
+        """Forward and backward of one micro-batch; returns its detached loss sum.
+
+        A backward inside ``loss_fn`` would add to the gradient outside the
+        Accumulator's scaling: it changes some parameter's ``.grad`` (a new
+        tensor, or an in-place sum that bumps its version counter), which a
+        look at the gradients before and after ``loss_fn`` reveals.
+        """
+        before = _gradients(params)
         with self.sync.pass_context(synchronize):
             with _context.micro_batch(self._window_index, offset), self._autocast():
-                self._in_loss_fn = True
-                try:
-                    output = loss_fn(self.model, micro_batch)
-                finally:
-                    self._in_loss_fn = False
+                output = loss_fn(self.model, micro_batch)
+            if _gradients_changed(params, before):
+                raise RuntimeError(
+                    "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
+                    "and the Accumulator runs backward with the right scale: replace "
+                    "`loss.backward(); return loss` by `return loss`"
+                )
             loss = returned.parse(output)
             # Counts returned by loss_fn are only known at the end: divide then.
             scaled = loss * (float(self.sync.world_size) if returned.used else scale)
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             scaled.backward()
-        return loss.detach().to(torch.float64)
+        return loss.detach()
 
     def _replay(self, loss_fn: LossFn, synchronize: bool) -> None:
         """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
@@ -532,7 +557,8 @@ class Accumulator:
 
     @contextmanager
     def _guard(self) -> Iterator[None]:
-        """Inside a window, the user's code may not step, zero or backward."""
+        """Inside a window, the user's code may not step or zero (:meth:`_pass` checks
+        for a backward inside loss_fn)."""
 
         def refuse_step(*_: Any) -> None:
             raise RuntimeError(
@@ -547,20 +573,7 @@ class Accumulator:
                 "per window itself: remove the call from loss_fn"
             )
 
-        def refuse_backward(_: torch.Tensor) -> None:
-            if self._in_loss_fn:
-                raise RuntimeError(
-                    "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
-                    "and the Accumulator runs backward with the right scale: replace "
-                    "`loss.backward(); return loss` by `return loss`"
-                )
-
-        handles = [self.optimizer.register_step_pre_hook(refuse_step)]
-        handles += [
-            p.register_post_accumulate_grad_hook(refuse_backward)
-            for p in self.model.parameters()
-            if p.requires_grad
-        ]
+        handle = self.optimizer.register_step_pre_hook(refuse_step)
         try:
             with (
                 _replaced_method(self.optimizer, "zero_grad", refuse_zero_grad),
@@ -568,8 +581,7 @@ class Accumulator:
             ):
                 yield
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
 
 
 # ------------------------------------------------------------------ plumbing
@@ -687,6 +699,28 @@ def _replaced_method(obj: Any, name: str, replacement: Callable[..., Any]) -> It
             setattr(obj, name, own)
         else:
             delattr(obj, name)
+
+
+def _gradients(params: list[nn.Parameter]) -> list[tuple[torch.Tensor | None, int]]:
+    """Each parameter's gradient and its version counter (held, so no id is reused)."""
+    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
+
+
+def _gradients_changed(
+    params: list[nn.Parameter], before: list[tuple[torch.Tensor | None, int]]
+) -> bool:
+    """Whether a backward ran since ``before``: it sets a new ``.grad`` or adds into one."""
+    return any(
+        p.grad is not grad or (grad is not None and grad._version != version)
+        for p, (grad, version) in zip(params, before, strict=True)
+    )
+
+
+def _sum_float64(losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of the micro-batches' loss sums, in float64, in one operation."""
+    if not losses:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(losses).sum(dtype=torch.float64)
 
 
 def _split_all(pieces: list[Batch], micro_batch_size: int | None) -> list[Batch]:
