@@ -308,7 +308,8 @@ class Accumulator:
         offset = int(stats["offset"])
         out_of_memory = False
         grads = _GradBuffers(self.model, self.accumulate_dtype)
-        params = list(self.model.parameters())
+        # Only these can receive a gradient from a backward inside loss_fn (see _pass).
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.sync.distributed and micro_batches:
             self._template = _template_of(micro_batches[0])
         # A gradient left from before the window (the user's own backward) is not part of it.
