@@ -261,11 +261,15 @@ class Accumulator:
                 _set_rng_state(device, rng)
                 failed = error.size if isinstance(error, _RetryWindow) else size
                 if failed <= unit:
-                    smallest = "1 sample" if unit == 1 else f"one ghost batch ({unit} samples)"
+                    smallest, smaller = (
+                        ("1 sample", "the model or sequence size")
+                        if unit == 1
+                        else (f"one ghost batch ({unit} samples)", "the ghost_batch_size")
+                    )
                     raise RuntimeError(
                         f"micro_batch_size='auto': a micro-batch of {smallest} still runs out of "
-                        "memory; reduce the model or sequence size (or the ghost_batch_size), use "
-                        "autocast=torch.bfloat16, or shard the model (FSDP2)"
+                        f"memory; reduce {smaller}, use autocast=torch.bfloat16, or shard the "
+                        "model (FSDP2)"
                     ) from error
             else:
                 if self._window_index == 0 or retried:
