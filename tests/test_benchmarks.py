@@ -8,26 +8,14 @@ a quiet machine). Add one test per benchmark script, using :func:`run_benchmark`
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from scripts import BENCHMARKS, run_script
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
-    """Run ``benchmarks/<script>`` in a fresh interpreter; return its stdout.
-
-    Fails with the script's stderr if it exits with a non-zero code.
-    """
-    completed = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return completed.stdout
+    """Run ``benchmarks/<script>`` in a fresh interpreter; return its stdout."""
+    return run_script(BENCHMARKS / script, *args, timeout=timeout)
 
 
 def test_overhead_quick_prints_a_ratio_per_model() -> None:

@@ -4,21 +4,12 @@ their features: tests/test_distributed.py, tests/test_integrations.py)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from scripts import EXAMPLES, run_script
 
 
 def test_plain_loop_example_steps_once_per_window_and_learns() -> None:
-    out = subprocess.run(
-        [sys.executable, str(EXAMPLES / "plain_loop.py"), "--epochs", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    out = run_script(EXAMPLES / "plain_loop.py", "--epochs", "2", timeout=120)
     rows = re.findall(r"step (\d+), last window (\d+) samples, .* test accuracy ([\d.]+)", out)
     assert len(rows) == 2, out
     # 1500 training samples in micro-batches of 32 -> 47 micro-batches -> 12 windows of 4

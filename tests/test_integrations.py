@@ -28,12 +28,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import truebatch as tb
+from scripts import EXAMPLES, run_script
 from truebatch.integrations.transformers import causal_lm_loss, token_loss_sum
 
 # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`isinstance\(treespec, LeafSpec\)` is deprecated")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 VOCAB = 32
 IGNORE = -100
 TokenSequence = tuple[torch.Tensor, torch.Tensor]  # (input ids, labels) of one sequence
@@ -568,13 +568,7 @@ def test_importing_truebatch_imports_no_framework():
 
 
 def run_example(name: str, *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=True,
-    ).stdout
+    return run_script(EXAMPLES / name, *args)
 
 
 def test_transformers_example_trains():
