@@ -528,7 +528,7 @@ class Accumulator:
 
     def _grad_norm_and_clip(self) -> float:
         """Global L2 norm of the gradient; clips to ``max_grad_norm`` when it is finite."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = self._grads()
         if not grads:
             return 0.0
         norm = _total_norm(grads)
@@ -540,9 +540,12 @@ class Accumulator:
         return value
 
     def _scale_grads(self, factor: float) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = self._grads()
         if grads:
             torch._foreach_mul_(grads, factor)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
 
     def _zero_grad(self) -> None:
         """``zero_grad(set_to_none=True)`` of model and optimizer in one pass: the
