@@ -222,7 +222,16 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
     trace = _Trace()
     loss_fn = _loss_fn(scenario, rank, trace)
     count = None if scenario.pair else TASKS[scenario.task].count
-    keys = ("results", "params", "buffers", "syncs", "seen", "gathers_at_pass", "collectives")
+    keys = (
+        "results",
+        "params",
+        "buffers",
+        "syncs",
+        "seen",
+        "gathers_at_pass",
+        "reduces_at_backward",
+        "collectives",
+    )
     record: dict[str, list] = {key: [] for key in keys}
     for pieces in rank_data(scenario, rank):
         before = synchronizations()
@@ -235,6 +244,7 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
         record["syncs"].append(synchronizations() - before)
         record["seen"].append(trace.sizes)
         record["gathers_at_pass"].append(trace.gathers_at_pass)
+        record["reduces_at_backward"].append(trace.reduces_at_backward)
         record["collectives"].append({name: trace.calls(name) for name in _CALLS})
         record["params"].append([_full(p) for p in model.parameters()])
         record["buffers"].append([b.detach().clone() for b in model.buffers()])
@@ -248,12 +258,15 @@ class _Trace:
         sizes: the micro-batch size of every call of ``loss_fn`` (replays included).
         gathers_at_pass: the ``all_gather`` calls made in the window so far, at
             every call of ``loss_fn`` (each call precedes its backward).
+        reduces_at_backward: the ``all_reduce`` calls made in the window so far,
+            as every pass's backward reaches its loss.
     """
 
     def start(self) -> None:
         self._start = dict(_CALLS)
         self.sizes: list[int] = []
         self.gathers_at_pass: list[int] = []
+        self.reduces_at_backward: list[int] = []
 
     def calls(self, name: str) -> int:
         """Calls of ``torch.distributed.<name>`` since the window started."""
@@ -262,6 +275,9 @@ class _Trace:
     def record_pass(self, size: int) -> None:
         self.sizes.append(size)
         self.gathers_at_pass.append(self.calls("all_gather"))
+
+    def record_backward(self, loss: torch.Tensor) -> None:
+        loss.register_hook(lambda _: self.reduces_at_backward.append(self.calls("all_reduce")))
 
 
 def _loss_fn(scenario: Scenario, rank: int, trace: _Trace) -> tb.accumulator.LossFn:
@@ -275,6 +291,7 @@ def _loss_fn(scenario: Scenario, rank: int, trace: _Trace) -> tb.accumulator.Los
         if scenario.oom_above and rank == 1 and size > scenario.oom_above[context.window]:
             raise torch.OutOfMemoryError(f"injected: {size} samples on rank 1")
         loss = task.loss_sum(model, micro_batch)
+        trace.record_backward(loss)
         return (loss, task.count(micro_batch)) if scenario.pair else loss
 
     return loss_fn

@@ -255,6 +255,16 @@ def test_item_count_is_exchanged_once_per_window_before_the_first_backward(
             assert record["collectives"][window]["all_reduce"] == 1, where
 
 
+@pytest.mark.parametrize("name", FIXED_SIZE_RUNS)
+def test_loss_sum_travels_during_the_last_backward(runs: dict, name: str) -> None:
+    # The one all-reduce of the loss sum (and counts) starts after the last forward and
+    # before the last backward, so it overlaps that backward instead of following it.
+    for rank, record in enumerate(runs[name]):
+        for window in range(WINDOWS):
+            reduces = record["reduces_at_backward"][window]
+            assert reduces == [0] * (len(reduces) - 1) + [1], f"rank {rank}, window {window}"
+
+
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 def test_rank_without_data_in_its_first_window_fails_on_every_rank(
     runs: dict, wrapper: str
@@ -347,8 +357,8 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     sync = GradientSync(torch.nn.Linear(2, 2))
     assert (sync.kind, sync.world_size, sync.rank, sync.distributed) == ("local", 1, 0, False)
     assert sync.mode == "window"
-    table = sync.exchange([3.0, 1.0])
-    assert table.tolist() == [[3.0, 1.0]]
+    assert sync.exchange([3.0, 1.0]) == [[3.0, 1.0]]
+    assert sync.all_reduce(torch.tensor([2.0, 5.0]))() == [2.0, 5.0]
 
 
 @pytest.fixture

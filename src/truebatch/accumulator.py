@@ -20,8 +20,9 @@ from __future__ import annotations
 import gc
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+import operator
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +30,14 @@ import torch
 from torch import nn
 
 from truebatch import _context
-from truebatch.batching import Batch, Counter, _map_tensors, batch_size, count_samples, split
+from truebatch.batching import (
+    Batch,
+    Counter,
+    _map_tensors,
+    _split_sized,
+    batch_size,
+    count_samples,
+)
 from truebatch.distributed import GradientSync, SyncMode
 from truebatch.nn.batchnorm import ghost_unit
 
@@ -38,6 +46,7 @@ __all__ = ["Accumulator", "LossFn", "StepResult"]
 log = logging.getLogger("truebatch")
 
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Any]"]
+_NO_CONTEXT = nullcontext()  # reusable, and cheaper than a new one per micro-batch
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
@@ -71,8 +80,9 @@ class StepResult:
 
 @dataclass(frozen=True)
 class _Window:
-    """Gradients of one window are in ``param.grad``; these are its totals."""
+    """The gradient of one window is in the ``.grad`` of ``params``; these are its totals."""
 
+    params: list[nn.Parameter]
     loss_sum: float
     count: float
     micro_batches: int
@@ -96,7 +106,8 @@ class Accumulator:
 
     Args:
         model: the model; may be wrapped in DistributedDataParallel or sharded
-            with FSDP2's ``fully_shard``.
+            with FSDP2's ``fully_shard``. Like the optimizer, the Accumulator
+            holds its parameters: build both once the model is wrapped.
         optimizer: an optimizer over (a subset of) ``model``'s parameters.
         scheduler: stepped once per window, after a real optimizer step.
         micro_batch_size: samples per micro-batch. ``None`` runs each batch (or
@@ -150,6 +161,8 @@ class Accumulator:
         self.accumulate_dtype = _check_dtype(accumulate_dtype, "accumulate_dtype", None)
         self.skip_nonfinite = skip_nonfinite
         self.sync = GradientSync(model, gradient_sync)
+        # Like the optimizer, the Accumulator holds the model's parameters from here on.
+        self._params = list(model.parameters())
         if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
             raise ValueError(
                 "micro_batch_size='auto' is not available for FSDP2 models: FSDP2 gathers "
@@ -172,7 +185,6 @@ class Accumulator:
         ``None`` counts samples, unless ``loss_fn`` returns counts itself, in
         which case the gradient is divided by their total once at the end.
         """
-        batch_size(batch)
         return self._run([batch], loss_fn, count)
 
     def step_window(
@@ -184,10 +196,7 @@ class Accumulator:
         set. An empty window (e.g. a rank with no data left) takes part in the
         window's collectives and steps with the other ranks' gradient.
         """
-        pieces = list(micro_batches)
-        for piece in pieces:
-            batch_size(piece)
-        return self._run(pieces, loss_fn, count)
+        return self._run(list(micro_batches), loss_fn, count)
 
     def state_dict(self) -> dict[str, Any]:
         """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""
@@ -230,18 +239,22 @@ class Accumulator:
     # ---------------------------------------------------------------- a window
 
     def _run(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> StepResult:
+        return self._apply(self._gradient(pieces, loss_fn, count))
+
+    def _gradient(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> _Window:
+        """Every pass of a window and no step: the window's gradient is left in .grad
+        (where the checker and the precision tests read it)."""
+        sizes = [batch_size(piece) for piece in pieces]
         _check_loss_fn_and_count(loss_fn, count)
         if self.micro_batch_size == "auto":
-            window = self._accumulate_auto(pieces, loss_fn, count)
-        else:
-            window = self._accumulate(_split_all(pieces, self.micro_batch_size), loss_fn, count)
-        return self._apply(window)
+            return self._accumulate_auto(pieces, sizes, loss_fn, count)
+        return self._accumulate(_split_all(pieces, sizes, self.micro_batch_size), loss_fn, count)
 
     def _accumulate_auto(
-        self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None
+        self, pieces: list[Batch], sizes: list[int], loss_fn: LossFn, count: Counter | None
     ) -> _Window:
         """Halve the micro-batch size on out-of-memory and redo the window from its start."""
-        largest = max((batch_size(p) for p in pieces), default=1)
+        largest = max(sizes, default=1)
         size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
         device = self._device()
         rng, buffers = _rng_state(device), _clone_buffers(self.model)
@@ -251,7 +264,10 @@ class Accumulator:
         while True:
             try:
                 window = self._accumulate(
-                    _split_all(pieces, size), loss_fn, count, share_oom=self.sync.distributed
+                    _split_all(pieces, sizes, size),
+                    loss_fn,
+                    count,
+                    share_oom=self.sync.distributed,
                 )
             except (OutOfMemoryError, _RetryWindow) as error:
                 # The failed attempt leaves no trace, for the retry and for a caller who
@@ -285,12 +301,13 @@ class Accumulator:
 
     def _accumulate(
         self,
-        micro_batches: list[Batch],
+        micro_batches: list[tuple[Batch, int]],
         loss_fn: LossFn,
         count: Counter | None,
         share_oom: bool = False,
     ) -> _Window:
-        """Forward and backward every micro-batch; leaves the window's gradient in .grad.
+        """Forward and backward every ``(micro_batch, size)``; leaves the window's gradient
+        in .grad.
 
         With ``share_oom`` (``"auto"`` under torch.distributed) no real pass
         synchronizes: a zero-weight pass first makes the wrapper's forward-time
@@ -299,146 +316,115 @@ class Accumulator:
         zero-weight pass synchronize the gradients. Otherwise an error
         propagates at once.
         """
-        sizes = [batch_size(mb) for mb in micro_batches]
-        stats = self._exchange_stats(_local_count(micro_batches, sizes, count), sizes)
+        sizes = [size for _, size in micro_batches]
+        params = self._params
+        stats = self._exchange_stats(_local_count(micro_batches, count), sizes)
         largest = max(sizes, default=0)
         if stats["count"] == 0:
-            return _Window(0.0, 0.0, len(micro_batches), largest)
+            return _Window(params, 0.0, 0.0, len(micro_batches), largest)
         passes = int(stats["passes"])
         scale = self.sync.world_size / stats["count"]
-        device = self._device()
-        losses: list[torch.Tensor] = []
-        returned = _ReturnedCounts(count is not None, device)
+        totals = _Totals(self.sync, count is not None, scale, self._device())
         offset = int(stats["offset"])
         out_of_memory = False
-        grads = _GradBuffers(self.model, self.accumulate_dtype)
+        grads = _GradBuffers(params, self.accumulate_dtype, self.sync.distributed)
         # Only these can receive a gradient from a backward inside loss_fn (see _pass).
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = [p for p in params if p.requires_grad]
         if self.sync.distributed and micro_batches:
-            self._template = _template_of(micro_batches[0])
+            self._template = _template_of(micro_batches[0][0])
         # A gradient left from before the window (the user's own backward) is not part of it.
-        self._zero_grad()
+        _clear_grads(params)
         try:
-            with self._guard():
+            with _Guard(self.optimizer, self.model):
                 if share_oom:
                     # DDP's first forward after a synchronizing one broadcasts buffers (and,
                     # once, bucket indices). Doing it here on every rank means a pass that runs
                     # out of memory before reaching the model cannot leave it unmatched.
                     self._replay(loss_fn, synchronize=False)
-                for index, micro_batch in enumerate(micro_batches):
-                    with self._pass_sync(index, passes, grads, share_oom) as synchronize:
-                        try:
-                            losses.append(
-                                self._pass(
-                                    micro_batch,
-                                    loss_fn,
-                                    scale,
-                                    returned,
-                                    offset,
-                                    synchronize,
-                                    params,
-                                )
-                            )
-                        except OutOfMemoryError:
-                            if not share_oom:
-                                raise
-                            out_of_memory = True
-                    if out_of_memory:
+                for index, (micro_batch, size) in enumerate(micro_batches):
+                    synchronize = not share_oom and self.sync.synchronizes(index, passes)
+                    final = not share_oom and index == passes - 1
+                    grads.before_pass(synchronize)
+                    try:
+                        self._pass(
+                            micro_batch, loss_fn, totals, offset, synchronize, final, trainable
+                        )
+                    except OutOfMemoryError:
+                        if not share_oom:
+                            raise
+                        out_of_memory = True
                         break
-                    offset += sizes[index]
+                    grads.after_pass(synchronize)
+                    offset += size
                 if share_oom:
                     # The passes so far made no collective, so ranks need not match them.
                     self._share_out_of_memory(out_of_memory, largest)
                     grads.restore()
-                    self._replay(loss_fn, synchronize=True)
+                    self._replay(loss_fn, synchronize=True, totals=totals)
                 else:
                     for index in range(len(micro_batches), passes):
-                        with self._pass_sync(index, passes, grads, share_oom) as synchronize:
-                            self._replay(loss_fn, synchronize)
-                totals = self.sync.all_reduce(
-                    torch.stack(
-                        [
-                            _sum_float64(losses, device),
-                            returned.total,
-                            returned.flag(),
-                            returned.negative,
-                        ]
-                    )
-                )
-                returned.check(int(totals[3]))
-                loss_total, n_items, pair_mode, _ = totals.tolist()
+                        synchronize = self.sync.synchronizes(index, passes)
+                        grads.before_pass(synchronize)
+                        self._replay(loss_fn, synchronize, totals if index == passes - 1 else None)
+                        grads.after_pass(synchronize)
+                loss_total, n_items, pair_mode = totals.finish()
                 if pair_mode and n_items > 0:
                     # Divide the wide sums before they are rounded: one rounding per window.
                     grads.scale(1.0 / n_items)
-                    self._scale_grads(1.0 / n_items)
+                    _scale_grads(params, 1.0 / n_items)
                 grads.restore()
         except BaseException:
             grads.discard()
-            self._zero_grad()
+            _clear_grads(params)
             raise
         if not pair_mode:
             n_items = stats["count"]
-        return _Window(loss_total, n_items, len(micro_batches), largest)
-
-    @contextmanager
-    def _pass_sync(
-        self, index: int, passes: int, grads: _GradBuffers, share_oom: bool
-    ) -> Iterator[bool]:
-        """Decide whether pass ``index`` synchronizes; keep wide sums around it."""
-        synchronize = not share_oom and self.sync.synchronizes(index, passes)
-        # A data-parallel wrapper reduces .grad inside a synchronizing backward, so the
-        # wide sums must be back in .grad before it; a local model keeps them wide until
-        # the window ends and rounds once.
-        round_before = synchronize and self.sync.distributed
-        if round_before:
-            grads.restore()
-        yield synchronize
-        if not round_before:
-            grads.stash()
+        return _Window(params, loss_total, n_items, len(micro_batches), largest)
 
     def _pass(
         self,
         micro_batch: Batch,
         loss_fn: LossFn,
-        scale: float,
-        returned: _ReturnedCounts,
+        totals: _Totals,
         offset: int,
         synchronize: bool,
-        params: list[nn.Parameter],
-    ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its detached loss sum.
+        final: bool,
+        trainable: list[nn.Parameter],
+    ) -> None:
+        """Forward and backward of one micro-batch; its loss sum goes to ``totals``,
+        whose reduction over ranks starts before the backward of the ``final`` pass.
 
         A backward inside ``loss_fn`` would add to the gradient outside the
         Accumulator's scaling: it changes some parameter's ``.grad`` (a new
         tensor, or an in-place sum that bumps its version counter), which a
         look at the gradients before and after ``loss_fn`` reveals.
         """
-        before = _gradients(params)
+        before = _gradients(trainable)
         with self.sync.pass_context(synchronize):
             with _context.micro_batch(self._window_index, offset), self._autocast():
                 output = loss_fn(self.model, micro_batch)
-            if _gradients_changed(params, before):
+            if _gradients_changed(trainable, before):
                 raise RuntimeError(
                     "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
                     "and the Accumulator runs backward with the right scale: replace "
                     "`loss.backward(); return loss` by `return loss`"
                 )
-            loss = returned.parse(output)
-            # Counts returned by loss_fn are only known at the end: divide then.
-            scaled = loss * (float(self.sync.world_size) if returned.used else scale)
+            scaled = totals.add(output)
+            if final:
+                totals.start()
             if self.scaler is not None:
                 scaled = self.scaler.scale(scaled)
             scaled.backward()
-        return loss.detach()
 
-    def _replay(self, loss_fn: LossFn, synchronize: bool) -> None:
+    def _replay(self, loss_fn: LossFn, synchronize: bool, totals: _Totals | None = None) -> None:
         """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
 
         A rank with fewer micro-batches than the others replays two samples of
         its first micro-batch with weight 0; buffers (BatchNorm statistics) and
         the RNG are restored afterwards, so the replay leaves no trace. Buffers
         are saved as the wrapped module starts, after DDP's broadcast, which
-        the replay must keep.
+        the replay must keep. When this is the window's last pass, the
+        reduction of ``totals`` starts before its backward.
         """
         device = self._device()
         rng, saved = _rng_state(device), [_clone_buffers(self.model)]
@@ -453,6 +439,8 @@ class Accumulator:
                 with _context.micro_batch(self._window_index, 0), self._autocast():
                     output = loss_fn(self.model, self._template)
                 loss = output[0] if isinstance(output, tuple | list) else output
+                if totals is not None:
+                    totals.start()
                 (loss * 0.0).backward()
         finally:
             handle.remove()
@@ -462,11 +450,11 @@ class Accumulator:
     def _apply(self, window: _Window) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once."""
         if window.count == 0:
-            self._zero_grad()
+            _clear_grads(window.params)
             return self._result(window, math.nan, "the window holds no items (N == 0)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm_and_clip()
+        grad_norm = self._grad_norm_and_clip([p.grad for p in window.params if p.grad is not None])
         finite = math.isfinite(grad_norm)
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
@@ -479,7 +467,7 @@ class Accumulator:
             reason = None
         if reason is None and self.scheduler is not None:
             self.scheduler.step()
-        self._zero_grad()
+        _clear_grads(window.params)
         return self._result(window, grad_norm, reason)
 
     def _result(self, window: _Window, grad_norm: float, reason: str | None) -> StepResult:
@@ -503,7 +491,7 @@ class Accumulator:
         """One collective: global item count, passes per rank, this rank's sample offset."""
         can_replay = self._template is not None or bool(sizes)
         # Python numbers from here: a few tensor ops per window would cost more than the rest.
-        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)]).tolist()
+        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)])
         count = sum(row[0] for row in table)
         passes = max(row[1] for row in table)
         stranded = [r for r, row in enumerate(table) if row[1] < passes and row[3] == 0]
@@ -522,13 +510,12 @@ class Accumulator:
     def _share_out_of_memory(self, out_of_memory: bool, largest: int) -> None:
         """One small exchange per attempt: if any rank ran out of memory, all retry."""
         table = self.sync.exchange([float(out_of_memory), float(largest)])
-        failed = table[table[:, 0] > 0, 1]
-        if failed.numel():
-            raise _RetryWindow(int(failed.min().item()))
+        failed = [size for ran_out, size in table if ran_out]
+        if failed:
+            raise _RetryWindow(int(min(failed)))
 
-    def _grad_norm_and_clip(self) -> float:
-        """Global L2 norm of the gradient; clips to ``max_grad_norm`` when it is finite."""
-        grads = self._grads()
+    def _grad_norm_and_clip(self, grads: list[torch.Tensor]) -> float:
+        """Global L2 norm of ``grads``; clips them to ``max_grad_norm`` when it is finite."""
         if not grads:
             return 0.0
         norm = _total_norm(grads)
@@ -539,75 +526,43 @@ class Accumulator:
             torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         return value
 
-    def _scale_grads(self, factor: float) -> None:
-        grads = self._grads()
-        if grads:
-            torch._foreach_mul_(grads, factor)
-
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.model.parameters() if p.grad is not None]
-
-    def _zero_grad(self) -> None:
-        """``zero_grad(set_to_none=True)`` of model and optimizer in one pass: the
-        optimizer's parameters are the model's (checked at construction)."""
-        for parameter in self.model.parameters():
-            parameter.grad = None
-
     def _device(self) -> torch.device:
-        for parameter in self.model.parameters():
-            return parameter.device
-        return torch.device("cpu")
+        return self._params[0].device if self._params else torch.device("cpu")
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast is None:
-            return nullcontext()
+            return _NO_CONTEXT
         return torch.autocast(device_type=self._device().type, dtype=self.autocast)
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """Inside a window, the user's code may not step or zero (:meth:`_pass` checks
-        for a backward inside loss_fn)."""
-
-        def refuse_step(*_: Any) -> None:
-            raise RuntimeError(
-                "optimizer.step() was called inside a truebatch window (from loss_fn?); the "
-                "Accumulator steps once per window itself: remove the call from loss_fn"
-            )
-
-        def refuse_zero_grad(*_: Any, **__: Any) -> None:
-            raise RuntimeError(
-                "zero_grad() was called inside a truebatch window (from loss_fn?); it would "
-                "erase the gradient accumulated so far. The Accumulator zeroes gradients once "
-                "per window itself: remove the call from loss_fn"
-            )
-
-        handle = self.optimizer.register_step_pre_hook(refuse_step)
-        try:
-            with (
-                _replaced_method(self.optimizer, "zero_grad", refuse_zero_grad),
-                _replaced_method(self.model, "zero_grad", refuse_zero_grad),
-            ):
-                yield
-        finally:
-            handle.remove()
 
 
 # ------------------------------------------------------------------ plumbing
 
 
-class _ReturnedCounts:
-    """Parses loss_fn's output; totals the counts it returns, if it returns any."""
+class _Totals:
+    """The window's loss sums, and the counts loss_fn returns if it returns any.
 
-    def __init__(self, counter_given: bool, device: torch.device) -> None:
+    :meth:`add` parses each pass's output; :meth:`start` begins summing the
+    totals over ranks, just before the window's last backward, so the small
+    collective travels while that backward computes; :meth:`finish` waits for
+    the sums. Counts are checked once, on the sums, so no pass waits for the
+    device and every rank raises together.
+    """
+
+    def __init__(
+        self, sync: GradientSync, counter_given: bool, scale: float, device: torch.device
+    ) -> None:
+        self.sync = sync
         self.counter_given = counter_given
+        self.scale = scale  # world_size / N: DDP and FSDP2 average over ranks
+        self.device = device
         self.used: bool | None = None
-        self.total = torch.zeros((), dtype=torch.float64, device=device)
-        # Counted on the device and checked once per window, after the all-reduce, so no
-        # micro-batch waits for a device sync and every rank raises together.
-        self.negative = torch.zeros((), dtype=torch.float64, device=device)
+        self.losses: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
+        self._wait: Callable[[], list[float]] | None = None
 
-    def parse(self, output: Any) -> torch.Tensor:
-        pair = isinstance(output, tuple | list)
+    def add(self, output: Any) -> torch.Tensor:
+        """Record one pass's ``loss_fn`` output; returns the loss to run backward on."""
+        pair = isinstance(output, (tuple, list))
         if self.used is None:
             self.used = pair
         if pair != self.used:
@@ -628,47 +583,87 @@ class _ReturnedCounts:
                     "alone or a pair (loss_sum, count)"
                 )
             output, count = output
-            value = _as_count(count, "the count returned by loss_fn").to(self.total.device)
-            self.total += value
-            self.negative += value < 0
-        return _check_loss(output)
+            self.counts.append(_as_count(count, "the count returned by loss_fn").to(self.device))
+        loss = _check_loss(output)
+        self.losses.append(loss.detach())
+        # Counts returned by loss_fn are only known at the end: the gradient is divided then.
+        return loss * (float(self.sync.world_size) if pair else self.scale)
 
-    def check(self, negative: int) -> None:
-        """Refuse the window if loss_fn returned ``negative`` negative counts (all ranks)."""
+    def start(self) -> None:
+        """Start summing (loss sum, returned count, negative counts, counts returned?)."""
+        if self._wait is not None:
+            return
+        if not (self.counts or self.sync.distributed):
+            # One rank, no returned count (and at least one pass): the losses alone,
+            # read and added up when finished.
+            losses = torch.stack(self.losses)
+            self._wait = lambda: [math.fsum(losses.tolist()), 0.0, 0.0, 0.0]
+            return
+        loss = (
+            torch.stack(self.losses).sum(dtype=torch.float64)
+            if self.losses
+            else torch.zeros((), dtype=torch.float64, device=self.device)
+        )
+        if self.counts:
+            counts = torch.stack(self.counts)
+            returned = torch.stack(
+                [counts.sum(), (counts < 0).sum(dtype=torch.float64), torch.ones_like(counts[0])]
+            )
+        else:
+            returned = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self._wait = self.sync.all_reduce(torch.cat([loss.reshape(1), returned]))
+
+    def finish(self) -> tuple[float, float, bool]:
+        """Over all ranks: the loss sum, the returned count, whether counts were returned."""
+        self.start()
+        assert self._wait is not None
+        loss, count, negative, returned = self._wait()
         if negative:
             raise ValueError(
-                f"loss_fn returned a negative count for {negative} micro-batch(es); a count is "
-                "a number of items (samples, tokens), 0 or more: return (loss_sum, n_items)"
+                f"loss_fn returned a negative count for {int(negative)} micro-batch(es); a count "
+                "is a number of items (samples, tokens), 0 or more: return (loss_sum, n_items)"
             )
-
-    def flag(self) -> torch.Tensor:
-        """1.0 when loss_fn returned counts (summed over ranks, so all ranks agree)."""
-        return torch.tensor(float(bool(self.used)), dtype=torch.float64, device=self.total.device)
+        return loss, count, returned > 0
 
 
 class _GradBuffers:
     """Sums low-precision gradients across micro-batches in ``dtype`` (e.g. float32).
 
-    After every non-synchronizing pass the gradients of parameters whose dtype
-    is narrower than ``dtype`` are moved into wide buffers (``stash``); before a
-    synchronizing pass and at the end of the window the sums are rounded back
-    into ``.grad`` once (``restore``).
+    After every pass the gradients of parameters whose dtype is narrower than
+    ``dtype`` are moved into wide buffers (``stash``); before a pass that a
+    data-parallel wrapper synchronizes, and at the end of the window, the sums
+    are rounded back into ``.grad`` once (``restore``).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], dtype: torch.dtype | None, round_before_sync: bool
+    ) -> None:
         self.params = (
             []
             if dtype is None
             else [
                 p
-                for p in model.parameters()
+                for p in params
                 if p.requires_grad
                 and p.dtype.is_floating_point
                 and p.dtype.itemsize < dtype.itemsize
             ]
         )
         self.dtype = dtype
+        self.round_before_sync = round_before_sync
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
+
+    def before_pass(self, synchronize: bool) -> None:
+        """A data-parallel wrapper reduces .grad inside a synchronizing backward, so the
+        wide sums must be back in .grad before it (``round_before_sync``)."""
+        if synchronize and self.round_before_sync:
+            self.restore()
+
+    def after_pass(self, synchronize: bool) -> None:
+        """Move the pass's gradient into the wide sums; a local model keeps them wide
+        until the window ends and rounds once."""
+        if not (synchronize and self.round_before_sync):
+            self.stash()
 
     def stash(self) -> None:
         for p in self.params:
@@ -694,47 +689,82 @@ class _GradBuffers:
         self.sums.clear()
 
 
-@contextmanager
-def _replaced_method(obj: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
-    """Shadow ``obj.name`` on the instance; restore what the instance had before."""
-    had_own = name in vars(obj)
-    own = vars(obj).get(name)
-    setattr(obj, name, replacement)
-    try:
-        yield
-    finally:
-        if had_own:
-            setattr(obj, name, own)
-        else:
-            delattr(obj, name)
-
-
-def _gradients(params: list[nn.Parameter]) -> list[tuple[torch.Tensor | None, int]]:
-    """Each parameter's gradient and its version counter (held, so no id is reused)."""
-    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
-
-
-def _gradients_changed(
-    params: list[nn.Parameter], before: list[tuple[torch.Tensor | None, int]]
-) -> bool:
-    """Whether a backward ran since ``before``: it sets a new ``.grad`` or adds into one."""
-    return any(
-        p.grad is not grad or (grad is not None and grad._version != version)
-        for p, (grad, version) in zip(params, before, strict=True)
+def _refuse_step(*_: Any) -> None:
+    raise RuntimeError(
+        "optimizer.step() was called inside a truebatch window (from loss_fn?); the "
+        "Accumulator steps once per window itself: remove the call from loss_fn"
     )
 
 
-def _sum_float64(losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The sum of the micro-batches' loss sums, in float64, in one operation."""
-    if not losses:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    return torch.stack(losses).sum(dtype=torch.float64)
+def _refuse_zero_grad(*_: Any, **__: Any) -> None:
+    raise RuntimeError(
+        "zero_grad() was called inside a truebatch window (from loss_fn?); it would "
+        "erase the gradient accumulated so far. The Accumulator zeroes gradients once "
+        "per window itself: remove the call from loss_fn"
+    )
 
 
-def _split_all(pieces: list[Batch], micro_batch_size: int | None) -> list[Batch]:
-    if micro_batch_size is None:  # step/step_window have checked the pieces already
-        return pieces
-    return [mb for piece in pieces for mb in split(piece, micro_batch_size)]
+class _Guard:
+    """Inside a window, the user's code may not step or zero the gradients
+    (:meth:`Accumulator._pass` checks for a backward inside loss_fn).
+
+    Entering shadows ``step`` and ``zero_grad`` on the optimizer and
+    ``zero_grad`` on the model, as instance attributes; leaving restores what
+    the instances had before (an LR scheduler wraps ``optimizer.step`` there).
+    ``object.__setattr__`` skips nn.Module's bookkeeping, which has nothing to
+    track for a method.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        self.shadows = (
+            (optimizer, "step", _refuse_step),
+            (optimizer, "zero_grad", _refuse_zero_grad),
+            (model, "zero_grad", _refuse_zero_grad),
+        )
+
+    def __enter__(self) -> None:
+        self.saved = [vars(owner).get(name) for owner, name, _ in self.shadows]
+        for owner, name, refuse in self.shadows:
+            object.__setattr__(owner, name, refuse)
+
+    def __exit__(self, *_: object) -> None:
+        for (owner, name, _), own in zip(self.shadows, self.saved, strict=True):
+            if own is None:
+                object.__delattr__(owner, name)
+            else:
+                object.__setattr__(owner, name, own)
+
+
+_grad_of = operator.attrgetter("grad")
+_Gradients = tuple[list[torch.Tensor | None], list[int]]
+
+
+def _gradients(params: list[nn.Parameter]) -> _Gradients:
+    """The parameters' gradients (held, so no id is reused) and their version counters."""
+    grads = list(map(_grad_of, params))
+    return grads, [g._version for g in grads if g is not None]
+
+
+def _gradients_changed(params: list[nn.Parameter], before: _Gradients) -> bool:
+    """Whether a backward ran since ``before``: it sets a new ``.grad`` or adds into one."""
+    grads, versions = before
+    now = list(map(_grad_of, params))
+    return any(map(operator.is_not, now, grads)) or versions != [
+        g._version for g in now if g is not None
+    ]
+
+
+def _split_all(
+    pieces: list[Batch], sizes: list[int], micro_batch_size: int | None
+) -> list[tuple[Batch, int]]:
+    """Every piece (of ``sizes`` samples) split by ``micro_batch_size``, each with its size."""
+    if micro_batch_size is None:
+        return list(zip(pieces, sizes, strict=True))
+    return [
+        pair
+        for piece, size in zip(pieces, sizes, strict=True)
+        for pair in _split_sized(piece, size, micro_batch_size)
+    ]
 
 
 def _template_of(micro_batch: Batch) -> Batch:
@@ -756,16 +786,18 @@ def _as_count(value: Any, what: str) -> torch.Tensor:
     )
 
 
-def _local_count(micro_batches: list[Batch], sizes: list[int], count: Counter | None) -> float:
+def _local_count(micro_batches: list[tuple[Batch, int]], count: Counter | None) -> float:
     """This rank's item count: the sum of ``count(micro_batch)``, by default the samples.
 
-    Counting samples needs no call: ``sizes`` already holds them.
+    Counting samples needs no call: the micro-batches come with their sizes.
     """
     if count is None or count is count_samples:
-        return float(sum(sizes))
+        return float(sum(size for _, size in micro_batches))
     if not micro_batches:
         return 0.0
-    values = torch.stack([_as_count(count(mb), "count(micro_batch)").cpu() for mb in micro_batches])
+    values = torch.stack(
+        [_as_count(count(mb), "count(micro_batch)").cpu() for mb, _ in micro_batches]
+    )
     negative = torch.nonzero(values < 0).flatten().tolist()
     if negative:
         raise ValueError(
@@ -898,11 +930,32 @@ def _check_dtype(
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors)."""
+    first = grads[0]
+    if all(
+        type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
+        for g in grads
+    ):
+        # The common case in one fused kernel: get_total_norm first groups the tensors by
+        # device and dtype, which costs more than the norm of a small model.
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if hasattr(torch.nn.utils, "get_total_norm"):
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
     else:  # torch < 2.6
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _clear_grads(params: list[nn.Parameter]) -> None:
+    """``zero_grad(set_to_none=True)`` of model and optimizer in one pass: the
+    optimizer's parameters are the model's (checked at construction)."""
+    for parameter in params:
+        parameter.grad = None
+
+
+def _scale_grads(params: list[nn.Parameter], factor: float) -> None:
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
 
 
 def _clone_buffers(model: nn.Module) -> list[torch.Tensor]:

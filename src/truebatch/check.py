@@ -564,9 +564,7 @@ class _Passes:
         )
         self.seed(seed)
         try:
-            window = accumulator._accumulate(
-                split(self.batch, size), probe.wrap(self.loss_fn), self.count
-            )
+            window = accumulator._gradient([self.batch], probe.wrap(self.loss_fn), self.count)
         finally:
             probe.remove()
         grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}

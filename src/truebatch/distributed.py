@@ -13,12 +13,14 @@ rank, which is what keeps uneven data from hanging:
 2. the gradient synchronization of the wrapper: once, on the last pass, when
    gradients are synchronized per window (DDP's default), or on every pass
    (FSDP2's default); every rank runs the same number of passes;
-3. one ``all_reduce`` of the loss sum (and of the counts ``loss_fn`` returned).
+3. one ``all_reduce`` of the loss sum (and of the counts ``loss_fn`` returned),
+   started just before the window's last backward and waited for after it, so
+   that it travels while the backward computes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Literal
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 SyncMode = Literal["window", "micro_batch"]
+_NO_CONTEXT = nullcontext()  # reusable: a pass that needs no context gets this one
 
 __all__ = ["GradientSync", "SyncMode", "rank", "world_size"]
 
@@ -125,24 +128,33 @@ class GradientSync:
                 return parameter.device
         return torch.device("cuda", torch.cuda.current_device())
 
-    def exchange(self, row: Sequence[float]) -> torch.Tensor:
-        """All ranks' ``row`` as a ``(world_size, len(row))`` float64 CPU tensor."""
-        local = torch.tensor([list(row)], dtype=torch.float64)
+    def exchange(self, row: Sequence[float]) -> list[list[float]]:
+        """All ranks' ``row``, in rank order (Python numbers: no tensor for a local model)."""
         if not self.distributed:
-            return local
-        local = local.to(self._device())
+            return [list(row)]
+        local = torch.tensor([list(row)], dtype=torch.float64, device=self._device())
         rows = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(rows, local, group=self.group)
-        return torch.cat(rows).cpu()
+        return torch.cat(rows).tolist()
 
-    def all_reduce(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum of ``values`` (a 1-d tensor) over ranks, returned as float64 on CPU."""
+    def all_reduce(self, values: torch.Tensor) -> Callable[[], list[float]]:
+        """Start summing ``values`` (a 1-d tensor) over ranks; returns the wait.
+
+        Calling the returned function waits for the sum and returns it as Python
+        numbers. Between the two, the collective travels while the caller
+        computes.
+        """
         values = values.detach().to(torch.float64).reshape(-1)
         if not self.distributed:
-            return values.cpu()
+            return values.tolist
         values = values.to(self._device())
-        dist.all_reduce(values, group=self.group)
-        return values.cpu()
+        work = dist.all_reduce(values, group=self.group, async_op=True)
+
+        def wait() -> list[float]:
+            work.wait()
+            return values.tolist()
+
+        return wait
 
     def pass_context(self, synchronize: bool) -> AbstractContextManager[None]:
         """Context for one forward+backward pass that does (not) synchronize gradients."""
@@ -150,7 +162,7 @@ class GradientSync:
             return self.model.no_sync()
         if self.kind == "fsdp2":
             return self._fsdp2_sync(synchronize)
-        return nullcontext()
+        return _NO_CONTEXT
 
     def synchronizes(self, pass_index: int, passes: int) -> bool:
         """Whether pass ``pass_index`` (0-based) of ``passes`` synchronizes gradients."""
