@@ -1,14 +1,17 @@
 """DDP: truebatch against hand-written accumulation loops, 2 gloo processes on CPU.
 
-Three ways to train the same DDP-wrapped MLP on the same data, k micro-batches
-of equal size per window and one SGD step per window, each with its own copy
-of the model:
+Ways to train the same DDP-wrapped MLP on the same data, k micro-batches of
+equal size per window and one SGD step per window:
 
 - ``truebatch``: ``tb.Accumulator(ddp, optimizer).step_window(window, loss_fn)``
   (one exchange of item counts before the first backward, gradients all-reduced
-  on the last pass only, one all-reduce of the loss, the global gradient norm);
+  on the last pass only, one all-reduce of the loss that travels during the last
+  backward, the global gradient norm);
 - ``no_sync``: the usual hand-written loop, ``(mean loss / k).backward()``
   under ``ddp.no_sync()`` except for the last micro-batch, then step and zero;
+- ``no_sync_again``: the ``no_sync`` loop once more, timed as a method of its
+  own: its ratio to ``no_sync`` shows how far apart two identical methods land
+  in a run (the noise floor of the ratios);
 - ``sync_every``: the same loop without ``no_sync``: DDP all-reduces the
   gradients after every micro-batch;
 
@@ -20,14 +23,20 @@ and, for the cost of FSDP2's two modes, truebatch on the same MLP sharded with
 - ``fsdp2_window`` (``gradient_sync="window"``): one reduce-scatter per window,
   but each rank keeps the whole unsharded gradient until the window's last pass.
 
-Each round runs ``--windows`` windows of every method, the order rotating from
-round to round so that a slow moment of the shared machine hits all of them;
-both ranks start each timed block together (a barrier) and the block's time is
-the slower rank's. The time truebatch spends in its own two small collectives
-per window (rank 0) is reported too. Prints the median per-window times and the medians of the
-per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL),
-truebatch / sync_every and fsdp2_window / fsdp2_micro_batch, and how far every
-method's final parameters are from truebatch's (float32 summation order).
+First every method trains its own copy of the model on the data, and the final
+parameters are compared. Then, for timing, the DDP methods share one DDP model
+and optimizer (and the FSDP2 methods one sharded model), so that they differ
+only in their loops: two copies of one model can differ by a few percent in
+speed, from where their tensors lie in memory. Each round runs ``--windows``
+windows of every method, the order rotating from round to round so that a slow
+moment of the shared machine hits all of them; both ranks start each timed
+block together (a barrier) and the block's time is the slower rank's. The time
+truebatch spends in its own two small collectives per window (rank 0) is
+reported too. Prints the median per-window times and the medians of the
+per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL), no_sync_again
+/ no_sync, truebatch / sync_every and fsdp2_window / fsdp2_micro_batch, and how
+far every method's final parameters are from truebatch's (float32 summation
+order).
 
     python benchmarks/ddp.py [--rounds 20] [--k 8] [--micro-batch-size 32]
     python benchmarks/ddp.py --quick   (3 short rounds: a smoke run, exit 0
@@ -59,7 +68,14 @@ import truebatch as tb
 from truebatch.distributed import GradientSync
 
 WORLD_SIZE = 2
-METHODS = ("truebatch", "no_sync", "sync_every", "fsdp2_micro_batch", "fsdp2_window")
+METHODS = (
+    "truebatch",
+    "no_sync",
+    "no_sync_again",
+    "sync_every",
+    "fsdp2_micro_batch",
+    "fsdp2_window",
+)
 TARGET = 1.03
 FEATURES, HIDDEN, CLASSES = 256, 1024, 10
 
@@ -122,18 +138,32 @@ def sharded_model() -> nn.Module:
     return model
 
 
-def window_runners() -> tuple[
-    dict[str, Callable[[Window], Any]], dict[str, nn.Module], GradientSync
-]:
+def window_runners(
+    shared: bool,
+) -> tuple[dict[str, Callable[[Window], Any]], dict[str, nn.Module], GradientSync]:
     """Per method, a function that trains one window, and the method's model; and the
-    GradientSync of truebatch's DDP Accumulator (its collectives are timed)."""
-    models = {
-        name: sharded_model()
+    GradientSync of truebatch's DDP Accumulator (its collectives are timed).
+
+    With ``shared`` the DDP methods train one DDP model with one optimizer, and
+    the FSDP2 methods one sharded model: timed on the same tensors, the methods
+    differ only in their loops (two copies of one model can differ by a few
+    percent in speed here, from where their tensors happen to lie in memory).
+    Without it every method trains its own copy of the same initial model, so
+    that their parameters can be compared afterwards.
+    """
+    one_ddp = nn.parallel.DistributedDataParallel(build_model()) if shared else None
+    one_fsdp2 = sharded_model() if shared else None
+    models: dict[str, nn.Module] = {
+        name: (one_fsdp2 or sharded_model())
         if name.startswith("fsdp2")
-        else nn.parallel.DistributedDataParallel(build_model())
+        else (one_ddp or nn.parallel.DistributedDataParallel(build_model()))
         for name in METHODS
     }
-    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.05) for name, m in models.items()}
+    by_model: dict[int, torch.optim.Optimizer] = {}
+    for model in models.values():
+        if id(model) not in by_model:
+            by_model[id(model)] = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizers = {name: by_model[id(model)] for name, model in models.items()}
     accumulators = {
         name: tb.Accumulator(models[name], optimizers[name], gradient_sync=mode)
         for name, mode in (
@@ -146,30 +176,46 @@ def window_runners() -> tuple[
         name: functools.partial(accumulator.step_window, loss_fn=loss_sum)
         for name, accumulator in accumulators.items()
     }
-    runners["no_sync"] = hand_written(models["no_sync"], optimizers["no_sync"], no_sync=True)
-    runners["sync_every"] = hand_written(
-        models["sync_every"], optimizers["sync_every"], no_sync=False
-    )
+    for name in ("no_sync", "no_sync_again", "sync_every"):
+        runners[name] = hand_written(models[name], optimizers[name], no_sync=name != "sync_every")
     return runners, models, accumulators["truebatch"].sync
 
 
 def time_collectives(sync: GradientSync) -> list[float]:
-    """Make ``sync``'s own collectives add their seconds to the returned 1-element list."""
+    """Make ``sync``'s own collectives add their seconds to the returned 1-element list:
+    the count exchange, and both the start of the loss all-reduce and the wait for it."""
     spent = [0.0]
 
     def timed(method: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
             start = time.perf_counter()
             try:
-                return method(*args)
+                result = method(*args)
             finally:
                 spent[0] += time.perf_counter() - start
+            return timed(result) if callable(result) else result
 
         return run
 
     sync.exchange = timed(sync.exchange)
     sync.all_reduce = timed(sync.all_reduce)
     return spent
+
+
+def parameter_differences(data: list[Window]) -> dict[str, float]:
+    """Every method trains its own copy on ``data``: how far each ends from truebatch."""
+    runners, models, _ = window_runners(shared=False)
+    for name in METHODS:
+        for window in data:
+            runners[name](window)
+    reference = full_parameters(models["truebatch"])
+    return {
+        name: max(
+            ((a - b).norm() / b.norm()).item()
+            for a, b in zip(full_parameters(models[name]), reference, strict=True)
+        )
+        for name in METHODS[1:]
+    }
 
 
 def full_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -189,9 +235,10 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120)
     )
     try:
-        runners, models, sync = window_runners()
-        collective_seconds = time_collectives(sync)
         data = make_windows(rank, args.windows, args.k, args.micro_batch_size)
+        differences = parameter_differences(data)
+        runners, _, sync = window_runners(shared=True)
+        collective_seconds = time_collectives(sync)
         times: dict[str, list[float]] = {name: [] for name in METHODS}
         collectives: list[float] = []
         for round_index in range(args.warmup + args.rounds):
@@ -207,14 +254,6 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
                     times[name].append(elapsed.item() / len(data))
                 if round_index >= args.warmup and name == "truebatch":
                     collectives.append((collective_seconds[0] - spent_before) / len(data))
-        reference = full_parameters(models["truebatch"])
-        differences = {
-            name: max(
-                ((a - b).norm() / b.norm()).item()
-                for a, b in zip(full_parameters(models[name]), reference, strict=True)
-            )
-            for name in METHODS[1:]
-        }
         if rank == 0:
             results.put({"times": times, "collectives": collectives, "differences": differences})
     finally:
@@ -278,6 +317,10 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> bool:
     no_sync = ratio("truebatch", "no_sync")
     passed = no_sync <= TARGET
     print(f"truebatch / no_sync    = {no_sync:.3f}  (<= {TARGET}: {'PASS' if passed else 'FAIL'})")
+    print(
+        f"no_sync_again / no_sync = {ratio('no_sync_again', 'no_sync'):.3f}  (the same loop "
+        "twice: how far apart two identical methods land in this run)"
+    )
     print(f"truebatch / sync_every = {ratio('truebatch', 'sync_every'):.3f}")
     print(f"fsdp2_window / fsdp2_micro_batch = {ratio('fsdp2_window', 'fsdp2_micro_batch'):.3f}")
     mib = parameters * 4 / 2**20

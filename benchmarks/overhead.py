@@ -12,11 +12,14 @@ micro-batches (the last one half size):
 - ``truebatch``: ``acc.step_window(window, loss_fn)`` with ``loss_fn`` returning
   the loss sum.
 
-Each loop trains its own copy of one initial model. A warm-up pass over the
-windows runs them all and checks that they took the same steps (parameters
-within 1e-5 relative: float32 summation order), so they do the same work.
-Then each timed round runs one window of each loop, the order rotating from
-round to round, so that a slow moment of the shared machine hits all of them.
+First each loop trains its own copy of one initial model over the windows,
+and they must have taken the same steps (parameters within 1e-5 relative:
+float32 summation order), so they do the same work. Then the loops are timed
+on one shared model and optimizer, so that they differ only in their code (two
+copies of a model can differ in speed by a percent or two, from where their
+tensors lie in memory); after a warm-up window each, each timed round runs one
+window of each loop, the order rotating from round to round, so that a slow
+moment of the shared machine hits all of them.
 By default the clock is the process's CPU time on one thread: time spent
 waiting for a core that other processes hold is not counted (``--clock wall``
 counts it). Prints, per model and k, the median time per window of each loop
@@ -100,14 +103,15 @@ def loss_sum(model: nn.Module, micro_batch: tuple[torch.Tensor, torch.Tensor]) -
     return F.cross_entropy(model(x), y, reduction="sum")
 
 
-def hand_written(model: nn.Module, norm: bool = False) -> Callable[[Window], None]:
+def hand_written(
+    model: nn.Module, optimizer: torch.optim.Optimizer, norm: bool = False
+) -> Callable[[Window], None]:
     """The correct loop by hand: every micro-batch's loss sum divided by the window's N.
 
     With ``norm`` it also reads the global gradient norm before the step, the one
     reduction over the gradients that truebatch always does (to report
     ``grad_norm`` and to skip non-finite windows).
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def train(window: Window) -> None:
         n = sum(len(y) for _, y in window)
@@ -121,8 +125,8 @@ def hand_written(model: nn.Module, norm: bool = False) -> Callable[[Window], Non
     return train
 
 
-def with_truebatch(model: nn.Module) -> Callable[[Window], None]:
-    acc = tb.Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+def with_truebatch(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Window], None]:
+    acc = tb.Accumulator(model, optimizer)
 
     def train(window: Window) -> None:
         acc.step_window(window, loss_sum)
@@ -130,11 +134,17 @@ def with_truebatch(model: nn.Module) -> Callable[[Window], None]:
     return train
 
 
-LOOPS: dict[str, Callable[[nn.Module], Callable[[Window], None]]] = {
+LOOPS: dict[str, Callable[[nn.Module, torch.optim.Optimizer], Callable[[Window], None]]] = {
     "hand-written": hand_written,
-    "hand + norm": lambda model: hand_written(model, norm=True),
+    "hand + norm": lambda model, optimizer: hand_written(model, optimizer, norm=True),
     "truebatch": with_truebatch,
 }
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
@@ -162,20 +172,28 @@ def measure(
 ) -> dict[str, list[float]]:
     """Seconds per window of each loop over ``repeats`` timed rounds.
 
-    Every loop trains its own copy of one initial model. A warm-up pass over the
-    windows checks that they took the same steps; then each round times one
-    window of each loop, the order rotating from round to round, cycling
-    through the windows.
+    First every loop trains its own copy of one initial model over the windows,
+    and they must have taken the same steps. Then the loops are timed on one
+    shared model and optimizer, so that they differ only in their code (two
+    copies of one model can differ in speed by a percent or two, from where
+    their tensors lie in memory): each round times one window of each loop,
+    the order rotating from round to round, cycling through the windows.
     """
     torch.manual_seed(0)
     initial = case.model()
-    models = {loop: copy.deepcopy(initial) for loop in LOOPS}
-    loops = [(loop, LOOPS[loop](model)) for loop, model in models.items()]
     windows = make_windows(case, k, n_windows)
+    models = {loop: copy.deepcopy(initial) for loop in LOOPS}
+    for loop, model in models.items():
+        train = LOOPS[loop](model, adamw(model))
+        for window in windows:
+            train(window)
+    check_same_steps(models)
+    shared = copy.deepcopy(initial)
+    optimizer = adamw(shared)
+    loops = [(loop, make(shared, optimizer)) for loop, make in LOOPS.items()]
     for window in windows:
         for _, train in loops:
             train(window)
-    check_same_steps(models)
     times: dict[str, list[float]] = {loop: [] for loop in LOOPS}
     for round_index in range(repeats):
         window = windows[round_index % n_windows]

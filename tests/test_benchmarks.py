@@ -35,13 +35,21 @@ def test_overhead_quick_prints_a_ratio_per_model() -> None:
 def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
     out = run_benchmark("ddp.py", "--quick")
     per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)
-    methods = ["truebatch", "no_sync", "sync_every", "fsdp2_micro_batch", "fsdp2_window"]
+    methods = [
+        "truebatch",
+        "no_sync",
+        "no_sync_again",
+        "sync_every",
+        "fsdp2_micro_batch",
+        "fsdp2_window",
+    ]
     assert [name for name, _ in per_window] == methods, out
     assert all(float(ms) > 0 for _, ms in per_window)
     assert re.search(r"^    of which in its own collectives .*: \d+\.\d\d ms$", out, re.M), out
     verdict = r"^truebatch / no_sync    = \d+\.\d{3}  \(<= 1\.03: (PASS|FAIL)\)$"
     assert re.search(verdict, out, flags=re.MULTILINE), out
     assert re.search(r"^truebatch / sync_every = \d+\.\d{3}$", out, flags=re.MULTILINE), out
+    assert re.search(r"^no_sync_again / no_sync = \d+\.\d{3}  \(the same loop", out, re.M), out
     fsdp2 = r"^fsdp2_window / fsdp2_micro_batch = \d+\.\d{3}$"
     assert re.search(fsdp2, out, flags=re.MULTILINE), out
     # Every method computes the same update as truebatch: the comparison is fair.
