@@ -21,15 +21,15 @@ def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
 def test_overhead_quick_prints_a_ratio_per_model() -> None:
     out = run_benchmark("overhead.py", "--quick")
     rows = re.findall(
-        r"^(MLP|CNN)\s+4\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)\s+([\d.]+)",
+        r"^(MLP|CNN)\s+4\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms\s+([\d.]+)\s+[\d.]+"
+        r"  (ok|above target 1\.02)$",
         out,
         re.M,
     )
     assert [row[0] for row in rows] == ["MLP", "CNN"], out
-    for _, hand, hand_norm, ours, ratio, ratio_norm in rows:
-        # The printed ratios are those of the printed medians, up to their rounding.
-        assert abs(float(ratio) - float(ours) / float(hand)) < 2e-3, out
-        assert abs(float(ratio_norm) - float(ours) / float(hand_norm)) < 2e-3, out
+    for _, ratio, verdict in rows:
+        # The verdict follows the printed ratio (median of the rounds' ratios).
+        assert (verdict == "ok") == (float(ratio) <= 1.02), out
 
 
 def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
