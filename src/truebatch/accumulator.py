@@ -454,7 +454,7 @@ class Accumulator:
             return self._result(window, math.nan, "the window holds no items (N == 0)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm_and_clip([p.grad for p in window.params if p.grad is not None])
+        grad_norm = self._grad_norm_and_clip(_present_grads(window.params))
         finite = math.isfinite(grad_norm)
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
@@ -952,8 +952,13 @@ def _clear_grads(params: list[nn.Parameter]) -> None:
         parameter.grad = None
 
 
+def _present_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients that exist (a parameter the window did not reach has none)."""
+    return [p.grad for p in params if p.grad is not None]
+
+
 def _scale_grads(params: list[nn.Parameter], factor: float) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = _present_grads(params)
     if grads:
         torch._foreach_mul_(grads, factor)
 

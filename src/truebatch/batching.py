@@ -32,7 +32,9 @@ def _is_dataclass_instance(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def _tensor_leaves(batch: Batch, path: str | None = "batch") -> list[tuple[str, torch.Tensor]]:
+def _tensor_leaves(
+    batch: Batch, path: str | None = "batch"
+) -> list[tuple[str | None, torch.Tensor]]:
     """Every tensor leaf with its path, like ``batch['x'][0]``.
 
     ``path=None`` leaves the paths out (``None``), which halves the cost: the
