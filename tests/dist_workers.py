@@ -32,6 +32,7 @@ from torch import nn
 import truebatch as tb
 from models import CLASSES, FEATURES, TASKS, collate_tokens, seeded, token_sequences, vector_batch
 from truebatch import _context
+from truebatch.distributed import GradientSync
 
 WORLD_SIZE = 2
 WINDOWS = 3
@@ -46,6 +47,8 @@ LAYOUTS: dict[str, tuple[tuple[tuple[int, ...], ...], ...]] = {
     "uneven": (((4, 3), (5,), (2, 2, 3)), ((3,), (1, 6), ())),
     # rank 1 has no data in its first window: every rank must raise, then go on
     "first_empty": (((4,), (3,), (2,)), ((), (3,), (2,))),
+    # no rank has data in the middle window (N == 0: no step)
+    "gap": (((4, 3), (), (2, 3)), ((3,), (), (5,))),
     # 12 samples on rank 0 and 8 on rank 1 in every window, in multiples of GHOST_BATCH_SIZE
     "ghost": (((8, 4), (12,), (4, 8)), ((8,), (4, 4), (8,))),
 }
@@ -219,7 +222,7 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
         max_grad_norm=scenario.max_grad_norm,
         gradient_sync=scenario.gradient_sync,
     )
-    trace = _Trace()
+    trace = Trace(accumulator.sync)
     loss_fn = _loss_fn(scenario, rank, trace)
     count = None if scenario.pair else TASKS[scenario.task].count
     keys = (
@@ -230,6 +233,7 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
         "seen",
         "gathers_at_pass",
         "reduces_at_backward",
+        "gather_waits",
         "collectives",
     )
     record: dict[str, list] = {key: [] for key in keys}
@@ -245,13 +249,14 @@ def _run(scenario: Scenario, rank: int) -> dict[str, list]:
         record["seen"].append(trace.sizes)
         record["gathers_at_pass"].append(trace.gathers_at_pass)
         record["reduces_at_backward"].append(trace.reduces_at_backward)
+        record["gather_waits"].append(trace.gather_waits)
         record["collectives"].append({name: trace.calls(name) for name in _CALLS})
         record["params"].append([_full(p) for p in model.parameters()])
         record["buffers"].append([b.detach().clone() for b in model.buffers()])
     return record
 
 
-class _Trace:
+class Trace:
     """What one window does on this rank, as seen from ``loss_fn`` and ``torch.distributed``.
 
     Attributes:
@@ -260,13 +265,31 @@ class _Trace:
             every call of ``loss_fn`` (each call precedes its backward).
         reduces_at_backward: the ``all_reduce`` calls made in the window so far,
             as every pass's backward reaches its loss.
+        gather_waits: for every exchange the Accumulator waited for (through
+            ``sync``, its :class:`~truebatch.distributed.GradientSync`), the
+            calls of ``loss_fn`` made in the window before the wait.
     """
+
+    def __init__(self, sync: GradientSync) -> None:
+        exchange = sync.exchange
+
+        def traced_exchange(row: list[float]) -> Any:
+            wait = exchange(row)
+
+            def traced_wait() -> list[list[float]]:
+                self.gather_waits.append(len(self.sizes))
+                return wait()
+
+            return traced_wait
+
+        sync.exchange = traced_exchange  # type: ignore[method-assign]
 
     def start(self) -> None:
         self._start = dict(_CALLS)
         self.sizes: list[int] = []
         self.gathers_at_pass: list[int] = []
         self.reduces_at_backward: list[int] = []
+        self.gather_waits: list[int] = []
 
     def calls(self, name: str) -> int:
         """Calls of ``torch.distributed.<name>`` since the window started."""
@@ -280,7 +303,7 @@ class _Trace:
         loss.register_hook(lambda _: self.reduces_at_backward.append(self.calls("all_reduce")))
 
 
-def _loss_fn(scenario: Scenario, rank: int, trace: _Trace) -> tb.accumulator.LossFn:
+def _loss_fn(scenario: Scenario, rank: int, trace: Trace) -> tb.accumulator.LossFn:
     """The task's loss sum; traces the pass and injects out-of-memory errors."""
     task = TASKS[scenario.task]
 

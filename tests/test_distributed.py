@@ -33,7 +33,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import truebatch as tb
-from dist_workers import WINDOWS, WORLD_SIZE, Scenario, build_model, build_optimizer, rank_data
+from dist_workers import (
+    WINDOWS,
+    WORLD_SIZE,
+    Scenario,
+    Trace,
+    build_model,
+    build_optimizer,
+    rank_data,
+)
 from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
 from truebatch import _context
 from truebatch.distributed import GradientSync
@@ -48,6 +56,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ddp-uneven-micro_batch": Scenario("ddp", layout="uneven", gradient_sync="micro_batch"),
     "ddp-tokens": Scenario("ddp", task="gru_lm", layout="uneven"),
     "ddp-tokens-pair": Scenario("ddp", task="gru_lm", layout="uneven", pair=True),
+    "ddp-gap": Scenario("ddp", layout="gap"),
     "ddp-auto-oom": Scenario("ddp", micro_batch_size="auto", oom_above=(4, 2, 6)),
     "ddp-first-empty": Scenario("ddp", layout="first_empty"),
     "fsdp2-even-window": Scenario("fsdp2", gradient_sync="window"),
@@ -131,7 +140,11 @@ def reference(scenario: Scenario, first_window: int = 0) -> list[dict[str, Any]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for window in range(first_window, WINDOWS):
-            batch = concat([piece for pieces in data for piece in pieces[window]])
+            pieces = [piece for rank_pieces in data for piece in rank_pieces[window]]
+            if not pieces:  # N == 0: no step
+                windows.append({"count": 0, "params": parameters(model)})
+                continue
+            batch = concat(pieces)
             with _context.micro_batch(window, offset=0):
                 loss = task.loss_mean(model, batch)
             loss.backward()
@@ -187,15 +200,15 @@ def ddp_buffers(
 
 def passes(scenario: Scenario, window: int) -> int:
     """Forward-backward passes every rank runs in ``window``: the most of any rank."""
-    return max(
-        sum(
-            len(pieces)
-            if scenario.micro_batch_size is None
-            else sum(math.ceil(tb_size(piece) / scenario.micro_batch_size) for piece in pieces)
-            for pieces in [rank_data(scenario, rank)[window]]
-        )
-        for rank in range(WORLD_SIZE)
-    )
+    return max(local_passes(scenario, rank, window) for rank in range(WORLD_SIZE))
+
+
+def local_passes(scenario: Scenario, rank: int, window: int) -> int:
+    """Passes of ``rank``'s own micro-batches in ``window`` (replays not included)."""
+    pieces = rank_data(scenario, rank)[window]
+    if scenario.micro_batch_size is None:
+        return len(pieces)
+    return sum(math.ceil(tb_size(piece) / scenario.micro_batch_size) for piece in pieces)
 
 
 def tb_size(piece: Any) -> int:
@@ -210,10 +223,14 @@ def assert_matches(
             window = start + offset
             got = record["results"][window]
             where = f"rank {rank}, window {window}"
-            assert got["stepped"], f"{where}: {got['skip_reason']}"
             assert got["count"] == want["count"], where
-            assert got["loss"] == pytest.approx(want["loss"], rel=EXACT), where
-            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=EXACT), where
+            if want["count"] == 0:
+                assert not got["stepped"], where
+                assert got["skip_reason"] == "the window holds no items (N == 0)", where
+            else:
+                assert got["stepped"], f"{where}: {got['skip_reason']}"
+                assert got["loss"] == pytest.approx(want["loss"], rel=EXACT), where
+                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=EXACT), where
             for index, (a, b) in enumerate(
                 zip(record["params"][window], want["params"], strict=True)
             ):
@@ -236,33 +253,54 @@ def test_gradients_synchronize_once_per_window_or_per_pass(runs: dict, name: str
     per_pass = (
         scenario.gradient_sync or {"ddp": "window", "fsdp2": "micro_batch"}[scenario.wrapper]
     ) == "micro_batch"
-    expected = [passes(scenario, w) if per_pass else 1 for w in range(WINDOWS)]
+    # Once per window in which some rank has data.
+    has_data = [any(rank_data(scenario, r)[w] for r in range(WORLD_SIZE)) for w in range(WINDOWS)]
+    expected = [passes(scenario, w) if per_pass else int(has_data[w]) for w in range(WINDOWS)]
     for rank, record in enumerate(runs[name]):
         assert record["syncs"] == expected, f"rank {rank}"
 
 
 @pytest.mark.parametrize("name", FIXED_SIZE_RUNS)
-def test_item_count_is_exchanged_once_per_window_before_the_first_backward(
+def test_item_count_is_exchanged_once_per_window_before_the_first_pass(
     runs: dict, name: str
 ) -> None:
+    scenario = SCENARIOS[name]
     for rank, record in enumerate(runs[name]):
         for window in range(WINDOWS):
             where = f"rank {rank}, window {window}"
-            # loss_fn runs before each backward: the exchange preceded all of them.
-            assert record["gathers_at_pass"][window][0] == 1, where
+            # Every pass (replays included) calls loss_fn after the exchange started.
+            assert record["gathers_at_pass"][window] == [1] * passes(scenario, window), where
             # truebatch's own collectives: the counts before, the loss sum after.
             assert record["collectives"][window]["all_gather"] == 1, where
             assert record["collectives"][window]["all_reduce"] == 1, where
 
 
 @pytest.mark.parametrize("name", FIXED_SIZE_RUNS)
+def test_item_count_travels_while_the_passes_compute_under_ddp(runs: dict, name: str) -> None:
+    # DDP's gradient stays local until the last pass: a window after one with N > 0 starts
+    # with that N, and waits for the exchange only before the rank's last own pass (a rank
+    # without data: before its first replay). Otherwise it waits before the first pass.
+    scenario = SCENARIOS[name]
+    travels = scenario.wrapper == "ddp" and scenario.gradient_sync != "micro_batch"
+    for rank, record in enumerate(runs[name]):
+        for window in range(WINDOWS):
+            guessed = travels and window > 0 and record["results"][window - 1]["count"] > 0
+            own = local_passes(scenario, rank, window)
+            expected = max(own - 1, 0) if guessed else 0
+            assert record["gather_waits"][window] == [expected], f"rank {rank}, window {window}"
+
+
+@pytest.mark.parametrize("name", FIXED_SIZE_RUNS)
 def test_loss_sum_travels_during_the_last_backward(runs: dict, name: str) -> None:
     # The one all-reduce of the loss sum (and counts) starts after the last forward and
     # before the last backward, so it overlaps that backward instead of following it.
+    scenario = SCENARIOS[name]
     for rank, record in enumerate(runs[name]):
         for window in range(WINDOWS):
-            reduces = record["reduces_at_backward"][window]
-            assert reduces == [0] * (len(reduces) - 1) + [1], f"rank {rank}, window {window}"
+            count = passes(scenario, window)
+            expected = [0] * (count - 1) + [1] if count else []
+            got = record["reduces_at_backward"][window]
+            assert got == expected, f"rank {rank}, window {window}"
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
@@ -357,7 +395,7 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     sync = GradientSync(torch.nn.Linear(2, 2))
     assert (sync.kind, sync.world_size, sync.rank, sync.distributed) == ("local", 1, 0, False)
     assert sync.mode == "window"
-    assert sync.exchange([3.0, 1.0]) == [[3.0, 1.0]]
+    assert sync.exchange([3.0, 1.0])() == [[3.0, 1.0]]
     assert sync.all_reduce(torch.tensor([2.0, 5.0]))() == [2.0, 5.0]
 
 
@@ -400,6 +438,40 @@ def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
     fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
     with pytest.raises(ValueError, match="supports one 1-D mesh"):
         tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_ddp_starts_with_the_previous_n_except_in_float16(
+    one_rank_group: None, dtype: torch.dtype
+) -> None:
+    # One rank shows when the Accumulator waits for its exchange: from the second window
+    # before the last pass (N repeats, then changes); in float16 always before the first.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).to(dtype)
+    reference = nn.Linear(3, 1).to(dtype)
+    reference.load_state_dict(model.state_dict())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    acc = tb.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), micro_batch_size=2)
+    trace = Trace(acc.sync)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        trace.record_pass(len(batch[0]))
+        return ((model(batch[0]) - batch[1]) ** 2).sum()
+
+    waits = []
+    for n in (6, 6, 5):
+        batch = (torch.randn(n, 3, dtype=dtype), torch.randn(n, 1, dtype=dtype))
+        trace.start()
+        acc.step(batch, loss_fn)
+        waits.append(trace.gather_waits)
+        ((reference(batch[0]) - batch[1]) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert waits == ([[0], [2], [2]] if dtype == torch.float64 else [[0], [0], [0]])
+    tolerance = EXACT if dtype == torch.float64 else 1e-2  # float16: a few units of 2**-10
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert relative_difference(a.detach(), b.detach()) <= tolerance
 
 
 def test_unknown_gradient_sync_is_refused() -> None:

@@ -8,7 +8,9 @@ effective batch (over all data-parallel ranks),
 which is the gradient of the big batch up to floating-point summation order.
 The Accumulator counts every micro-batch's items *before* any backward, so
 each backward is already scaled by world_size / N (DDP and FSDP2 average over
-ranks), and nothing needs dividing afterwards.
+ranks), and nothing needs dividing afterwards. (Under DDP the passes need not
+wait for the other ranks' counts: they start with the previous window's N, and
+a different N rescales the gradient once, before it is synchronized.)
 
 Each window then does exactly one of each, in this order: unscale (GradScaler)
 -> non-finite check -> clip -> optimizer step -> scaler update -> scheduler
@@ -18,6 +20,7 @@ step -> zero_grad(set_to_none=True).
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import operator
@@ -172,6 +175,8 @@ class Accumulator:
         self._window_index = 0
         self._auto_size: int | None = None
         self._template: Batch | None = None
+        # Under torch.distributed: the last window's N, which the next one starts with.
+        self._count_guess: float | None = None
 
     # ------------------------------------------------------------------ public
 
@@ -309,90 +314,175 @@ class Accumulator:
         """Forward and backward every ``(micro_batch, size)``; leaves the window's gradient
         in .grad.
 
-        With ``share_oom`` (``"auto"`` under torch.distributed) no real pass
-        synchronizes: a zero-weight pass first makes the wrapper's forward-time
-        collectives, an out-of-memory error stops this rank's passes, every
-        rank learns of it through one small exchange, and only then does a
-        zero-weight pass synchronize the gradients. Otherwise an error
-        propagates at once.
+        Under DDP (``"window"`` mode), from the second window on, the passes
+        start before the exchange of item counts arrives, each backward scaled
+        by the previous window's N (see :meth:`_passes`). ``share_oom`` is
+        ``"auto"`` under torch.distributed (see :meth:`_passes_sharing_oom`).
         """
         sizes = [size for _, size in micro_batches]
         params = self._params
         stats = self._exchange_stats(_local_count(micro_batches, count), sizes)
-        largest = max(sizes, default=0)
-        if stats["count"] == 0:
-            return _Window(params, 0.0, 0.0, len(micro_batches), largest)
-        passes = int(stats["passes"])
-        scale = self.sync.world_size / stats["count"]
+        guess = None if share_oom else self._count_guess
+        if guess is None and stats.wait().count == 0:
+            return _Window(params, 0.0, 0.0, len(micro_batches), max(sizes, default=0))
+        scale = self.sync.world_size / (guess or stats.count)
         totals = _Totals(self.sync, count is not None, scale, self._device())
-        offset = int(stats["offset"])
-        out_of_memory = False
         grads = _GradBuffers(params, self.accumulate_dtype, self.sync.distributed)
         # Only these can receive a gradient from a backward inside loss_fn (see _pass).
         trainable = [p for p in params if p.requires_grad]
         if self.sync.distributed and micro_batches:
+            # Taken anew every window: no larger than this window's micro-batches ("auto").
             self._template = _template_of(micro_batches[0][0])
         # A gradient left from before the window (the user's own backward) is not part of it.
         _clear_grads(params)
         try:
             with _Guard(self.optimizer, self.model):
                 if share_oom:
-                    # DDP's first forward after a synchronizing one broadcasts buffers (and,
-                    # once, bucket indices). Doing it here on every rank means a pass that runs
-                    # out of memory before reaching the model cannot leave it unmatched.
-                    self._replay(loss_fn, synchronize=False)
-                for index, (micro_batch, size) in enumerate(micro_batches):
-                    synchronize = not share_oom and self.sync.synchronizes(index, passes)
-                    final = not share_oom and index == passes - 1
-                    grads.before_pass(synchronize)
-                    try:
-                        self._pass(
-                            micro_batch, loss_fn, totals, offset, synchronize, final, trainable
-                        )
-                    except OutOfMemoryError:
-                        if not share_oom:
-                            raise
-                        out_of_memory = True
-                        break
-                    grads.after_pass(synchronize)
-                    offset += size
-                if share_oom:
-                    # The passes so far made no collective, so ranks need not match them.
-                    self._share_out_of_memory(out_of_memory, largest)
-                    grads.restore()
-                    self._replay(loss_fn, synchronize=True, totals=totals)
+                    self._passes_sharing_oom(
+                        micro_batches, loss_fn, stats, totals, grads, trainable
+                    )
                 else:
-                    for index in range(len(micro_batches), passes):
-                        synchronize = self.sync.synchronizes(index, passes)
-                        grads.before_pass(synchronize)
-                        self._replay(loss_fn, synchronize, totals if index == passes - 1 else None)
-                        grads.after_pass(synchronize)
+                    self._passes(micro_batches, loss_fn, stats, guess, totals, grads, trainable)
                 loss_total, n_items, pair_mode = totals.finish()
                 if pair_mode and n_items > 0:
                     # Divide the wide sums before they are rounded: one rounding per window.
                     grads.scale(1.0 / n_items)
-                    _scale_grads(params, 1.0 / n_items)
                 grads.restore()
         except BaseException:
             grads.discard()
             _clear_grads(params)
             raise
-        if not pair_mode:
-            n_items = stats["count"]
-        return _Window(params, loss_total, n_items, len(micro_batches), largest)
+        # Every rank read the same table, so every rank makes the same guess next time;
+        # only a gradient that stays local until the last pass can be rescaled, and not
+        # in float16, where a gradient scaled by a much smaller N could overflow.
+        usable = (
+            self.sync.gradient_stays_local
+            and stats.count > 0
+            and stats.all_can_replay
+            and all(p.dtype != torch.float16 for p in trainable)
+        )
+        self._count_guess = stats.count if usable else None
+        return _Window(
+            params,
+            loss_total,
+            n_items if pair_mode else stats.count,
+            len(micro_batches),
+            max(sizes, default=0),
+        )
+
+    def _passes(
+        self,
+        micro_batches: list[tuple[Batch, int]],
+        loss_fn: LossFn,
+        stats: _Stats,
+        guess: float | None,
+        totals: _Totals,
+        grads: _GradBuffers,
+        trainable: list[nn.Parameter],
+    ) -> None:
+        """This rank's passes, then zero-weight replays up to the busiest rank's number.
+
+        The gradient synchronizes on the window's last pass (on every pass in
+        ``"micro_batch"`` mode). Given a ``guess`` of N, the passes do not wait
+        for the exchange of counts: each backward is scaled by world_size /
+        guess, and the exchange travels meanwhile. It is waited for just before
+        this rank's last pass, the first that must know the number of passes
+        (whether it synchronizes); until then this rank's own number is a safe
+        stand-in, as no earlier pass can be the window's last. If N differs
+        from the guess, the gradient so far is multiplied once by guess / N.
+        """
+        local = len(micro_batches)
+        settle_at, passes = (-1, stats.passes) if guess is None else (max(local - 1, 0), local)
+        offset = 0
+        for index in itertools.count():
+            if index == settle_at:
+                assert guess is not None
+                passes = self._settle(stats, guess, totals, grads)
+            if index >= passes:
+                break
+            synchronize = self.sync.synchronizes(index, passes)
+            final = index == passes - 1
+            grads.before_pass(synchronize)
+            if index < local:
+                micro_batch, size = micro_batches[index]
+                self._pass(
+                    micro_batch,
+                    loss_fn,
+                    totals,
+                    _context.micro_batch(self._window_index, offset, stats.rank_offset),
+                    synchronize,
+                    final,
+                    trainable,
+                )
+                offset += size
+            else:
+                self._replay(loss_fn, synchronize, totals if final else None)
+            grads.after_pass(synchronize)
+
+    def _settle(self, stats: _Stats, guess: float, totals: _Totals, grads: _GradBuffers) -> int:
+        """Wait for the exchange; if N is not the guess, rescale the passes so far and
+        the ones to come. Returns the number of passes of the window."""
+        count = stats.wait().count
+        if count > 0 and count != guess:
+            totals.scale = self.sync.world_size / count
+            if totals.used is False:  # passes ran, scaled by 1 / guess (pairs wait for the end)
+                grads.scale(guess / count)
+        return stats.passes
+
+    def _passes_sharing_oom(
+        self,
+        micro_batches: list[tuple[Batch, int]],
+        loss_fn: LossFn,
+        stats: _Stats,
+        totals: _Totals,
+        grads: _GradBuffers,
+        trainable: list[nn.Parameter],
+    ) -> None:
+        """``"auto"`` under torch.distributed: no real pass synchronizes.
+
+        A zero-weight pass first makes the wrapper's forward-time collectives
+        (DDP's first forward after a synchronizing one broadcasts buffers), so a
+        pass that runs out of memory before reaching the model cannot leave one
+        unmatched. An out-of-memory error stops this rank's passes, every rank
+        learns of it through one small exchange (all retry smaller), and only
+        then does a zero-weight pass synchronize the gradients.
+        """
+        self._replay(loss_fn, synchronize=False)
+        out_of_memory, offset = False, 0
+        for micro_batch, size in micro_batches:
+            try:
+                self._pass(
+                    micro_batch,
+                    loss_fn,
+                    totals,
+                    _context.micro_batch(self._window_index, offset, stats.rank_offset),
+                    False,
+                    False,
+                    trainable,
+                )
+            except OutOfMemoryError:
+                out_of_memory = True
+                break
+            grads.stash()
+            offset += size
+        largest = max((size for _, size in micro_batches), default=0)
+        self._share_out_of_memory(out_of_memory, largest)
+        grads.restore()
+        self._replay(loss_fn, synchronize=True, totals=totals)
 
     def _pass(
         self,
         micro_batch: Batch,
         loss_fn: LossFn,
         totals: _Totals,
-        offset: int,
+        where: _context.micro_batch,
         synchronize: bool,
         final: bool,
         trainable: list[nn.Parameter],
     ) -> None:
-        """Forward and backward of one micro-batch; its loss sum goes to ``totals``,
-        whose reduction over ranks starts before the backward of the ``final`` pass.
+        """Forward and backward of one micro-batch (whose position ``where`` tells);
+        its loss sum goes to ``totals``, whose reduction over ranks starts before the
+        backward of the ``final`` pass.
 
         A backward inside ``loss_fn`` would add to the gradient outside the
         Accumulator's scaling: it changes some parameter's ``.grad`` (a new
@@ -401,7 +491,7 @@ class Accumulator:
         """
         before = _gradients(trainable)
         with self.sync.pass_context(synchronize):
-            with _context.micro_batch(self._window_index, offset), self._autocast():
+            with where, self._autocast():
                 output = loss_fn(self.model, micro_batch)
             if _gradients_changed(trainable, before):
                 raise RuntimeError(
@@ -420,11 +510,12 @@ class Accumulator:
         """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
 
         A rank with fewer micro-batches than the others replays two samples of
-        its first micro-batch with weight 0; buffers (BatchNorm statistics) and
-        the RNG are restored afterwards, so the replay leaves no trace. Buffers
-        are saved as the wrapped module starts, after DDP's broadcast, which
-        the replay must keep. When this is the window's last pass, the
-        reduction of ``totals`` starts before its backward.
+        its latest first micro-batch (this window's, if it has one) with weight 0;
+        buffers (BatchNorm statistics) and the RNG are restored afterwards, so
+        the replay leaves no trace. Buffers are saved as the wrapped module
+        starts, after DDP's broadcast, which the replay must keep. When this is
+        the window's last pass, the reduction of ``totals`` starts before its
+        backward.
         """
         device = self._device()
         rng, saved = _rng_state(device), [_clone_buffers(self.model)]
@@ -487,29 +578,17 @@ class Accumulator:
 
     # --------------------------------------------------------------- helpers
 
-    def _exchange_stats(self, local: float, sizes: list[int]) -> dict[str, float]:
-        """One collective: global item count, passes per rank, this rank's sample offset."""
+    def _exchange_stats(self, local: float, sizes: list[int]) -> _Stats:
+        """Start the window's one exchange: item count, passes, samples, and whether this
+        rank can replay a micro-batch (it has had one)."""
         can_replay = self._template is not None or bool(sizes)
         # Python numbers from here: a few tensor ops per window would cost more than the rest.
-        table = self.sync.exchange([local, len(sizes), sum(sizes), float(can_replay)])
-        count = sum(row[0] for row in table)
-        passes = max(row[1] for row in table)
-        stranded = [r for r, row in enumerate(table) if row[1] < passes and row[3] == 0]
-        if stranded and count > 0:
-            raise RuntimeError(
-                f"ranks {stranded} have no data in their first window and cannot take part in "
-                "the window's collectives; give every rank at least one sample in its first "
-                "window"
-            )
-        return {
-            "count": count,
-            "passes": passes,
-            "offset": int(sum(row[2] for row in table[: self.sync.rank])),
-        }
+        row = [local, len(sizes), sum(sizes), float(can_replay)]
+        return _Stats(self.sync.exchange(row), self.sync.rank)
 
     def _share_out_of_memory(self, out_of_memory: bool, largest: int) -> None:
         """One small exchange per attempt: if any rank ran out of memory, all retry."""
-        table = self.sync.exchange([float(out_of_memory), float(largest)])
+        table = self.sync.exchange([float(out_of_memory), float(largest)])()
         failed = [size for ran_out, size in table if ran_out]
         if failed:
             raise _RetryWindow(int(min(failed)))
@@ -626,8 +705,44 @@ class _Totals:
         return loss, count, returned > 0
 
 
+class _Stats:
+    """The window's numbers over all ranks, from one gather of a row per rank
+    ``[item count, passes, samples, can replay]``; waited for on first need."""
+
+    # Set by wait(): reading one before is an AttributeError, not a silent 0.
+    count: float  # N
+    passes: int  # of the busiest rank
+    offset: int  # samples on lower ranks
+    all_can_replay: bool
+
+    def __init__(self, wait: Callable[[], list[list[float]]], rank: int) -> None:
+        self._wait: Callable[[], list[list[float]]] | None = wait
+        self._rank = rank
+
+    def wait(self) -> _Stats:
+        if self._wait is None:
+            return self
+        table, self._wait = self._wait(), None
+        self.count = sum(row[0] for row in table)
+        self.passes = int(max(row[1] for row in table))
+        self.offset = int(sum(row[2] for row in table[: self._rank]))
+        self.all_can_replay = all(row[3] for row in table)
+        stranded = [r for r, row in enumerate(table) if row[1] < self.passes and row[3] == 0]
+        if stranded and self.count > 0:
+            raise RuntimeError(
+                f"ranks {stranded} have no data in their first window and cannot take part in "
+                "the window's collectives; give every rank at least one sample in its first "
+                "window"
+            )
+        return self
+
+    def rank_offset(self) -> int:
+        return self.wait().offset
+
+
 class _GradBuffers:
-    """Sums low-precision gradients across micro-batches in ``dtype`` (e.g. float32).
+    """The window's gradient so far: sums low-precision gradients across micro-batches
+    in ``dtype`` (e.g. float32).
 
     After every pass the gradients of parameters whose dtype is narrower than
     ``dtype`` are moved into wide buffers (``stash``); before a pass that a
@@ -638,7 +753,7 @@ class _GradBuffers:
     def __init__(
         self, params: list[nn.Parameter], dtype: torch.dtype | None, round_before_sync: bool
     ) -> None:
-        self.params = (
+        self.narrow = (
             []
             if dtype is None
             else [
@@ -649,6 +764,7 @@ class _GradBuffers:
                 and p.dtype.itemsize < dtype.itemsize
             ]
         )
+        self.params = params
         self.dtype = dtype
         self.round_before_sync = round_before_sync
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -666,7 +782,7 @@ class _GradBuffers:
             self.stash()
 
     def stash(self) -> None:
-        for p in self.params:
+        for p in self.narrow:
             if p.grad is None:
                 continue
             if p in self.sums:
@@ -682,8 +798,12 @@ class _GradBuffers:
         self.sums.clear()
 
     def scale(self, factor: float) -> None:
+        """Multiply the window's gradient so far, wide sums and ``.grad``, by ``factor``."""
         for total in self.sums.values():
             total.mul_(factor)
+        present = _present_grads(self.params)
+        if present:
+            torch._foreach_mul_(present, factor)
 
     def discard(self) -> None:
         self.sums.clear()
@@ -955,12 +1075,6 @@ def _clear_grads(params: list[nn.Parameter]) -> None:
 def _present_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     """The gradients that exist (a parameter the window did not reach has none)."""
     return [p.grad for p in params if p.grad is not None]
-
-
-def _scale_grads(params: list[nn.Parameter], factor: float) -> None:
-    grads = _present_grads(params)
-    if grads:
-        torch._foreach_mul_(grads, factor)
 
 
 def _clone_buffers(model: nn.Module) -> list[torch.Tensor]:

@@ -9,7 +9,9 @@ Per window the Accumulator makes these collectives, in the same order on every
 rank, which is what keeps uneven data from hanging:
 
 1. one ``all_gather`` of a few numbers per rank (item count, number of passes,
-   samples, flags) before the first backward;
+   samples, flags), started as the window starts; under DDP, from the second
+   window on, it travels while the passes compute and is waited for just before
+   this rank's last pass (see ``Accumulator._passes``), else before the first;
 2. the gradient synchronization of the wrapper: once, on the last pass, when
    gradients are synchronized per window (DDP's default), or on every pass
    (FSDP2's default); every rank runs the same number of passes;
@@ -119,6 +121,14 @@ class GradientSync:
         """Whether the Accumulator must exchange counts and keep passes in step."""
         return self.world_size > 1 or self.kind != "local"
 
+    @property
+    def gradient_stays_local(self) -> bool:
+        """Whether each rank's gradient stays in its parameters' ``.grad``, unreduced,
+        until the window's last pass: DDP in ``"window"`` mode. (FSDP2 in that mode
+        keeps it on internal unsharded parameters.) Only such a gradient can be
+        rescaled by each rank on its own before the synchronization."""
+        return self.kind == "ddp" and self.mode == "window"
+
     def _device(self) -> torch.device:
         """Where the group's collectives run: NCCL only takes tensors on the model's GPU."""
         if "nccl" not in str(dist.get_backend(self.group)):
@@ -128,14 +138,24 @@ class GradientSync:
                 return parameter.device
         return torch.device("cuda", torch.cuda.current_device())
 
-    def exchange(self, row: Sequence[float]) -> list[list[float]]:
-        """All ranks' ``row``, in rank order (Python numbers: no tensor for a local model)."""
+    def exchange(self, row: Sequence[float]) -> Callable[[], list[list[float]]]:
+        """Start gathering every rank's ``row``; returns the wait.
+
+        Calling the returned function waits for the rows and returns them in
+        rank order, as Python numbers (no tensor at all for a local model).
+        """
         if not self.distributed:
-            return [list(row)]
+            rows = [list(row)]
+            return lambda: rows
         local = torch.tensor([list(row)], dtype=torch.float64, device=self._device())
-        rows = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(rows, local, group=self.group)
-        return torch.cat(rows).tolist()
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        work = dist.all_gather(gathered, local, group=self.group, async_op=True)
+
+        def wait() -> list[list[float]]:
+            work.wait()
+            return torch.cat(gathered).tolist()
+
+        return wait
 
     def all_reduce(self, values: torch.Tensor) -> Callable[[], list[float]]:
         """Start summing ``values`` (a 1-d tensor) over ranks; returns the wait.
