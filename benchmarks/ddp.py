@@ -4,9 +4,9 @@ Ways to train the same DDP-wrapped MLP on the same data, k micro-batches of
 equal size per window and one SGD step per window:
 
 - ``truebatch``: ``tb.Accumulator(ddp, optimizer).step_window(window, loss_fn)``
-  (one exchange of item counts before the first backward, gradients all-reduced
-  on the last pass only, one all-reduce of the loss that travels during the last
-  backward, the global gradient norm);
+  (one exchange of item counts that travels during the passes, gradients
+  all-reduced on the last pass only, one all-reduce of the loss that travels
+  during the last backward, the global gradient norm);
 - ``no_sync``: the usual hand-written loop, ``(mean loss / k).backward()``
   under ``ddp.no_sync()`` except for the last micro-batch, then step and zero;
 - ``no_sync_again``: the ``no_sync`` loop once more, timed as a method of its

@@ -396,7 +396,7 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     assert (sync.kind, sync.world_size, sync.rank, sync.distributed) == ("local", 1, 0, False)
     assert sync.mode == "window"
     assert sync.exchange([3.0, 1.0])() == [[3.0, 1.0]]
-    assert sync.all_reduce(torch.tensor([2.0, 5.0]))() == [2.0, 5.0]
+    assert sync.all_reduce(torch.tensor([2.0, 5.0], dtype=torch.float64))() == [2.0, 5.0]
 
 
 @pytest.fixture

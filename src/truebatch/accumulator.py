@@ -664,7 +664,7 @@ class _Totals:
             output, count = output
             self.counts.append(_as_count(count, "the count returned by loss_fn").to(self.device))
         loss = _check_loss(output)
-        self.losses.append(loss.detach())
+        self.losses.append(loss)  # as returned: start() stacks them without autograd
         # Counts returned by loss_fn are only known at the end: the gradient is divided then.
         return loss * (float(self.sync.world_size) if pair else self.scale)
 
@@ -672,25 +672,20 @@ class _Totals:
         """Start summing (loss sum, returned count, negative counts, counts returned?)."""
         if self._wait is not None:
             return
-        if not (self.counts or self.sync.distributed):
-            # One rank, no returned count (and at least one pass): the losses alone,
-            # read and added up when finished.
-            losses = torch.stack(self.losses)
-            self._wait = lambda: [math.fsum(losses.tolist()), 0.0, 0.0, 0.0]
-            return
-        loss = (
-            torch.stack(self.losses).sum(dtype=torch.float64)
-            if self.losses
-            else torch.zeros((), dtype=torch.float64, device=self.device)
-        )
-        if self.counts:
-            counts = torch.stack(self.counts)
-            returned = torch.stack(
-                [counts.sum(), (counts < 0).sum(dtype=torch.float64), torch.ones_like(counts[0])]
-            )
-        else:
-            returned = torch.zeros(3, dtype=torch.float64, device=self.device)
-        self._wait = self.sync.all_reduce(torch.cat([loss.reshape(1), returned]))
+        with torch.no_grad():  # the losses are kept as loss_fn returned them
+            losses = torch.stack(self.losses) if self.losses else None
+            if losses is not None and not (self.counts or self.sync.distributed):
+                # One rank, no returned count: the losses alone, read and added up when
+                # finished.
+                self._wait = lambda: [math.fsum(losses.tolist()), 0.0, 0.0, 0.0]
+                return
+            values = torch.zeros(4, dtype=torch.float64, device=self.device)
+            if losses is not None:
+                values[0] = losses.sum(dtype=torch.float64)
+            if self.counts:
+                counts = torch.stack(self.counts)
+                values[1:] = torch.stack([counts.sum(), (counts < 0).sum(), counts.new_ones(())])
+        self._wait = self.sync.all_reduce(values)
 
     def finish(self) -> tuple[float, float, bool]:
         """Over all ranks: the loss sum, the returned count, whether counts were returned."""

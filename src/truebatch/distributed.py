@@ -158,13 +158,12 @@ class GradientSync:
         return wait
 
     def all_reduce(self, values: torch.Tensor) -> Callable[[], list[float]]:
-        """Start summing ``values`` (a 1-d tensor) over ranks; returns the wait.
+        """Start summing ``values`` (a 1-d float64 tensor) over ranks; returns the wait.
 
         Calling the returned function waits for the sum and returns it as Python
         numbers. Between the two, the collective travels while the caller
         computes.
         """
-        values = values.detach().to(torch.float64).reshape(-1)
         if not self.distributed:
             return values.tolist
         values = values.to(self._device())
