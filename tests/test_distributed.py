@@ -474,6 +474,31 @@ def test_ddp_starts_with_the_previous_n_except_in_float16(
         assert relative_difference(a.detach(), b.detach()) <= tolerance
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_a_failed_window_leaves_gradients_synchronizing(one_rank_group: None, wrapper: str) -> None:
+    # The window's first passes run in the wrapper's no-sync mode; an error in a later
+    # pass must not leave the model there (a plain backward afterwards would not sync).
+    model = nn.Linear(3, 1)
+    if wrapper == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    else:
+        fully_shard(model)
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), gradient_sync="window")
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1:
+            raise ValueError("bad micro-batch")
+        return model(x).sum()
+
+    with pytest.raises(ValueError, match="bad micro-batch"):
+        acc.step_window([torch.ones(2, 3), torch.ones(1, 3), torch.ones(2, 3)], loss_fn)
+    model(torch.ones(2, 3)).sum().backward()
+    if wrapper == "ddp":
+        assert model.require_backward_grad_sync
+    # FSDP2 reduce-scatters into the sharded .grad only when it synchronizes.
+    assert all(p.grad is not None for p in model.parameters())
+
+
 def test_unknown_gradient_sync_is_refused() -> None:
     with pytest.raises(ValueError, match="gradient_sync must be 'window', 'micro_batch'"):
         GradientSync(torch.nn.Linear(2, 2), "every_step")

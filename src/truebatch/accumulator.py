@@ -336,7 +336,7 @@ class Accumulator:
         # A gradient left from before the window (the user's own backward) is not part of it.
         _clear_grads(params)
         try:
-            with _Guard(self.optimizer, self.model):
+            with _Guard(self.optimizer, self.model), self.sync.window():
                 if share_oom:
                     self._passes_sharing_oom(
                         micro_batches, loss_fn, stats, totals, grads, trainable
@@ -490,21 +490,21 @@ class Accumulator:
         look at the gradients before and after ``loss_fn`` reveals.
         """
         before = _gradients(trainable)
-        with self.sync.pass_context(synchronize):
-            with where, self._autocast():
-                output = loss_fn(self.model, micro_batch)
-            if _gradients_changed(trainable, before):
-                raise RuntimeError(
-                    "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
-                    "and the Accumulator runs backward with the right scale: replace "
-                    "`loss.backward(); return loss` by `return loss`"
-                )
-            scaled = totals.add(output)
-            if final:
-                totals.start()
-            if self.scaler is not None:
-                scaled = self.scaler.scale(scaled)
-            scaled.backward()
+        self.sync.prepare(synchronize)
+        with where, self._autocast():
+            output = loss_fn(self.model, micro_batch)
+        if _gradients_changed(trainable, before):
+            raise RuntimeError(
+                "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
+                "and the Accumulator runs backward with the right scale: replace "
+                "`loss.backward(); return loss` by `return loss`"
+            )
+        scaled = totals.add(output)
+        if final:
+            totals.start()
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
 
     def _replay(self, loss_fn: LossFn, synchronize: bool, totals: _Totals | None = None) -> None:
         """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
@@ -526,13 +526,13 @@ class Accumulator:
 
         handle = self.sync.module.register_forward_pre_hook(save_buffers)
         try:
-            with self.sync.pass_context(synchronize):
-                with _context.micro_batch(self._window_index, 0), self._autocast():
-                    output = loss_fn(self.model, self._template)
-                loss = output[0] if isinstance(output, tuple | list) else output
-                if totals is not None:
-                    totals.start()
-                (loss * 0.0).backward()
+            self.sync.prepare(synchronize)
+            with _context.micro_batch(self._window_index, 0), self._autocast():
+                output = loss_fn(self.model, self._template)
+            loss = output[0] if isinstance(output, tuple | list) else output
+            if totals is not None:
+                totals.start()
+            (loss * 0.0).backward()
         finally:
             handle.remove()
         _restore_buffers(self.model, saved[-1])

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from torch import nn
 
 SyncMode = Literal["window", "micro_batch"]
-_NO_CONTEXT = nullcontext()  # reusable: a pass that needs no context gets this one
 
 __all__ = ["GradientSync", "SyncMode", "rank", "world_size"]
 
@@ -115,6 +114,8 @@ class GradientSync:
         self.rank = 0 if self.kind == "local" else dist.get_rank(self.group)
         self.mode: SyncMode = mode or ("micro_batch" if self.kind == "fsdp2" else "window")
         self.module: nn.Module = model.module if self.kind == "ddp" else model
+        self._synchronizing = True  # see prepare()
+        self._no_sync: AbstractContextManager[None] = nullcontext()  # DDP's, once entered
 
     @property
     def distributed(self) -> bool:
@@ -175,22 +176,33 @@ class GradientSync:
 
         return wait
 
-    def pass_context(self, synchronize: bool) -> AbstractContextManager[None]:
-        """Context for one forward+backward pass that does (not) synchronize gradients."""
-        if self.kind == "ddp" and not synchronize:
-            return self.model.no_sync()
+    def prepare(self, synchronize: bool) -> None:
+        """Make the next pass synchronize gradients, or not.
+
+        The wrapper's no-sync mode (DDP's ``no_sync()``, FSDP2's
+        ``set_requires_gradient_sync(False)``) is entered or left only when
+        this changes, so a run of passes that do not synchronize enters it
+        once. Call inside :meth:`window`, which leaves it.
+        """
+        if synchronize == self._synchronizing or self.kind == "local":
+            return
+        self._synchronizing = synchronize
         if self.kind == "fsdp2":
-            return self._fsdp2_sync(synchronize)
-        return _NO_CONTEXT
+            self.model.set_requires_gradient_sync(synchronize)
+        elif synchronize:
+            self._no_sync.__exit__(None, None, None)
+        else:
+            self._no_sync = self.model.no_sync()
+            self._no_sync.__enter__()
+
+    @contextmanager
+    def window(self) -> Iterator[None]:
+        """The passes of one window; gradients synchronize again afterwards, also on error."""
+        try:
+            yield
+        finally:
+            self.prepare(True)
 
     def synchronizes(self, pass_index: int, passes: int) -> bool:
         """Whether pass ``pass_index`` (0-based) of ``passes`` synchronizes gradients."""
         return self.mode == "micro_batch" or pass_index == passes - 1
-
-    @contextmanager
-    def _fsdp2_sync(self, synchronize: bool) -> Iterator[None]:
-        self.model.set_requires_gradient_sync(synchronize)
-        try:
-            yield
-        finally:
-            self.model.set_requires_gradient_sync(True)
