@@ -28,9 +28,11 @@ parameters are compared. Then, for timing, the DDP methods share one DDP model
 and optimizer (and the FSDP2 methods one sharded model), so that they differ
 only in their loops: two copies of one model can differ by a few percent in
 speed, from where their tensors lie in memory. Each round runs ``--windows``
-windows of every method, the order rotating from round to round so that a slow
-moment of the shared machine hits all of them; both ranks start each timed
-block together (a barrier) and the block's time is the slower rank's. The time
+windows of every method, interleaved: window 1 of every method, then window 2
+of every method, and so on, the order of the methods rotating from round to
+round, so that a slow moment of the shared machine hits all of them alike.
+Both ranks start every timed window together (a barrier), and a window's time
+is the slower rank's; a method's time in a round is the sum over its windows. The time
 truebatch spends in its own two small collectives per window (rank 0) is
 reported too. Prints the median per-window times and the medians of the
 per-round ratios truebatch / no_sync (target <= 1.03: PASS/FAIL), no_sync_again
@@ -243,17 +245,21 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         collectives: list[float] = []
         for round_index in range(args.warmup + args.rounds):
             shift = round_index % len(METHODS)
-            for name in METHODS[shift:] + METHODS[:shift]:
-                dist.barrier()
-                start, spent_before = time.perf_counter(), collective_seconds[0]
-                for window in data:
+            order = METHODS[shift:] + METHODS[:shift]
+            # Seconds per (window, method) on this rank; then the slower rank's.
+            elapsed = torch.zeros(len(data), len(METHODS), dtype=torch.float64)
+            spent_before = collective_seconds[0]
+            for index, window in enumerate(data):
+                for name in order:
+                    dist.barrier()
+                    start = time.perf_counter()
                     runners[name](window)
-                elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-                if round_index >= args.warmup:
-                    times[name].append(elapsed.item() / len(data))
-                if round_index >= args.warmup and name == "truebatch":
-                    collectives.append((collective_seconds[0] - spent_before) / len(data))
+                    elapsed[index, METHODS.index(name)] = time.perf_counter() - start
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_index >= args.warmup:
+                for name, seconds in zip(METHODS, elapsed.sum(0).tolist(), strict=True):
+                    times[name].append(seconds / len(data))
+                collectives.append((collective_seconds[0] - spent_before) / len(data))
         if rank == 0:
             results.put({"times": times, "collectives": collectives, "differences": differences})
     finally:
@@ -300,7 +306,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any]) -> bool:
     )
     print(
         f"window: k={args.k} micro-batches of {args.micro_batch_size} per rank; "
-        f"{args.rounds} rounds of {args.windows} windows per method, order rotating"
+        f"{args.rounds} rounds of {args.windows} windows per method, interleaved, order rotating"
     )
     for name in METHODS:
         print(f"  {name:<17} {statistics.median(times[name]) * 1e3:8.2f} ms per window")

@@ -684,7 +684,9 @@ class _Totals:
                 values[0] = losses.sum(dtype=torch.float64)
             if self.counts:
                 counts = torch.stack(self.counts)
-                values[1:] = torch.stack([counts.sum(), (counts < 0).sum(), counts.new_ones(())])
+                values[1:] = torch.stack(
+                    [counts.sum(), (counts < 0).sum(dtype=torch.float64), counts.new_ones(())]
+                )
         self._wait = self.sync.all_reduce(values)
 
     def finish(self) -> tuple[float, float, bool]:
