@@ -83,9 +83,8 @@ class StepResult:
 
 @dataclass(frozen=True)
 class _Window:
-    """The gradient of one window is in the ``.grad`` of ``params``; these are its totals."""
+    """The gradient of one window is in the parameters' ``.grad``; these are its totals."""
 
-    params: list[nn.Parameter]
     loss_sum: float
     count: float
     micro_batches: int
@@ -320,11 +319,12 @@ class Accumulator:
         ``"auto"`` under torch.distributed (see :meth:`_passes_sharing_oom`).
         """
         sizes = [size for _, size in micro_batches]
+        largest = max(sizes, default=0)
         params = self._params
         stats = self._exchange_stats(_local_count(micro_batches, count), sizes)
         guess = None if share_oom else self._count_guess
         if guess is None and stats.wait().count == 0:
-            return _Window(params, 0.0, 0.0, len(micro_batches), max(sizes, default=0))
+            return _Window(0.0, 0.0, len(micro_batches), largest)
         scale = self.sync.world_size / (guess or stats.count)
         totals = _Totals(self.sync, count is not None, scale, self._device())
         grads = _GradBuffers(params, self.accumulate_dtype, self.sync.distributed)
@@ -362,13 +362,8 @@ class Accumulator:
             and all(p.dtype != torch.float16 for p in trainable)
         )
         self._count_guess = stats.count if usable else None
-        return _Window(
-            params,
-            loss_total,
-            n_items if pair_mode else stats.count,
-            len(micro_batches),
-            max(sizes, default=0),
-        )
+        n_items = n_items if pair_mode else stats.count
+        return _Window(loss_total, n_items, len(micro_batches), largest)
 
     def _passes(
         self,
@@ -541,11 +536,11 @@ class Accumulator:
     def _apply(self, window: _Window) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once."""
         if window.count == 0:
-            _clear_grads(window.params)
+            _clear_grads(self._params)
             return self._result(window, math.nan, "the window holds no items (N == 0)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm_and_clip(_present_grads(window.params))
+        grad_norm = self._grad_norm_and_clip(_present_grads(self._params))
         finite = math.isfinite(grad_norm)
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
@@ -558,7 +553,7 @@ class Accumulator:
             reason = None
         if reason is None and self.scheduler is not None:
             self.scheduler.step()
-        _clear_grads(window.params)
+        _clear_grads(self._params)
         return self._result(window, grad_norm, reason)
 
     def _result(self, window: _Window, grad_norm: float, reason: str | None) -> StepResult:
