@@ -63,7 +63,7 @@ def window_gradient(model: nn.Module, batch: Batch, dtype: torch.dtype | None) -
     """The gradient tb.Accumulator hands to the optimizer for one window over ``batch``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     acc = tb.Accumulator(model, optimizer, micro_batch_size=MICRO_BATCH, accumulate_dtype=dtype)
-    acc._gradient([batch], loss_sum, None)
+    acc.accumulate([batch], loss_sum, None)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     return grads

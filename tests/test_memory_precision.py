@@ -355,7 +355,7 @@ def test_autocast_runs_the_forward_matmuls_in_the_given_dtype(dtype: torch.dtype
         # The contract pre-scales every backward by 1 / N.
         (loss * (1 / 12)).backward()
     acc = tb.Accumulator(model, sgd(model), micro_batch_size=4, autocast=dtype)
-    acc._gradient([data], classification_loss, None)
+    acc.accumulate([data], classification_loss, None)
 
     assert seen == [dtype] * 3
     assert all(
@@ -542,7 +542,7 @@ def accumulated(model: nn.Module, data: tuple, micro_batch_size: int, dtype) -> 
     acc = tb.Accumulator(
         model, sgd(model), micro_batch_size=micro_batch_size, accumulate_dtype=dtype
     )
-    acc._gradient([data], bf16_loss, None)
+    acc.accumulate([data], bf16_loss, None)
     return [p.grad for p in model.parameters()]
 
 
@@ -574,7 +574,7 @@ def test_float32_accumulation_divides_returned_counts_before_its_one_rounding() 
         for total, g in zip(sums, part, strict=True):
             total += g
     acc = tb.Accumulator(model, sgd(model), micro_batch_size=8, accumulate_dtype=torch.float32)
-    acc._gradient([data], lambda m, b: (bf16_loss(m, b), tb.batch_size(b)), None)
+    acc.accumulate([data], lambda m, b: (bf16_loss(m, b), tb.batch_size(b)), None)
 
     assert_bitwise_equal([p.grad for p in params], [(s * (1 / 61)).bfloat16() for s in sums])
 

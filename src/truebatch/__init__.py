@@ -7,9 +7,11 @@ result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losse
 
 from truebatch import nn, testing  # tb.nn layers, tb.testing.assert_accumulation_equivalent
 from truebatch.accumulator import Accumulator, StepResult
-from truebatch.batching import batch_size, count_samples, count_tokens, split, windows
+from truebatch.batching import batch_size, batch_unit, count_samples, count_tokens, split
 from truebatch.check import Finding, Report, check
+from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
+from truebatch.windows import windows
 
 __all__ = [
     "Accumulator",
@@ -17,10 +19,13 @@ __all__ = [
     "Report",
     "StepResult",
     "batch_size",
+    "batch_unit",
     "check",
     "count_samples",
     "count_tokens",
+    "max_relative_difference",
     "nn",
+    "relative_differences",
     "scale_lr",
     "split",
     "testing",

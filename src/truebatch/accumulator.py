@@ -36,15 +36,15 @@ from truebatch import _context
 from truebatch.batching import (
     Batch,
     Counter,
-    _map_tensors,
-    _split_sized,
     batch_size,
+    batch_unit,
     count_samples,
+    map_tensors,
+    split_sized,
 )
 from truebatch.distributed import GradientSync, SyncMode
-from truebatch.nn.batchnorm import ghost_unit
 
-__all__ = ["Accumulator", "LossFn", "StepResult"]
+__all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
 log = logging.getLogger("truebatch")
 
@@ -82,8 +82,15 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class _Window:
-    """The gradient of one window is in the parameters' ``.grad``; these are its totals."""
+class WindowTotals:
+    """What :meth:`Accumulator.accumulate` returns; the window's gradient is in ``.grad``.
+
+    Attributes:
+        loss_sum: sum of the loss sums over all micro-batches and ranks.
+        count: N, the window's item count over all ranks.
+        micro_batches: micro-batches run on this rank.
+        micro_batch_size: largest micro-batch run on this rank.
+    """
 
     loss_sum: float
     count: float
@@ -189,7 +196,7 @@ class Accumulator:
         ``None`` counts samples, unless ``loss_fn`` returns counts itself, in
         which case the gradient is divided by their total once at the end.
         """
-        return self._run([batch], loss_fn, count)
+        return self._apply(self.accumulate([batch], loss_fn, count))
 
     def step_window(
         self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
@@ -200,7 +207,7 @@ class Accumulator:
         set. An empty window (e.g. a rank with no data left) takes part in the
         window's collectives and steps with the other ranks' gradient.
         """
-        return self._run(list(micro_batches), loss_fn, count)
+        return self._apply(self.accumulate(micro_batches, loss_fn, count))
 
     def state_dict(self) -> dict[str, Any]:
         """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""
@@ -242,12 +249,21 @@ class Accumulator:
 
     # ---------------------------------------------------------------- a window
 
-    def _run(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> StepResult:
-        return self._apply(self._gradient(pieces, loss_fn, count))
+    def accumulate(
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
+    ) -> WindowTotals:
+        """Every pass of a window and no optimizer step.
 
-    def _gradient(self, pieces: list[Batch], loss_fn: LossFn, count: Counter | None) -> _Window:
-        """Every pass of a window and no step: the window's gradient is left in .grad
-        (where the checker and the precision tests read it)."""
+        The window's gradient, ``(1 / N) * sum_j d(loss_sum_j) / d(params)``, is
+        left in the parameters' ``.grad`` (where :func:`truebatch.check` reads
+        it); nothing else changes but the buffers forward updates (BatchNorm
+        statistics) and the RNG. :meth:`step_window` is ``accumulate`` followed
+        by the once-per-window step.
+
+        Returns:
+            the window's loss sum, item count N and micro-batch plan.
+        """
+        pieces = list(micro_batches)
         sizes = [batch_size(piece) for piece in pieces]
         _check_loss_fn_and_count(loss_fn, count)
         if self.micro_batch_size == "auto":
@@ -256,14 +272,14 @@ class Accumulator:
 
     def _accumulate_auto(
         self, pieces: list[Batch], sizes: list[int], loss_fn: LossFn, count: Counter | None
-    ) -> _Window:
+    ) -> WindowTotals:
         """Halve the micro-batch size on out-of-memory and redo the window from its start."""
         largest = max(sizes, default=1)
         size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
         device = self._device()
         rng, buffers = _rng_state(device), _clone_buffers(self.model)
         # Halve, but keep whole ghost batches (tb.nn.GhostBatchNorm) in every micro-batch.
-        unit = ghost_unit(self.model)
+        unit = batch_unit(self.model)
         retried = False
         while True:
             try:
@@ -309,7 +325,7 @@ class Accumulator:
         loss_fn: LossFn,
         count: Counter | None,
         share_oom: bool = False,
-    ) -> _Window:
+    ) -> WindowTotals:
         """Forward and backward every ``(micro_batch, size)``; leaves the window's gradient
         in .grad.
 
@@ -324,7 +340,7 @@ class Accumulator:
         stats = self._exchange_stats(_local_count(micro_batches, count), sizes)
         guess = None if share_oom else self._count_guess
         if guess is None and stats.wait().count == 0:
-            return _Window(0.0, 0.0, len(micro_batches), largest)
+            return WindowTotals(0.0, 0.0, len(micro_batches), largest)
         scale = self.sync.world_size / (guess or stats.count)
         totals = _Totals(self.sync, count is not None, scale, self._device())
         grads = _GradBuffers(params, self.accumulate_dtype, self.sync.distributed)
@@ -363,7 +379,7 @@ class Accumulator:
         )
         self._count_guess = stats.count if usable else None
         n_items = n_items if pair_mode else stats.count
-        return _Window(loss_total, n_items, len(micro_batches), largest)
+        return WindowTotals(loss_total, n_items, len(micro_batches), largest)
 
     def _passes(
         self,
@@ -533,7 +549,7 @@ class Accumulator:
         _restore_buffers(self.model, saved[-1])
         _set_rng_state(device, rng)
 
-    def _apply(self, window: _Window) -> StepResult:
+    def _apply(self, window: WindowTotals) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once."""
         if window.count == 0:
             _clear_grads(self._params)
@@ -556,7 +572,7 @@ class Accumulator:
         _clear_grads(self._params)
         return self._result(window, grad_norm, reason)
 
-    def _result(self, window: _Window, grad_norm: float, reason: str | None) -> StepResult:
+    def _result(self, window: WindowTotals, grad_norm: float, reason: str | None) -> StepResult:
         self._window_index += 1
         loss = window.loss_sum / window.count if window.count else math.nan
         count = window.count
@@ -875,13 +891,13 @@ def _split_all(
     return [
         pair
         for piece, size in zip(pieces, sizes, strict=True)
-        for pair in _split_sized(piece, size, micro_batch_size)
+        for pair in split_sized(piece, size, micro_batch_size)
     ]
 
 
 def _template_of(micro_batch: Batch) -> Batch:
     """A two-sample copy of a micro-batch, enough to replay a zero-weight pass."""
-    return _map_tensors(micro_batch, lambda t: t[:2].clone())
+    return map_tensors(micro_batch, lambda t: t[:2].clone())
 
 
 def _as_count(value: Any, what: str) -> torch.Tensor:

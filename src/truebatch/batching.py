@@ -11,17 +11,17 @@ Accumulator, the checker and the demos all call them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 Batch = Any
 Count = int | torch.Tensor
 Counter = Callable[[Batch], Count]
-T = TypeVar("T")
 
-__all__ = ["batch_size", "count_samples", "count_tokens", "split", "windows"]
+__all__ = ["batch_size", "batch_unit", "count_samples", "count_tokens", "split"]
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -32,7 +32,7 @@ def _is_dataclass_instance(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def _tensor_leaves(
+def tensor_leaves(
     batch: Batch, path: str | None = "batch"
 ) -> list[tuple[str | None, torch.Tensor]]:
     """Every tensor leaf with its path, like ``batch['x'][0]``.
@@ -62,20 +62,20 @@ def _collect_leaves(batch: Batch, path: str | None, leaves: list[tuple[Any, torc
             _collect_leaves(getattr(batch, field.name), path and f"{path}.{field.name}", leaves)
 
 
-def _map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
     """Rebuild ``batch`` with ``fn`` applied to every tensor leaf, keeping container types."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if _is_namedtuple(batch):
-        return type(batch)(*(_map_tensors(item, fn) for item in batch))
+        return type(batch)(*(map_tensors(item, fn) for item in batch))
     if isinstance(batch, tuple | list):
-        return type(batch)(_map_tensors(item, fn) for item in batch)
+        return type(batch)(map_tensors(item, fn) for item in batch)
     if isinstance(batch, dict):
-        mapped = {key: _map_tensors(item, fn) for key, item in batch.items()}
+        mapped = {key: map_tensors(item, fn) for key, item in batch.items()}
         return mapped if type(batch) is dict else type(batch)(mapped)
     if _is_dataclass_instance(batch):
         changes = {
-            f.name: _map_tensors(getattr(batch, f.name), fn)
+            f.name: map_tensors(getattr(batch, f.name), fn)
             for f in dataclasses.fields(batch)
             if f.init
         }
@@ -90,10 +90,10 @@ def batch_size(batch: Batch) -> int:
         ValueError: if the batch holds no tensor, a 0-dim tensor, or tensors whose
             leading dimensions differ (the message names every offending leaf).
     """
-    sizes = {t.shape[0] if t.dim() else None for _, t in _tensor_leaves(batch, None)}
+    sizes = {t.shape[0] if t.dim() else None for _, t in tensor_leaves(batch, None)}
     if len(sizes) == 1 and None not in sizes:
         return sizes.pop()
-    leaves = _tensor_leaves(batch)
+    leaves = tensor_leaves(batch)
     if not leaves:
         raise ValueError(
             f"batch holds no tensor (got {type(batch).__name__}); pass a tensor or a "
@@ -142,42 +142,37 @@ def split(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
     size = batch_size(batch)
     if micro_batch_size is None:
         return [batch]
-    return [mb for mb, _ in _split_sized(batch, size, _check_micro_batch_size(micro_batch_size))]
+    return [mb for mb, _ in split_sized(batch, size, _check_micro_batch_size(micro_batch_size))]
 
 
-def _split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
+def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
     """:func:`split` of a batch of known ``size``: ``(micro_batch, its size)`` pairs."""
     if step >= size:
         return [(batch, size)]
     return [
         (
-            _map_tensors(batch, lambda t, start=start: t[start : start + step]),
+            map_tensors(batch, lambda t, start=start: t[start : start + step]),
             min(step, size - start),
         )
         for start in range(0, size, step)
     ]
 
 
-def windows(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Group consecutive micro-batches into windows (lists) of ``size``.
+def batch_unit(model: torch.nn.Module) -> int:
+    """The number of samples every micro-batch must be a multiple of, for ``model``.
 
-    The last window may be shorter; the Accumulator normalizes it by its own item
-    count, so it is still exact.
-
-    Examples:
-        >>> list(windows(range(5), 2))
-        [[0, 1], [2, 3], [4]]
+    A layer that normalizes over fixed groups of samples (``tb.nn.GhostBatchNorm``)
+    declares its group through an integer attribute ``batch_unit``; the unit of
+    the model is the least common multiple over its modules (1 when none declares
+    one). The Accumulator's ``"auto"`` and the checker read it; the core imports
+    no layer.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"windows(size=...) must be a positive int, got {size!r}")
-    window: list[T] = []
-    for item in iterable:
-        window.append(item)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
+    unit = 1
+    for module in model.modules():
+        declared = getattr(module, "batch_unit", None)
+        if isinstance(declared, int) and declared > 0:
+            unit = math.lcm(unit, declared)
+    return unit
 
 
 def count_samples(batch: Batch) -> int:

@@ -2,7 +2,7 @@
 
 :func:`check` runs one effective batch through copies of the model, once whole
 and once per split into micro-batches, each time through the Accumulator's own
-window (``Accumulator._accumulate``), and compares the gradients it leaves:
+window (``Accumulator.accumulate``), and compares the gradients it leaves:
 
     relative difference of parameter p = ||g_split(p) - g_full(p)|| / max(||g_full(p)||, floor)
 
@@ -41,15 +41,23 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from truebatch import _context
 from truebatch.accumulator import Accumulator, LossFn, _check_loss_fn_and_count
-from truebatch.batching import Batch, Counter, _map_tensors, _tensor_leaves, batch_size, split
-from truebatch.nn.batchnorm import ghost_unit
+from truebatch.batching import (
+    Batch,
+    Counter,
+    batch_size,
+    batch_unit,
+    map_tensors,
+    split,
+    tensor_leaves,
+)
+from truebatch.compare import TOLERANCES, relative_differences
 
 __all__ = ["Finding", "Kind", "Report", "check", "default_micro_batch_sizes"]
 
 Kind = Literal[
     "batchnorm", "dropout", "random_op", "mixes_samples", "loss_not_additive", "buffer_mismatch"
 ]
-TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5}
+_CHECKED_DTYPES = (torch.float64, torch.float32)
 _SEED = 0
 _WORST_SHOWN = 5
 _FIXES: dict[str, str] = {
@@ -239,7 +247,7 @@ def check(
     tolerance = TOLERANCES[dtype]
     base = copy.deepcopy(model).to(dtype)
     base.zero_grad(set_to_none=True)
-    data = _map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+    data = map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
     total = batch_size(data)
     sizes = _micro_batch_sizes(base, total, micro_batch_sizes)
     devices = _cuda_devices()
@@ -253,7 +261,8 @@ def check(
         hidden = given.diverged(tolerance) and any(m.training for m in base.modules())
         in_eval = passes.run(copy.deepcopy(base).eval(), sizes[-1:]) if hidden else given
         grads = {
-            s: _grad_differences(given.full.grads, given.splits[s].grads, dtype) for s in sizes
+            s: relative_differences(given.splits[s].grads, given.full.grads, dtype=dtype)
+            for s in sizes
         }
         findings = _module_findings(base, given, in_eval, passes)
     findings += _loss_findings(in_eval, tolerance)
@@ -325,7 +334,7 @@ def _check_arguments(model: Any, loss_fn: Any, count: Any, dtype: Any) -> None:
             "pass a model with trainable parameters"
         )
     _check_loss_fn_and_count(loss_fn, count)
-    if dtype not in TOLERANCES:
+    if dtype not in _CHECKED_DTYPES:
         raise ValueError(
             f"dtype must be torch.float64 or torch.float32, got {dtype!r}; the check compares "
             "gradients at those dtypes' tolerances (1e-12, 1e-5)"
@@ -337,7 +346,7 @@ def _has_batch_statistics(model: nn.Module) -> bool:
 
 
 def _micro_batch_sizes(model: nn.Module, total: int, requested: Iterable[int] | None) -> list[int]:
-    unit = ghost_unit(model)
+    unit = batch_unit(model)
     if requested is None:
         minimum = 2 if _has_batch_statistics(model) else 1
         sizes = default_micro_batch_sizes(total, unit, minimum)
@@ -437,7 +446,7 @@ class _Probe:
             self._see(
                 (name, call),
                 "in",
-                [*_tensor_leaves(args, "args"), *_tensor_leaves(kwargs, "kwargs")],
+                [*tensor_leaves(args, "args"), *tensor_leaves(kwargs, "kwargs")],
             )
 
         return hook
@@ -447,7 +456,7 @@ class _Probe:
             if not self._active or not self._open.get(name):
                 return
             call = self._open[name].pop()
-            self._see((name, call), "out", list(_tensor_leaves(output, "output")))
+            self._see((name, call), "out", list(tensor_leaves(output, "output")))
 
         return hook
 
@@ -564,7 +573,7 @@ class _Passes:
         )
         self.seed(seed)
         try:
-            window = accumulator._gradient([self.batch], probe.wrap(self.loss_fn), self.count)
+            window = accumulator.accumulate([self.batch], probe.wrap(self.loss_fn), self.count)
         finally:
             probe.remove()
         grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
@@ -756,21 +765,6 @@ def _buffer_findings(base: nn.Module, given: _Mode, tolerance: float) -> list[Fi
 
 
 # ---------------------------------------------------------------- numbers
-
-
-def _grad_differences(
-    full: dict[str, torch.Tensor], other: dict[str, torch.Tensor], dtype: torch.dtype
-) -> dict[str, float]:
-    """Per parameter: ``||g_other - g_full|| / max(||g_full||, kappa * ||whole g_full||)``."""
-    kappa = min(1.0, 100 * torch.finfo(dtype).eps / TOLERANCES[dtype])
-    norms = {name: _norm(g) for name, g in full.items()}
-    floor = kappa * math.sqrt(sum(v * v for v in norms.values()))
-    result = {}
-    for name in dict.fromkeys([*full, *other]):
-        a, b = other.get(name), full.get(name)
-        difference = _norm(a if b is None else b if a is None else a - b)
-        result[name] = _relative(difference, max(norms.get(name, 0.0), floor))
-    return result
 
 
 def _difference(other: torch.Tensor | None, full: torch.Tensor) -> float:

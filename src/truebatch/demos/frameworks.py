@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from truebatch.batching import Batch, windows
+from truebatch.batching import Batch
 from truebatch.demos.data import micro_batches_of
 from truebatch.demos.tasks import Task
+from truebatch.windows import windows
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from truebatch.accumulator import Accumulator, LossFn
-from truebatch.batching import Batch, Counter, windows
+from truebatch.batching import Batch, Counter
+from truebatch.windows import windows
 
 OnStep = Callable[[float], None]
 MeanLoss = Callable[[nn.Module, Batch], torch.Tensor]

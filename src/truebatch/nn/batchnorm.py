@@ -39,21 +39,6 @@ _DIRECT_CHUNK_NUMEL = 65536
 _Block = tuple[int, int, int]
 
 
-def ghost_unit(model: nn.Module) -> int:
-    """The least micro-batch size unit that splits no ghost batch of ``model``.
-
-    The least common multiple of the ``ghost_batch_size`` of every module in train
-    mode that has one (1 when there is none): a micro-batch whose size is a
-    multiple of it is cut into whole ghost batches by every ghost layer.
-    """
-    unit = 1
-    for module in model.modules():
-        ghost = getattr(module, "ghost_batch_size", None)
-        if isinstance(ghost, int) and module.training:
-            unit = math.lcm(unit, ghost)
-    return unit
-
-
 def check_ghost_batch_size(ghost_batch_size: Any) -> int:
     """Return ``ghost_batch_size`` if it is a positive int, else raise with the fix."""
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
@@ -302,6 +287,11 @@ class _GhostBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
+
+    @property
+    def batch_unit(self) -> int:
+        """Micro-batches must hold whole ghost batches in train mode (``tb.batch_unit``)."""
+        return self.ghost_batch_size if self.training else 1
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
