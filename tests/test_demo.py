@@ -1,14 +1,14 @@
 """``truebatch demo`` and ``truebatch bench`` end to end, in their reduced (``--quick``) modes.
 
-Each failure of the user reports is reproduced and shown fixed:
+Each classic failure (:mod:`truebatch.demos.failures`) is reproduced and shown fixed:
 
-- report 000 (``zero_grad()`` every micro-batch), reports 003/004 (mean loss / k
-  with a short last window) and report 001 (BatchNorm, dropout) on the digits
-  CNN: their rows end far from the big batch; truebatch on split-invariant
-  layers ends within the float64 contract of its big batch;
-- report 002 (per-micro-batch mean loss on variable-length token batches) on
-  the character LM, in the demo and in the bench, where Accelerate's and
-  Lightning's default loss handling reproduce it too.
+- "zero_grad every micro-batch", "short last window divided by k" and
+  "BatchNorm and dropout per micro-batch" on the digits CNN: their rows end far
+  from the big batch; truebatch on split-invariant layers ends within the
+  float64 contract of its big batch;
+- "mean loss / k on variable-length tokens" on the character LM, in the demo
+  and in the bench, where Accelerate's and Lightning's default loss handling
+  reproduce it too.
 
 "Far" means a relative difference above ``NAIVE_THRESHOLD`` (1%), ten orders
 of magnitude above the contract's float64 tolerance (1e-12).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import io
 import re
 import subprocess
 import sys
@@ -29,7 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from truebatch.demos import bench, demo, frameworks, loops, methods
+from truebatch.compare import max_relative_difference
+from truebatch.demos import bench, demo, failures, frameworks, loops, methods, runs
+from truebatch.demos.console import Progress
 from truebatch.demos.data import IGNORE_INDEX, micro_batches_of
 from truebatch.demos.runs import SEED, deterministic
 from truebatch.demos.tasks import lm_task
@@ -89,13 +92,6 @@ def _rows(result: demo.DemoResult) -> dict[str, demo.Row]:
     return {row.spec.label: row for row in result.rows}
 
 
-def _max_relative_difference(tensors: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    return max(
-        ((t - r).abs().max() / r.abs().max()).item()
-        for t, r in zip(tensors, reference, strict=True)
-    )
-
-
 def _plain_big_batch(result: demo.DemoResult, loss) -> list[torch.Tensor]:
     """The big-batch run written out: same seeds, one mean-loss SGD step per effective batch."""
     task = result.task
@@ -128,13 +124,13 @@ def _token_mean_loss(model, batch):
 def test_digits_reference_row_is_the_plain_big_batch_loop(digits: demo.DemoResult) -> None:
     expected = _plain_big_batch(digits, _digits_mean_loss)
     final = _rows(digits)["1"].run.snapshots[-1]
-    assert _max_relative_difference(final, expected) <= FLOAT64_TOLERANCE
+    assert max_relative_difference(final, expected) <= FLOAT64_TOLERANCE
 
 
 def test_lm_reference_row_is_the_plain_big_batch_loop(lm: demo.DemoResult) -> None:
     expected = _plain_big_batch(lm, _token_mean_loss)
     final = _rows(lm)["1"].run.snapshots[-1]
-    assert _max_relative_difference(final, expected) <= FLOAT64_TOLERANCE
+    assert max_relative_difference(final, expected) <= FLOAT64_TOLERANCE
 
 
 def test_digits_truebatch_on_split_invariant_layers_is_the_big_batch(
@@ -149,9 +145,9 @@ def test_digits_truebatch_on_split_invariant_layers_is_the_big_batch(
 @pytest.mark.parametrize(
     "label",
     [
-        "2",  # report 000: zero_grad() every micro-batch
-        "3",  # reports 003/004: mean loss / k, short last window
-        "4",  # report 001: truebatch, but BatchNorm and dropout depend on the split
+        "2",  # zero_grad every micro-batch
+        "3",  # mean loss / k: short last window divided by k
+        "4",  # truebatch, but BatchNorm and dropout per micro-batch depend on the split
     ],
 )
 def test_digits_naive_rows_end_far_from_the_big_batch(digits: demo.DemoResult, label: str) -> None:
@@ -174,12 +170,16 @@ def test_digits_single_windows_show_where_each_loop_goes_wrong(digits: demo.Demo
 
 
 def test_digits_checker_names_batchnorm_and_dropout(digits: demo.DemoResult) -> None:
-    report = next(note for note in digits.notes if note.startswith("tb.check"))
-    assert "NOT equivalent" in report
-    for module, kind in [("features.1", "batchnorm"), ("features.4", "batchnorm")]:
-        assert re.search(rf"{module}\s+{kind}", report)
-    for module in ("head.1", "head.4"):
-        assert re.search(rf"{module}\s+dropout", report)
+    assert digits.report is not None and not digits.report.equivalent
+    found = {(finding.module, finding.kind) for finding in digits.report.findings}
+    assert {
+        ("features.1", "batchnorm"),
+        ("features.4", "batchnorm"),
+        ("head.1", "dropout"),
+        ("head.4", "dropout"),
+    } <= found
+    printed = next(note for note in digits.notes if note.startswith("tb.check"))
+    assert str(digits.report) in printed
 
 
 def test_lm_truebatch_with_count_tokens_is_the_big_batch(lm: demo.DemoResult) -> None:
@@ -190,7 +190,8 @@ def test_lm_truebatch_with_count_tokens_is_the_big_batch(lm: demo.DemoResult) ->
 
 
 def test_lm_mean_of_micro_batch_means_is_not_the_token_mean(lm: demo.DemoResult) -> None:
-    # Report 002: micro-batches hold different token counts, so even full windows differ.
+    # Mean loss / k on variable-length tokens: micro-batches hold different token counts,
+    # so even full windows differ.
     assert _rows(lm)["2"].run.final_difference > NAIVE_THRESHOLD
     assert min(lm.window_errors.errors["2"]) > NAIVE_THRESHOLD
 
@@ -256,7 +257,7 @@ def test_bench_measures_the_gradient_a_step_applies_against_the_big_batch() -> N
     applied = torch.autograd.grad(means, list(model.parameters()))
 
     assert short == 0.0  # no short window in this task
-    assert full == pytest.approx(_max_relative_difference(list(applied), list(big)), rel=1e-9)
+    assert full == pytest.approx(max_relative_difference(list(applied), list(big)), rel=1e-9)
     assert full > NAIVE_THRESHOLD
 
 
@@ -289,7 +290,7 @@ def test_bench_quick_prints_exactness_and_overhead_in_one_table() -> None:
     assert min(differences("hand-written, zero_grad() each", "mean / k")) > NAIVE_THRESHOLD
 
     if importlib.util.find_spec("accelerate"):
-        # accumulate() with the default mean loss is report 002's loop, number for number.
+        # accumulate() with the default mean loss is the mean loss / k loop, number for number.
         assert differences("accelerate accumulate()", "mean (default)") == naive
         assert max(differences("accelerate token recipe", "sum * k / window's N")) <= 1e-12
     else:
@@ -333,3 +334,109 @@ def test_bench_refuses_bad_arguments(
         parser.parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- what a user reads
+
+
+@pytest.mark.parametrize(
+    ("task", "shown"),
+    [
+        (
+            "digits",
+            {
+                "2": failures.ZERO_GRAD,
+                "3": failures.SHORT_WINDOW,
+                "4": failures.BATCHNORM_DROPOUT,
+                "5": "the fix",
+            },
+        ),
+        ("lm", {"2": failures.TOKEN_MEAN, "3": "the fix"}),
+    ],
+)
+def test_demo_rows_name_the_classic_failure_they_show(
+    task: str, shown: dict[str, str], digits_demo: Demo, lm_demo: Demo
+) -> None:
+    run = {"digits": digits_demo, "lm": lm_demo}[task]
+    rows = _table_rows(run.text, "#  ")
+    assert {label: rows[label][2] for label in shown} == shown
+    assert "report 0" not in run.text and "reports 0" not in run.text
+
+
+def test_bench_rows_name_the_classic_failure_they_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frameworks, "available", lambda framework: True)
+    compared, _ = bench.entries()
+    shows = {(entry.name, entry.loss): entry.shows for entry in compared}
+    assert shows["hand-written", "mean / k"] == failures.TOKEN_MEAN
+    assert shows["hand-written, zero_grad() each", "mean / k"] == failures.ZERO_GRAD
+    assert shows["accelerate accumulate()", "mean (default)"] == failures.TOKEN_MEAN
+    assert shows["lightning accumulate_grad_batches", "mean (default)"] == failures.TOKEN_MEAN
+
+
+def test_plot_gives_every_compared_row_its_own_visible_curves(digits: demo.DemoResult) -> None:
+    from truebatch.demos.plot import figure
+
+    drawn = figure(digits.rows, digits.title, FLOAT64_TOLERANCE)
+    compared = [row for row in digits.rows if row.spec.reference is not None]
+    losses, divergences = drawn.axes[: len(compared)], drawn.axes[len(compared) :]
+    assert len(drawn.axes) == 2 * len(compared)
+    labels = {row.spec.label: row for row in digits.rows}
+    for row, loss_axes, divergence_axes in zip(compared, losses, divergences, strict=True):
+        reference = labels[row.spec.reference]
+        band, line = loss_axes.get_lines()
+        # The reference is a wide band under the row's thin line: where they coincide,
+        # both still show.
+        assert band.get_linewidth() >= 3 * line.get_linewidth()
+        assert list(band.get_ydata()) == reference.run.losses
+        assert list(line.get_ydata()) == row.run.losses
+        assert line.get_marker() == "o"
+        legend = [text.get_text() for text in loss_axes.get_legend().get_texts()]
+        assert legend == [label.get_label() for label in (band, line)]
+        assert legend[0].startswith(f"{reference.spec.label}: ")
+        assert legend[1].startswith(f"{row.spec.label}: ")
+        curve, contract = divergence_axes.get_lines()
+        assert list(contract.get_ydata()) == [FLOAT64_TOLERANCE] * 2
+        assert contract.get_linestyle() == "--"
+        assert curve.get_ydata()[-1] == max(row.run.divergence[-1], 1e-18)
+        legend = [text.get_text() for text in divergence_axes.get_legend().get_texts()]
+        assert legend == [f"row {row.spec.label} vs row {reference.spec.label}", "contract: 1e-12"]
+        low, high = divergence_axes.get_ylim()
+        assert low < min(FLOAT64_TOLERANCE, *row.run.divergence) and high > max(row.run.divergence)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_writes_one_line_per_stage() -> None:
+    log = io.StringIO()
+    for stage in ("first", "second"):
+        with Progress(5, stage, "step", stream=log) as progress:
+            for _ in range(5):
+                progress.note("running")
+                progress.update()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert [line.split(" in ")[0] for line in lines] == ["first: 5 steps", "second: 5 steps"]
+    assert all(re.fullmatch(r"\w+: 5 steps in \d+\.\d s", line) for line in lines)
+
+
+def test_progress_on_a_terminal_draws_a_bar_and_clears_it() -> None:
+    terminal = _Terminal()
+    with Progress(5, "training", "step", stream=terminal) as progress:
+        for _ in range(5):
+            progress.update()
+    written = terminal.getvalue()
+    assert "\r" in written and "training" in written
+    assert "steps in" not in written  # no summary line: the bar was the progress
+
+
+def test_demo_run_logs_one_line_per_run_when_stderr_is_not_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    task = lm_task(1)
+    runs.train("1 big batch", task, methods.big_batch)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.fullmatch(rf"1 big batch: {task.steps} steps in \d+\.\d s\n", err)

@@ -9,8 +9,9 @@ library's ``this`` module); nothing is downloaded.
   character-level causal transformer language model.
 - :mod:`truebatch.demos.tasks`: model, losses, data and metric of each demo.
 - :mod:`truebatch.demos.loops`: one epoch of each training loop compared: the
-  true big batch, the hand-written accumulation loops of the user reports, a
-  correct hand-written loop, and truebatch's.
+  true big batch, the hand-written accumulation loops of the classic failures,
+  a correct hand-written loop, and truebatch's.
+- :mod:`truebatch.demos.failures`: the names of the five classic failures.
 - :mod:`truebatch.demos.methods`: those loops over all of a task's epochs.
 - :mod:`truebatch.demos.frameworks`: HF Accelerate's and Lightning's
   accumulation, as their users write it (optional dependencies).

@@ -10,8 +10,8 @@ start from the same weights and see the same micro-batches in the same order:
 - a correct hand-written loop: each micro-batch's loss sum divided by the
   window's token count N (the speed baseline);
 - truebatch: ``Accumulator.step_window(window, loss_sum, count=tb.count_tokens())``;
-- the hand-written loops of the user reports: mean loss / k, and
-  ``zero_grad()`` on every micro-batch;
+- the hand-written loops of two classic failures: "mean loss / k on
+  variable-length tokens" and "zero_grad every micro-batch";
 - HF Accelerate's ``accumulate()`` and Lightning's ``accumulate_grad_batches``
   with their default loss handling (each micro-batch's mean loss, divided by
   k by the framework), and Accelerate's documented recipe for variable-size
@@ -19,7 +19,8 @@ start from the same weights and see the same micro-batches in the same order:
 
 Exactness: at every optimizer step, the gradient the step applies is compared
 with the big batch's gradient on the same window at the same weights
-(``max over tensors of max|g - g_big| / max|g_big|``), separately for full and
+(:func:`truebatch.compare.max_relative_difference`: per tensor
+``||g - g_big|| / ||g_big||``, the largest over tensors), separately for full and
 short windows. Speed: after the exactness pass (which also warms every method
 up), ``--repeats`` rounds train every method once each, in turn, so machine
 noise spreads over all of them; the table gives the fastest run of each (load
@@ -37,14 +38,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from truebatch.batching import batch_size
-from truebatch.demos import frameworks, loops, methods
-from truebatch.demos.console import positive_int, table
+from truebatch.compare import max_relative_difference
+from truebatch.demos import failures, frameworks, loops, methods
+from truebatch.demos.console import Progress, positive_int, table
 from truebatch.demos.data import micro_batches_of
 from truebatch.demos.methods import Method
-from truebatch.demos.runs import SEED, StepProbe, deterministic, max_relative_difference
+from truebatch.demos.runs import SEED, StepProbe, deterministic
 from truebatch.demos.tasks import Task, lm_task
 
 FLOAT64_TOLERANCE = 1e-12
@@ -61,13 +62,14 @@ class Entry:
     Attributes:
         name: the loop, in words.
         loss: how the loop normalizes the loss.
-        reproduces: the user report(s) whose failure the row shows, or its role.
+        shows: the classic failure the row shows (:mod:`truebatch.demos.failures`),
+            or its role ("reference", "correct loop", "the fix").
         train: the training function.
     """
 
     name: str
     loss: str
-    reproduces: str
+    shows: str
     train: Train
 
 
@@ -124,13 +126,13 @@ def entries() -> tuple[list[Entry], list[str]]:
         Entry(
             "hand-written",
             "mean / k",
-            "reports 002, 004",
+            failures.TOKEN_MEAN,
             _without_steps(methods.naive(loops.mean_loss_over_k)),
         ),
         Entry(
             "hand-written, zero_grad() each",
             "mean / k",
-            "report 000",
+            failures.ZERO_GRAD,
             _without_steps(methods.naive(loops.zero_grad_every_micro_batch)),
         ),
     ]
@@ -140,7 +142,7 @@ def entries() -> tuple[list[Entry], list[str]]:
             Entry(
                 "accelerate accumulate()",
                 "mean (default)",
-                "reports 002, 004",
+                failures.TOKEN_MEAN,
                 frameworks.accelerate_accumulate,
             ),
             Entry(
@@ -157,7 +159,7 @@ def entries() -> tuple[list[Entry], list[str]]:
             Entry(
                 "lightning accumulate_grad_batches",
                 "mean (default)",
-                "reports 002, 004",
+                failures.TOKEN_MEAN,
                 frameworks.lightning_accumulate,
             )
         )
@@ -178,7 +180,7 @@ def _fresh(task: Task) -> tuple[nn.Module, torch.optim.Optimizer]:
 def gradient_differences(task: Task, train: Train) -> tuple[float, float]:
     """Train once and compare every step's gradient with the big batch's at the same weights.
 
-    Returns the largest :func:`~truebatch.demos.runs.max_relative_difference`
+    Returns the largest :func:`truebatch.compare.max_relative_difference`
     over the full windows and over the short ones. The big batch's gradient of
     window ``w`` is ``grad (1/N) sum_i loss_i`` over the window's ``N`` items,
     computed on a copy of the model holding the weights the step started from.
@@ -211,16 +213,16 @@ def gradient_differences(task: Task, train: Train) -> tuple[float, float]:
 
 def measure(task: Task, compared: list[Entry], repeats: int) -> list[Measured]:
     """Exactness of every entry, then ``repeats`` alternating timed rounds (see module docs)."""
-    progress = tqdm(total=len(compared) * (1 + repeats), desc="bench", unit="run", leave=False)
+    progress = Progress(len(compared) * (1 + repeats), "bench: exactness and timing", "run")
     differences = {}
     for entry in compared:
-        progress.set_postfix_str(f"exactness: {entry.name}, {entry.loss}")
+        progress.note(f"exactness: {entry.name}, {entry.loss}")
         differences[entry] = gradient_differences(task, entry.train)
         progress.update()
     seconds: dict[Entry, list[float]] = {entry: [] for entry in compared}
     for _ in range(repeats):
         for entry in compared:
-            progress.set_postfix_str(f"timing: {entry.name}, {entry.loss}")
+            progress.note(f"timing: {entry.name}, {entry.loss}")
             model, optimizer = _fresh(task)
             started = time.perf_counter()
             entry.train(task, model, optimizer)
@@ -243,7 +245,7 @@ def format_table(measured: list[Measured]) -> str:
             "#",
             "method",
             "loss",
-            "reproduces",
+            "shows",
             "grad diff, full windows",
             "short windows",
             f"<= {FLOAT64_TOLERANCE:g}",
@@ -259,7 +261,7 @@ def format_table(measured: list[Measured]) -> str:
                 str(index),
                 row.entry.name,
                 row.entry.loss,
-                row.entry.reproduces,
+                row.entry.shows,
                 f"{row.full:.1e}",
                 f"{row.short:.1e}",
                 "yes" if exact else "no",
@@ -283,7 +285,7 @@ def describe(task: Task, repeats: int) -> str:
         f"{task.accumulation_steps} micro-batches of {task.micro_batch_size} lines holding "
         f"{min(tokens):.0f} to {max(tokens):.0f} tokens; each epoch ends with a window of "
         f"{batch_size(task.epochs[0][-1])} lines.\n"
-        "grad diff: max over steps of max|g - g_big| / max|g_big| per parameter tensor, "
+        "grad diff: max over steps and parameter tensors of ||g - g_big|| / ||g_big||, "
         "g_big the big batch's gradient on the same window at the same weights.\n"
         f"time/run: fastest of {repeats} alternating runs of all epochs (one thread; "
         "framework setup such as Lightning's Trainer included)."

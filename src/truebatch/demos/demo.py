@@ -5,10 +5,11 @@ Default (``--task digits``): :class:`~truebatch.demos.models.DigitsCNN`
 initial weights on the same data order, in float64, six ways:
 
 1. the true big batch (64 samples per step, mean loss);
-2. report 000's loop: ``zero_grad()`` every micro-batch;
-3. reports 003/004's loop: mean loss / k, with each epoch's short last window;
-4. truebatch on the model as is (BatchNorm and dropout still depend on the
-   split; ``tb.check`` names them);
+2. a hand-written loop with ``zero_grad()`` every micro-batch;
+3. a hand-written loop dividing each micro-batch's mean loss by k, with each
+   epoch's short last window divided by k too;
+4. truebatch on the model as is (BatchNorm and dropout per micro-batch still
+   depend on the split; ``tb.check`` names them);
 1*. the big batch again, on split-invariant layers (ghost BatchNorm,
    split-invariant dropout), under the Accumulator with one whole batch per
    window: the reference of row 5;
@@ -16,8 +17,11 @@ initial weights on the same data order, in float64, six ways:
 
 ``--task lm``: :class:`~truebatch.demos.models.CharTransformer` on the Zen of
 Python, variable-length lines with ``ignore_index`` padding: the big batch's
-token mean, the mean of per-micro-batch means / k (report 002), and truebatch
-with ``tb.count_tokens``.
+token mean, the mean of per-micro-batch means / k (mean loss / k on
+variable-length tokens), and truebatch with ``tb.count_tokens``.
+
+The rows are labeled with the classic failures of
+:mod:`truebatch.demos.failures` they show.
 
 Prints a table (final metric, relative parameter difference from the
 reference, wall time), the gradient each loop applies on one full and one
@@ -36,7 +40,9 @@ import torch
 from torch import nn
 
 from truebatch.batching import Batch, batch_size
-from truebatch.demos import loops, methods
+from truebatch.check import Report, check
+from truebatch.compare import max_relative_difference
+from truebatch.demos import failures, loops, methods
 from truebatch.demos.console import positive_int, table
 from truebatch.demos.data import micro_batches_of
 from truebatch.demos.methods import Method
@@ -45,7 +51,6 @@ from truebatch.demos.runs import (
     Run,
     StepProbe,
     deterministic,
-    max_relative_difference,
     train,
 )
 from truebatch.demos.tasks import Task, digits_task, lm_task
@@ -79,7 +84,8 @@ class Spec:
     Attributes:
         label: the row's number (``"1*"`` marks a second reference).
         method_text: what is trained, in words.
-        reproduces: the user report(s) whose failure the row shows, or its role.
+        shows: the classic failure the row shows (:mod:`truebatch.demos.failures`),
+            or its role ("reference", "the fix").
         method: the training method.
         reference: label of the row it is compared with (``None``: a reference).
         convert: applied to the fresh model before training (keeps the weights).
@@ -87,7 +93,7 @@ class Spec:
 
     label: str
     method_text: str
-    reproduces: str
+    shows: str
     method: Method
     reference: str | None = None
     convert: Callable[[nn.Module], nn.Module] | None = None
@@ -108,7 +114,7 @@ class WindowErrors:
     Attributes:
         windows: a description of each window (e.g. ``"last: 29 samples (16+13)"``).
         errors: per spec label, per window, the relative difference
-            (:func:`~truebatch.demos.runs.max_relative_difference`).
+            (:func:`truebatch.compare.max_relative_difference`).
         condition: how the model was evaluated (e.g. in eval mode).
     """
 
@@ -119,13 +125,18 @@ class WindowErrors:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """A demo's rows and what the output needs to describe them."""
+    """A demo's rows and what the output needs to describe them.
+
+    Attributes:
+        report: ``tb.check``'s report on the model as is, when the demo runs it.
+    """
 
     task: Task
     title: str
     rows: list[Row]
     window_errors: WindowErrors
     notes: list[str]
+    report: Report | None = None
 
 
 def train_rows(task: Task, specs: list[Spec]) -> list[Row]:
@@ -185,10 +196,8 @@ def _describe(task: Task, window: Batch) -> str:
 # --------------------------------------------------------------------- demos
 
 
-def check_report(task: Task) -> str:
-    """``tb.check`` on the task's initial model as is, first effective batch, as text."""
-    from truebatch.check import check
-
+def check_report(task: Task) -> Report:
+    """``tb.check`` on the task's initial model as is, first effective batch."""
     torch.manual_seed(SEED)
     report = check(
         task.make_model(),
@@ -196,7 +205,7 @@ def check_report(task: Task) -> str:
         task.epochs[0][0],
         micro_batch_sizes=[task.micro_batch_size],
     )
-    return str(report)
+    return report
 
 
 def run_digits(epochs: int = 4, train_size: int | None = None) -> DemoResult:
@@ -208,20 +217,24 @@ def run_digits(epochs: int = 4, train_size: int | None = None) -> DemoResult:
     compared = [
         Spec(
             "2",
-            "zero_grad() every micro-batch",
-            "report 000",
+            "hand-written, zero_grad() each",
+            failures.ZERO_GRAD,
             methods.naive(loops.zero_grad_every_micro_batch),
             reference="1",
         ),
         Spec(
             "3",
-            "mean loss / k",
-            "reports 003, 004",
+            "hand-written, mean loss / k",
+            failures.SHORT_WINDOW,
             methods.naive(loops.mean_loss_over_k),
             reference="1",
         ),
         Spec(
-            "4", "truebatch, model as is", "report 001", methods.accumulator_windows, reference="1"
+            "4",
+            "truebatch, model as is",
+            failures.BATCHNORM_DROPOUT,
+            methods.accumulator_windows,
+            reference="1",
         ),
     ]
     invariant = [
@@ -261,7 +274,7 @@ def run_digits(epochs: int = 4, train_size: int | None = None) -> DemoResult:
         f"Rows 1* and 5 use tb.nn.convert_batchnorm(model, {GHOST_BATCH_SIZE}) and "
         "tb.nn.convert_dropout(model): ghost BatchNorm and split-invariant dropout.",
     ]
-    return DemoResult(task, title, rows, errors, notes)
+    return DemoResult(task, title, rows, errors, notes, report)
 
 
 def run_lm(epochs: int = 30) -> DemoResult:
@@ -271,8 +284,8 @@ def run_lm(epochs: int = 30) -> DemoResult:
     compared = [
         Spec(
             "2",
-            "mean of micro-batch means / k",
-            "report 002",
+            "hand-written, mean loss / k",
+            failures.TOKEN_MEAN,
             methods.naive(loops.mean_loss_over_k),
             reference="1",
         ),
@@ -314,7 +327,7 @@ def format_rows(result: DemoResult) -> str:
         (
             "#",
             "method",
-            "reproduces",
+            "shows",
             result.task.metric,
             "max rel. param diff",
             f"<= {FLOAT64_TOLERANCE:g}",
@@ -332,7 +345,7 @@ def format_rows(result: DemoResult) -> str:
             (
                 row.spec.label,
                 row.spec.method_text,
-                row.spec.reproduces,
+                row.spec.shows,
                 f"{row.run.metric:.4f}",
                 compared,
                 exact,

@@ -7,11 +7,14 @@ accumulation count ``k`` (a micro-batch loader, as users write them): window
 ``w`` is micro-batches ``w*k .. w*k + k - 1``, and the last window of an epoch
 may be shorter.
 
-Two loops are written the way the user reports write them, and go wrong:
+Two loops are written the way forum posts and tutorials write them, and go
+wrong (the classic failures of :mod:`truebatch.demos.failures`):
 
-- :func:`zero_grad_every_micro_batch` (report 000) zeroes the gradient at the
-  top of every iteration, so a step sees only the last micro-batch, divided by k.
-- :func:`mean_loss_over_k` (reports 003, 004) adds ``mean_j / k``: right only
+- :func:`zero_grad_every_micro_batch` ("zero_grad every micro-batch") zeroes the
+  gradient at the top of every iteration, so a step sees only the last
+  micro-batch, divided by k.
+- :func:`mean_loss_over_k` ("mean loss / k" on variable-length tokens, on
+  unequal micro-batches, or on a short last window) adds ``mean_j / k``: right only
   when all k micro-batches hold the same number of items. A short last window
   (or a short last micro-batch, or micro-batches with different token counts)
   weights items unequally.
@@ -80,7 +83,7 @@ def zero_grad_every_micro_batch(
     count: Counter,
     on_step: OnStep,
 ) -> None:
-    """Report 000's loop: ``zero_grad()`` at the top of every iteration.
+    """The "zero_grad every micro-batch" loop: ``zero_grad()`` at every iteration's top.
 
     The step applies ``grad(mean_last) / k``: only the window's last micro-batch
     counts, scaled down k times.
@@ -105,7 +108,7 @@ def mean_loss_over_k(
     count: Counter,
     on_step: OnStep,
 ) -> None:
-    """Reports 003/004's loop: each micro-batch's mean loss divided by a fixed k.
+    """The "mean loss / k" loop: each micro-batch's mean loss divided by a fixed k.
 
     The step applies ``sum_j grad(mean_j) / k``. The big batch applies
     ``sum_j n_j grad(mean_j) / N``; the two agree only when every window holds

@@ -37,7 +37,7 @@ def naive(loop: Callable[..., None]) -> Method:
     """A hand-written accumulation ``loop`` of :mod:`~truebatch.demos.loops` on the mean loss.
 
     ``loop`` is :func:`~truebatch.demos.loops.zero_grad_every_micro_batch` or
-    :func:`~truebatch.demos.loops.mean_loss_over_k`: the loops of the user reports.
+    :func:`~truebatch.demos.loops.mean_loss_over_k`: the loops of the classic failures.
     """
 
     def method(

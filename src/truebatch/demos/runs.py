@@ -1,25 +1,25 @@
 """Deterministic training runs that record, after every optimizer step, the window's
 loss and how far the parameters are from a reference run's parameters at the same step.
 
-The distance is the contract's: for parameter tensors ``p`` and reference ``r``,
-
-    max over tensors of  max|p - r| / max|r|,
-
-so ``1e-16`` is float64 rounding and anything above the contract's ``1e-12`` is a
-different update.
+The distance is the contract's measurement,
+:func:`truebatch.compare.max_relative_difference`: per parameter tensor
+``||p - r|| / ||r||`` (with the scale floor of :mod:`truebatch.compare`), the
+largest over tensors. ``1e-16`` is float64 rounding and anything above the
+contract's ``1e-12`` is a different update.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from truebatch.compare import max_relative_difference
+from truebatch.demos.console import Progress
 from truebatch.demos.methods import Method
 from truebatch.demos.tasks import Task
 
@@ -42,17 +42,6 @@ def deterministic() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(enabled)
         torch.set_num_threads(threads)
-
-
-def max_relative_difference(
-    tensors: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
-) -> float:
-    """``max over tensors of max|t - r| / max|r|`` (a zero reference tensor counts absolutely)."""
-    worst = 0.0
-    for tensor, ref in zip(tensors, reference, strict=True):
-        scale = ref.abs().max().item() or 1.0
-        worst = max(worst, (tensor - ref).abs().max().item() / scale)
-    return worst
 
 
 @dataclass
@@ -104,7 +93,7 @@ def train(
     optimizer = task.make_optimizer(model)
     run = Run(name)
     recording = 0.0
-    progress = tqdm(total=task.steps, desc=name, unit="step", leave=False)
+    progress = Progress(task.steps, name, "step")
 
     def on_step(loss: float) -> None:
         nonlocal recording
@@ -119,10 +108,10 @@ def train(
         recording += time.perf_counter() - started
 
     torch.manual_seed(SEED + 1)
-    started = time.perf_counter()
-    method(task, model, optimizer, on_step)
-    run.seconds = time.perf_counter() - started - recording
-    progress.close()
+    with progress:
+        started = time.perf_counter()
+        method(task, model, optimizer, on_step)
+        run.seconds = time.perf_counter() - started - recording
     if len(run.losses) != task.steps:
         raise RuntimeError(
             f"{name} took {len(run.losses)} optimizer steps, expected one per effective "
