@@ -1,15 +1,17 @@
-"""``truebatch check package.module:factory``: the checker from the command line.
+"""``truebatch check module:factory``: the checker from the command line.
 
 The factory is called with no arguments and returns ``(model, loss_fn, batch)``.
 Exit status: 0 when accumulation is equivalent to the full batch, 1 when it is
-not, 2 when the check could not run: a usage error (the message on stderr says
-what to change), or an exception from the factory or the model (traceback on
-stderr).
+not, 2 when the check could not run. Then one line on stderr says why and what
+to change (and, with ``--json``, a JSON object on stdout says it too); the
+traceback is shown only with ``--debug``: an error in the user's factory,
+model or loss is theirs to read, not a crash of truebatch.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import os
@@ -20,21 +22,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from truebatch.check import check
+from truebatch.check import Report, check
+from truebatch.cli import report_error
 
+PROG = "truebatch check"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
-EQUIVALENT, NOT_EQUIVALENT, USAGE_ERROR = 0, 1, 2
+EQUIVALENT, NOT_EQUIVALENT, CANNOT_RUN = 0, 1, 2
+_FACTORY_RETURNS = "(model, loss_fn, batch)"
 
 
-class _UsageError(Exception):
-    """A problem with what the user passed; reported on stderr with exit status 2."""
+class CannotRun(Exception):
+    """The check could not run because of what the user passed; ``str`` is the message."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``truebatch check``."""
+    parser.epilog = (
+        "exit status: 0 equivalent, 1 not equivalent, 2 the check could not run "
+        "(one line on stderr says why; --debug adds the traceback)"
+    )
     parser.add_argument(
         "factory",
-        help="module:function returning (model, loss_fn, batch), e.g. mypackage.train:check_setup; "
+        help=f"module:function returning {_FACTORY_RETURNS}, e.g. mypackage.train:check_setup; "
         "the current directory is importable",
     )
     parser.add_argument(
@@ -43,32 +52,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated sizes to check, e.g. 1,4,16 (default: a few from 1 to half the "
         "batch, one of them not dividing it)",
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--dtype",
         choices=sorted(_DTYPES),
         default="float64",
         help="dtype of the check (float64: tolerance 1e-12, float32: 1e-5)",
     )
+    parser.add_argument(
+        "--json", action="store_true", help="print the report (or the error) as JSON on stdout"
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="list every module of each finding, not a summary"
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="when the check cannot run, also print the traceback",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the check; 0 equivalent, 1 not equivalent, 2 usage error."""
+    """Run the check; 0 equivalent, 1 not equivalent, 2 when it could not run."""
     try:
-        sizes = _parse_sizes(args.micro_batch_sizes)
-        model, loss_fn, batch = _load(args.factory)
-        report = check(model, loss_fn, batch, sizes, dtype=_DTYPES[args.dtype])
-    except _UsageError as error:
-        print(f"truebatch check: {error}", file=sys.stderr)
-        return USAGE_ERROR
+        report = _run(args)
+    except CannotRun as error:
+        return _fail(args, str(error), error.__cause__)
     except Exception as error:
-        # The factory, the model or tb.check's validation raised: the check could not run,
+        # The model, the loss or tb.check's validation raised: the check could not run,
         # which must not read as "not equivalent" (exit 1).
-        traceback.print_exc()
-        print(f"truebatch check: could not run the check: {error}", file=sys.stderr)
-        return USAGE_ERROR
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+        return _fail(args, f"the check raised {_exception(error)}", error)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else _text(report, args.verbose))
     return EQUIVALENT if report.equivalent else NOT_EQUIVALENT
+
+
+def _run(args: argparse.Namespace) -> Report:
+    sizes = _parse_sizes(args.micro_batch_sizes)
+    model, loss_fn, batch = _load(args.factory)
+    return check(model, loss_fn, batch, sizes, dtype=_DTYPES[args.dtype])
+
+
+def _text(report: Report, verbose: bool) -> str:
+    """The report as text; ``verbose`` lists every module of a group of findings."""
+    # Report.format(verbose=...) groups findings of one kind and fix; a Report without
+    # it prints every finding already.
+    format_report = getattr(report, "format", None)
+    return str(report) if format_report is None else format_report(verbose=verbose)
+
+
+def _fail(args: argparse.Namespace, message: str, cause: BaseException | None) -> int:
+    if cause is not None:
+        if args.debug:
+            traceback.print_exception(cause)
+        else:
+            message += " (--debug shows the traceback)"
+    exception = None if cause is None else type(cause).__name__
+    return report_error(PROG, message, as_json=args.json, exception=exception)
+
+
+def _exception(error: BaseException) -> str:
+    """``"ZeroDivisionError: division by zero"``, on one line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _parse_sizes(text: str | None) -> list[int] | None:
@@ -79,9 +123,9 @@ def _parse_sizes(text: str | None) -> list[int] | None:
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise _UsageError(
-            f"--micro-batch-sizes must be comma-separated positive integers, got {text!r}; "
-            "e.g. --micro-batch-sizes 1,4,16"
+        raise CannotRun(
+            f"`--micro-batch-sizes` got {text!r}; expected comma-separated positive integers. "
+            "Fix: e.g. --micro-batch-sizes 1,4,16."
         )
     return sizes
 
@@ -90,46 +134,83 @@ def _load(spec: str) -> tuple[nn.Module, Any, Any]:
     """Import ``module:function`` (from the current directory too) and call it."""
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise _UsageError(
-            f"expected module:function, got {spec!r}; e.g. truebatch check mymodel:check_setup"
+        raise CannotRun(
+            f"`factory` got {spec!r}; expected module:function. "
+            "Fix: e.g. truebatch check my_setup:setup for the function setup in my_setup.py."
         )
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise _UsageError(
-            f"cannot import module {module_name!r} ({error}); run from the folder that holds "
-            "it, or install its package"
-        ) from error
+    module = _import(spec, module_name)
     factory: Any = module
     for part in attribute.split("."):
         if not hasattr(factory, part):
-            raise _UsageError(
-                f"module {module_name!r} has no attribute {attribute!r}; name a function that "
-                "returns (model, loss_fn, batch)"
+            raise CannotRun(
+                f"`factory` got {spec!r}; module {module_name!r} has no attribute "
+                f"{attribute!r}. Fix: {_suggest(module, attribute, module_name)}"
             )
         factory = getattr(factory, part)
     if not callable(factory):
-        raise _UsageError(
-            f"{spec} is a {type(factory).__name__}, not a function; name a function that "
-            "returns (model, loss_fn, batch)"
+        raise CannotRun(
+            f"`factory` got {spec!r}, {_a(type(factory).__name__)}; expected a function. "
+            f"Fix: name a function that returns {_FACTORY_RETURNS}."
         )
-    result = factory()
+    try:
+        result = factory()
+    except Exception as error:
+        raise CannotRun(f"{spec}() raised {_exception(error)}") from error
     if not (isinstance(result, tuple | list) and len(result) == 3):
-        raise _UsageError(
-            f"{spec}() returned {_describe(result)}; it must return a tuple (model, loss_fn, batch)"
+        raise CannotRun(
+            f"{spec}() returned {_describe(result)}; expected {_FACTORY_RETURNS}. "
+            f"Fix: end {attribute} with: return model, loss_fn, batch."
         )
     model, loss_fn, batch = result
     if not isinstance(model, nn.Module) or not callable(loss_fn):
-        raise _UsageError(
+        raise CannotRun(
             f"{spec}() returned ({type(model).__name__}, {type(loss_fn).__name__}, ...); "
-            "expected (torch.nn.Module, loss_fn(model, micro_batch) -> loss_sum, batch)"
+            "expected (torch.nn.Module, loss_fn(model, micro_batch) -> loss_sum, batch). "
+            "Fix: return the model first, then the loss function, then the batch."
         )
     return model, loss_fn, batch
 
 
+def _import(spec: str, module_name: str) -> Any:
+    """Import the factory's module, from the current directory too."""
+    if module_name.endswith(".py"):
+        folder, file = os.path.split(module_name)
+        fixed = f"{file.removesuffix('.py')}:{spec.partition(':')[2]}"
+        where = f"cd {folder} && " if folder else ""
+        raise CannotRun(
+            f"`factory` got {spec!r}; expected a module name, not a file name. "
+            f"Fix: drop '.py': {where}truebatch check {fixed}"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and f"{module_name}.".startswith(f"{error.name}."):
+            raise CannotRun(
+                f"`factory` got {spec!r}; cannot import module {module_name!r} from "
+                f"{os.getcwd()}. Fix: run from the folder that holds "
+                f"{module_name.split('.')[0]}, or install its package."
+            ) from None
+        raise CannotRun(f"importing {module_name!r} raised {_exception(error)}") from error
+    except Exception as error:
+        raise CannotRun(f"importing {module_name!r} raised {_exception(error)}") from error
+
+
+def _suggest(module: Any, attribute: str, module_name: str) -> str:
+    functions = [name for name, value in vars(module).items() if callable(value)]
+    close = difflib.get_close_matches(attribute, functions, n=1)
+    if close:
+        return f"did you mean {module_name}:{close[0]}?"
+    return f"name a function of {module_name} that returns {_FACTORY_RETURNS}."
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, tuple | list):
-        return f"a {type(value).__name__} of {len(value)} items"
-    return f"a {type(value).__name__}"
+        return f"{_a(type(value).__name__)} of {len(value)} items"
+    return _a(type(value).__name__)
+
+
+def _a(noun: str) -> str:
+    """``"an int"``, ``"a tuple"``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
