@@ -15,7 +15,7 @@ import argparse
 import importlib
 import json
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from truebatch import __version__
 
@@ -37,7 +37,7 @@ _COMMANDS = {
 class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (and a JSON object with ``json_errors``)."""
 
-    def __init__(self, *args, json_errors: bool = False, **kwargs) -> None:
+    def __init__(self, *args: Any, json_errors: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.json_errors = json_errors
 
