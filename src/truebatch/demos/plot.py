@@ -59,28 +59,16 @@ def figure(rows: list[Row], title: str, tolerance: float = 1e-12) -> Figure:
             solid_capstyle="butt",
             label=f"{reference.spec.label}: {reference.spec.method_text}",
         )
+        # The run: a thin line with markers, the same in both panels of its column.
+        line = dict(color=color, linewidth=1.1, marker="o", markersize=3.5, markevery=every)
         losses.plot(
-            steps,
-            row.run.losses,
-            color=color,
-            linewidth=1.1,
-            marker="o",
-            markersize=3.5,
-            markevery=every,
-            label=f"{row.spec.label}: {row.spec.method_text}",
+            steps, row.run.losses, **line, label=f"{row.spec.label}: {row.spec.method_text}"
         )
         losses.set_title(f"row {row.spec.label}: {row.spec.shows}", fontsize="medium")
         losses.legend(fontsize="small", loc="upper right")
         values = [max(value, ZERO_FLOOR) for value in row.run.divergence]
         divergence.plot(
-            steps,
-            values,
-            color=color,
-            linewidth=1.1,
-            marker="o",
-            markersize=3.5,
-            markevery=every,
-            label=f"row {row.spec.label} vs row {reference.spec.label}",
+            steps, values, **line, label=f"row {row.spec.label} vs row {reference.spec.label}"
         )
         divergence.axhline(
             tolerance,
