@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections import namedtuple
+from collections import OrderedDict, UserDict, defaultdict, namedtuple
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import truebatch as tb
+from truebatch.compare import TOLERANCES
 
 Pair = namedtuple("Pair", ["x", "y"])
 
@@ -65,21 +71,24 @@ def test_split_keeps_the_container_type(batch: Any, rebuild: Any) -> None:
         assert torch.equal(y, expected * 2)
 
 
-def test_split_nested_batch_passes_non_tensor_leaves_through() -> None:
-    names = ["a", "b", "c", "d", "e"]  # no tensor inside: passed whole, not sliced
+def test_split_nested_batch_cuts_per_sample_lists_and_shares_the_rest() -> None:
+    names = ["a", "b", "c", "d", "e"]  # one per sample: cut with the rows
+    labels = ["cat", "dog"]  # another length: a setting, given whole
     batch = {
         "inputs": (torch.randn(5, 3), {"mask": torch.ones(5, 2, dtype=torch.bool)}),
-        "meta": {"names": names, "epoch": 3, "nothing": None},
+        "meta": {"names": names, "labels": labels, "epoch": 3, "nothing": None},
         "sample": Sample(torch.randn(5), torch.zeros(5), name="x"),
     }
     parts = tb.split(batch, 2)
     assert [tb.batch_size(p) for p in parts] == [2, 2, 1]
+    assert [p["meta"]["names"] for p in parts] == [["a", "b"], ["c", "d"], ["e"]]
     for part in parts:
-        assert part["meta"]["names"] == names
+        assert part["meta"]["labels"] is labels
         assert part["meta"]["epoch"] == 3 and part["meta"]["nothing"] is None
         assert part["sample"].name == "x"
         assert shares_storage(part["inputs"][0], batch["inputs"][0])
     assert torch.equal(parts[2]["inputs"][1]["mask"], batch["inputs"][1]["mask"][4:])
+    assert names == ["a", "b", "c", "d", "e"]  # the batch is not changed
 
 
 @given(st.integers(1, 60), st.integers(1, 70))
@@ -100,14 +109,14 @@ def test_batch_size_and_count_samples() -> None:
 
 def test_mismatched_leading_dimensions_name_the_leaves() -> None:
     batch = {"x": torch.zeros(6, 2), "y": (torch.zeros(6), torch.zeros(5))}
-    with pytest.raises(ValueError, match=r"leading \(batch\) dimension") as error:
+    with pytest.raises(ValueError, match=r"different leading \(batch\) dimensions") as error:
         tb.split(batch, 2)
     message = str(error.value)
     assert "batch['y'][1]: 5" in message and "batch['x']: 6" in message
 
 
 def test_zero_dim_leaves_are_named() -> None:
-    with pytest.raises(ValueError, match=r"\['batch\.y'\] are 0-dim tensors"):
+    with pytest.raises(ValueError, match=r"\['batch\.y'\] got 0-dim tensors"):
         tb.batch_size(Pair(torch.zeros(3), torch.tensor(1.0)))
 
 
@@ -120,11 +129,11 @@ def test_batch_without_tensors(batch: Any) -> None:
 @pytest.mark.parametrize(
     ("size", "error", "words"),
     [
-        (0, ValueError, "positive int"),
-        (-3, ValueError, "positive int"),
-        (2.0, TypeError, "positive int.*float"),
-        ("4", TypeError, "positive int.*str"),
-        (True, TypeError, "positive int.*bool"),
+        (0, ValueError, "got 0 .int.; expected a positive int"),
+        (-3, ValueError, "got -3 .int.; expected a positive int"),
+        (2.0, TypeError, "got 2.0 .float.; expected a positive int"),
+        ("4", TypeError, "got '4' .str.; expected a positive int"),
+        (True, TypeError, "got True .bool.; expected a positive int"),
     ],
 )
 def test_bad_micro_batch_size(size: Any, error: type[Exception], words: str) -> None:
@@ -187,11 +196,11 @@ def test_count_tokens_by_key_index_and_dataclass_field() -> None:
 
 
 def test_count_tokens_errors() -> None:
-    with pytest.raises(KeyError, match=r"key='labels'.*pass the key or index"):
+    with pytest.raises(KeyError, match=r"`key` got 'labels', which the micro-batch"):
         tb.count_tokens()({"targets": LABELS})
-    with pytest.raises(TypeError, match="expected a tensor, got list"):
+    with pytest.raises(TypeError, match="got 'labels', a list; expected a tensor"):
         tb.count_tokens()({"labels": [1, 2]})
-    with pytest.raises(ValueError, match=r"shape \(batch, seq\).*shift=False"):
+    with pytest.raises(ValueError, match=r"expected \(batch, seq\).*shift=False"):
         tb.count_tokens()({"labels": torch.tensor([1, 2, -100])})
     assert int(tb.count_tokens(shift=False)({"labels": torch.tensor([1, 2, -100])})) == 2
 
@@ -203,3 +212,278 @@ def test_count_tokens_sums_over_micro_batches_to_the_full_count() -> None:
     count = tb.count_tokens()
     assert sum(int(count(mb)) for mb in tb.split(batch, 3)) == int(count(batch))
     assert int(count(batch)) == int((labels[:, 1:] != -100).sum())
+
+
+# ---------------------------------------------------------------------------
+# Mappings: dict, OrderedDict, defaultdict, UserDict (transformers' BatchEncoding)
+
+
+class Features(UserDict):
+    """A UserDict subclass with attribute access and an attribute of its own."""
+
+    def __init__(self, data: dict, source: str = "loader") -> None:
+        super().__init__(data)
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["data"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class ReadOnly(Mapping):
+    """An immutable mapping built from a dict."""
+
+    def __init__(self, data: dict) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Unbuildable(ReadOnly):
+    def __init__(self, data: dict, tag: str) -> None:
+        super().__init__(data)
+        self.tag = tag
+
+
+def _rows(n: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.arange(n * 2.0).reshape(n, 2), "y": torch.arange(n)}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        OrderedDict,
+        lambda d: defaultdict(list, d),
+        UserDict,
+        lambda d: Features(d, source="disk"),
+        ReadOnly,
+        MappingProxyType,
+    ],
+    ids=["OrderedDict", "defaultdict", "UserDict", "UserDict_subclass", "Mapping", "proxy"],
+)
+def test_split_any_mapping_keeps_its_type_and_cuts_its_tensors(make: Any) -> None:
+    batch = make(_rows(5))
+    parts = tb.split(batch, 2)
+    assert [type(p) for p in parts] == [type(batch)] * 3
+    assert [tb.batch_size(p) for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+    assert torch.equal(torch.cat([p["y"] for p in parts]), batch["y"])
+    assert list(parts[0]) == list(batch)
+    assert tb.batch_size(batch) == 5 and tb.count_samples(batch) == 5
+
+
+def test_split_mapping_keeps_defaultdict_factory_and_user_attributes() -> None:
+    factory = defaultdict(lambda: "missing", _rows(4))
+    features = Features(_rows(4), source="disk")
+    for part in tb.split(factory, 3):
+        assert part["absent"] == "missing"
+    for part in tb.split(features, 3):
+        assert part.source == "disk" and torch.equal(part.x, part["x"])
+    assert "absent" not in features and features.x.shape == (4, 2)
+
+
+def test_mapping_that_cannot_be_rebuilt_is_named() -> None:
+    with pytest.raises(TypeError, match=r"`batch` got a Unbuildable, a read-only mapping"):
+        tb.split(Unbuildable(_rows(4), "t"), 2)
+
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "fast", "slow", "big", "small"]
+TEXTS = [
+    "the cat sat",
+    "a dog ran on the mat fast",
+    "cat",
+    "the big dog sat on a small mat",
+    "slow cat ran",
+    "a dog",
+    "the mat",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """A word-level fast tokenizer built here from a small vocabulary (nothing downloaded)."""
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[MASK]", *WORDS])}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"
+    )
+
+
+def test_split_batch_encoding_keeps_attributes_and_its_encodings(tokenizer: Any) -> None:
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert isinstance(batch, transformers.BatchEncoding) and batch.encodings is not None
+    parts = tb.split(batch, 3)
+    assert [type(p) for p in parts] == [transformers.BatchEncoding] * 3
+    assert [len(p.encodings) for p in parts] == [3, 3, 1]
+    for start, part in zip((0, 3, 6), parts, strict=True):
+        assert part.to("cpu") is part and torch.equal(part.input_ids, part["input_ids"])
+        for row in range(tb.batch_size(part)):
+            assert part.word_ids(row) == batch.word_ids(start + row)
+            assert part.tokens(row) == batch.tokens(start + row)
+    assert len(batch.encodings) == len(TEXTS) and batch.input_ids.shape[0] == len(TEXTS)
+
+
+def tiny_lm() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(len(WORDS) + 3, 8), nn.Tanh(), nn.Linear(8, len(WORDS) + 3))
+
+
+def lm_loss(model: nn.Module, batch: Any, shift: bool, reduction: str) -> torch.Tensor:
+    """Cross-entropy of the labels, read through BatchEncoding's attribute access."""
+    batch = batch.to("cpu")
+    logits = model(batch.input_ids * batch.attention_mask)
+    labels = batch.labels
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction=reduction)
+
+
+@pytest.mark.parametrize("mlm", [False, True], ids=["causal", "masked"])
+@pytest.mark.parametrize("micro_batch_size", [1, 2, 3])
+def test_data_collator_batches_through_the_accumulator(
+    tokenizer: Any, mlm: bool, micro_batch_size: int
+) -> None:
+    """DataCollatorForLanguageModeling's BatchEncoding: one exact step, float64."""
+    torch.manual_seed(1)  # the masked-LM collator draws its masks from the global RNG
+    collate = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=mlm, return_tensors="pt")
+    batch = collate([tokenizer(text) for text in TEXTS])
+    assert isinstance(batch, transformers.BatchEncoding)
+    model = tiny_lm().double()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen: list[list[torch.Tensor]] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=micro_batch_size)
+
+    result = acc.step(
+        batch,
+        lambda m, b: lm_loss(m, b, not mlm, "sum"),
+        count=tb.count_tokens(shift=not mlm),
+    )
+    lm_loss(reference, batch, not mlm, "mean").backward()
+
+    assert result.micro_batches == -(-len(TEXTS) // micro_batch_size)
+    assert result.count == int(tb.count_tokens(shift=not mlm)(batch)) > 0
+    expected = [p.grad for p in reference.parameters()]
+    assert tb.max_relative_difference(seen[0], expected) <= TOLERANCES[torch.float64]
+
+
+def test_data_collator_with_padding_splits_like_its_rows(tokenizer: Any) -> None:
+    collate = transformers.DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    features = [dict(tokenizer(text), label=i % 2) for i, text in enumerate(TEXTS)]
+    batch = collate(features)
+    parts = tb.split(batch, 2)
+    assert [type(p) for p in parts] == [transformers.BatchEncoding] * 4
+    for key in batch:
+        assert torch.equal(torch.cat([p[key] for p in parts]), batch[key])
+    assert [int(p.attention_mask.sum()) for p in parts] == [
+        int(batch["attention_mask"][i : i + 2].sum()) for i in range(0, len(TEXTS), 2)
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Per-sample values that are not tensors (issue 15, defect 5)
+
+
+def test_default_collate_strings_are_cut_with_their_rows() -> None:
+    samples = [{"x": torch.tensor([float(i)]), "name": f"s{i}"} for i in range(7)]
+    batch = torch.utils.data.default_collate(samples)
+    assert batch["name"] == [f"s{i}" for i in range(7)]
+    for part in tb.split(batch, 3):
+        assert part["name"] == [f"s{int(v)}" for v in part["x"].flatten()]
+
+
+def test_zip_collated_tuples_are_per_sample() -> None:
+    """``tuple(zip(*samples))``: a tuple of tensors (a container) and a tuple of strings."""
+    samples = [(torch.tensor([float(i)]), f"s{i}", {"id": i}) for i in range(5)]
+    xs, names, metas = tuple(zip(*samples, strict=True))
+    batch = (torch.stack(xs), names, metas)
+    for part in tb.split(batch, 2):
+        rows = [int(v) for v in part[0].flatten()]
+        assert part[1] == tuple(f"s{i}" for i in rows)
+        assert part[2] == tuple({"id": i} for i in rows)
+        assert type(part[1]) is tuple
+
+
+def test_per_sample_lists_follow_their_rows_at_any_depth() -> None:
+    batch = Pair(
+        torch.arange(6),
+        {"tokens": [["w"] * i for i in range(6)], "tag": "run-3", "few": ["a", "b"]},
+    )
+    parts = tb.split(batch, 4)
+    assert [p.y["tokens"] for p in parts] == [[["w"] * i for i in range(4)], [["w"] * 4, ["w"] * 5]]
+    assert all(p.y["tag"] == "run-3" and p.y["few"] == ["a", "b"] for p in parts)
+
+
+def test_a_list_of_b_numbers_is_refused_with_how_to_mark_it() -> None:
+    batch = {"x": torch.zeros(2, 3), "betas": (0.9, 0.999)}
+    with pytest.raises(ValueError, match=r"`batch\['betas'\]` got a tuple of 2 numbers") as error:
+        tb.split(batch, 1)
+    assert "tb.shared(batch['betas'])" in str(error.value)
+    assert "torch.tensor(batch['betas'])" in str(error.value)
+    assert tb.split(batch, 2) == [batch]  # not cut: nothing to decide
+
+
+def test_shared_marks_a_setting_of_b_entries() -> None:
+    batch = {
+        "x": torch.zeros(2, 3),
+        "betas": tb.shared((0.9, 0.999)),
+        "langs": tb.shared(["en", "fr"]),
+    }
+    for part in tb.split(batch, 1):
+        assert part["betas"] == (0.9, 0.999) and part["langs"] == ["en", "fr"]
+        assert isinstance(part["betas"], tuple) and isinstance(part["langs"], list)
+    with pytest.raises(TypeError, match="`value` got str; expected a list or a tuple"):
+        tb.shared("en")
+    with pytest.raises(TypeError, match="`value` got Pair"):
+        tb.shared(Pair(1, 2))
+
+
+def test_namedtuple_is_always_a_container() -> None:
+    """A namedtuple of B numbers is a record of settings, never per-sample values."""
+    settings = Pair(0.5, 0.25)
+    parts = tb.split((torch.zeros(2, 1), settings), 1)
+    assert [p[1] for p in parts] == [settings, settings]
+
+
+def test_per_sample_strings_weight_the_loss_through_the_accumulator() -> None:
+    """Each sample's loss is weighted by its own name's length: misaligned names
+    (every micro-batch getting all of them) would change the gradient or fail."""
+    g = torch.Generator().manual_seed(3)
+    names = ["a", "bb", "ccc", "dddd", "e", "ff", "ggg"]
+    samples = [
+        {"x": torch.randn(4, generator=g, dtype=torch.float64), "y": i % 3, "name": names[i]}
+        for i in range(7)
+    ]
+    batch = torch.utils.data.default_collate(samples)
+    model = nn.Linear(4, 3).double()
+    reference = copy.deepcopy(model)
+
+    def weighted(model: nn.Module, batch: dict, reduction: str) -> torch.Tensor:
+        weights = torch.tensor([len(n) for n in batch["name"]], dtype=torch.float64)
+        losses = weights * F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    tb.Accumulator(model, optimizer, micro_batch_size=3).step(
+        batch, lambda m, b: weighted(m, b, "sum")
+    )
+    weighted(reference, batch, "mean").backward()
+    with torch.no_grad():
+        expected = [p - p.grad for p in reference.parameters()]
+    assert tb.max_relative_difference(model.parameters(), expected) <= TOLERANCES[torch.float64]
