@@ -484,6 +484,7 @@ def window_batches(config: Config, index: int, sizes: tuple[int, ...]) -> tuple[
 def run(config: Config) -> None:
     ours = Trainer.build(config)
     reference = Trainer.build(dataclasses.replace(config, checkpoint=None))
+    replay = Trainer.build(dataclasses.replace(config, checkpoint=None))
     before = ours.snapshot()
     try:
         acc = tb.Accumulator(
@@ -509,11 +510,13 @@ def run(config: Config) -> None:
         if config.grown and index == 1:
             grow(ours.model, ours.optimizer, config.seed)
             grow(reference.model, reference.optimizer, config.seed)
+            grow(replay.model, replay.optimizer, config.seed)
         pieces, full = window_batches(config, index, sizes)
         n = sum(sizes)
         if mode == "step" and n == 0:
             mode = "window"  # an empty batch has no tensor to split: an empty window instead
         reference.load(ours)
+        replay.load(ours)
         window_index = acc.state_dict()["window"]
         parameters_before = [p.detach().clone() for p in optimized(ours.optimizer)]
         state_before = ours.snapshot()
@@ -543,32 +546,46 @@ def run(config: Config) -> None:
         assert tb.max_relative_difference(seen[-1], stepped) <= TOL, "gradient"
         assert abs(result.loss - loss) <= TOL * abs(loss), "loss"
         assert abs(result.grad_norm - norm) <= TOL * norm, "grad_norm"
-        assert_same_state(ours, reference, parameters_before)
+        assert_same_state(ours, reference, replay, seen[-1], parameters_before)
 
 
-def assert_same_state(ours: Trainer, reference: Trainer, before: list[torch.Tensor]) -> None:
-    """After a window from the same state: the same update, buffers, optimizer state,
-    schedule and scale, and no gradient left."""
+def assert_same_state(
+    ours: Trainer,
+    reference: Trainer,
+    replay: Trainer,
+    gradient: list[torch.Tensor | None],
+    before: list[torch.Tensor],
+) -> None:
+    """After a window from the same state: the update and optimizer state the optimizer
+    makes from the gradient truebatch handed it (``replay``, stepped here from the same
+    state), the reference's buffers, schedule and scale, and no gradient left.
+
+    The update is compared with the replay, not the reference: Adam turns a tensor
+    whose exact gradient is ~0 (rounding noise) into a full step, so the contract
+    judges the gradient (checked against the reference) and not the update.
+    """
+    for p, g in zip(optimized(replay.optimizer), gradient, strict=True):
+        p.grad = g
+    replay.optimizer.step()
     update = [p.detach() - q for p, q in zip(optimized(ours.optimizer), before, strict=True)]
-    ref_update = [
-        p.detach() - q for p, q in zip(optimized(reference.optimizer), before, strict=True)
-    ]
-    assert tb.max_relative_difference(update, ref_update) <= TOL, "update"
-    assert tb.max_relative_difference(ours.model.state_dict(), reference.model.state_dict()) <= TOL
-    assert_same_optimizer_state(ours.optimizer, reference.optimizer)
+    expected = [p.detach() - q for p, q in zip(optimized(replay.optimizer), before, strict=True)]
+    assert tb.max_relative_difference(update, expected) <= TOL, "update"
+    assert_same_optimizer_state(ours.optimizer, replay.optimizer)
+    buffers = dict(ours.model.named_buffers())
+    assert tb.max_relative_difference(buffers, dict(reference.model.named_buffers())) <= TOL
     if ours.scheduler is not None:
         epochs = [t.scheduler.state_dict()["last_epoch"] for t in (ours, reference)]
         assert epochs[0] == epochs[1], "scheduler steps"
+        lrs = [[g["lr"] for g in t.optimizer.param_groups] for t in (ours, reference)]
+        assert lrs[0] == lrs[1], "learning rates"
     if ours.scaler is not None:
         assert ours.scaler.get_scale() == reference.scaler.get_scale(), "scale"
     assert all(p.grad is None for p in ours.model.parameters()), "gradients left after the step"
 
 
 def assert_same_optimizer_state(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer) -> None:
-    for group, ref_group in zip(ours.param_groups, theirs.param_groups, strict=True):
-        for key, value in group.items():
-            if key != "params":
-                assert value == ref_group[key], f"param group {key}: {value} vs {ref_group[key]}"
+    """Per-parameter state (momentum, moments, step); the learning rates are the
+    scheduler's, compared with the reference's."""
     for p, q in zip(optimized(ours), optimized(theirs), strict=True):
         state, ref_state = ours.state.get(p, {}), theirs.state.get(q, {})
         assert state.keys() == ref_state.keys()
