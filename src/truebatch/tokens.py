@@ -30,8 +30,9 @@ TokenCounter = str | Callable[[Batch], "torch.Tensor | Sequence[int]"]
 __all__ = ["count_tokens", "split_by_tokens", "token_budget_sizes", "tokens_per_sample"]
 
 
-def select(batch: Batch, key: str | int, what: str) -> torch.Tensor:
-    """``batch[key]`` (an attribute for a dataclass), which must be a tensor."""
+def select(batch: Batch, key: str | int, what: str, *, as_tensor: bool = False) -> torch.Tensor:
+    """``batch[key]`` (an attribute for a dataclass), which must be a tensor, or with
+    ``as_tensor`` anything ``torch.as_tensor`` takes (a list of ints)."""
     try:
         value = getattr(batch, key) if is_dataclass_instance(batch) else batch[key]
     except (KeyError, IndexError, TypeError, AttributeError):
@@ -39,6 +40,8 @@ def select(batch: Batch, key: str | int, what: str) -> torch.Tensor:
             f"`{what}` got {key!r}, which the micro-batch ({type(batch).__name__}) does not "
             f"hold; expected the key or index of a tensor. Fix: pass {what}= the right key."
         ) from None
+    if as_tensor and isinstance(value, list | tuple):
+        value = torch.as_tensor(value)
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"`{what}` got {key!r}, a {type(value).__name__}; expected a tensor. "
@@ -60,7 +63,7 @@ def _document_starts(
             )
         return positions == 0
     if cu_seqlens is not None:
-        offsets = select(batch, cu_seqlens, "cu_seqlens").flatten()
+        offsets = select(batch, cu_seqlens, "cu_seqlens", as_tensor=True).flatten()
         total = labels.numel()
         if offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != total:
             raise ValueError(
@@ -94,7 +97,9 @@ def count_tokens(
     Packed rows (several documents per row) name where documents start:
     ``position_ids="position_ids"`` (a document starts where it is 0) or
     ``cu_seqlens="cu_seqlens"`` (offsets of the documents in the flattened
-    labels). Then no label is counted across a boundary: under ``shift=True``
+    labels, a tensor or a list: a list of another length than the batch is
+    shared by the splitter, where a tensor would be taken for per-sample rows).
+    Then no label is counted across a boundary: under ``shift=True``
     the first token of each document is not scored; under ``shift=False``
     (labels already aligned with the logits) the last one is not. The loss must
     skip the same labels (e.g. ``labels.masked_fill(position_ids == 0, -100)``).

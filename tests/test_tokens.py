@@ -1,0 +1,391 @@
+"""Token budgets and packed sequences (issue 24), float64 against written-out references.
+
+- ``tb.token_budget_sizes`` / ``tb.split(batch, max_tokens=T)``: consecutive
+  micro-batches of at most T tokens, greedy, in order; a sample longer than T
+  is named.
+- Token-budget micro-batches through ``Accumulator.step_window`` give the big
+  batch's gradient, for several budgets (one sample per micro-batch included).
+- ``tb.count_tokens(position_ids=... | cu_seqlens=...)`` counts no label across
+  a document boundary, and packing the same documents differently (with a
+  block-diagonal causal mask) gives the same window gradient as one document
+  per padded row.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import truebatch as tb
+from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, seeded
+from truebatch.compare import TOLERANCES
+
+TOL = TOLERANCES[torch.float64]
+
+
+# ------------------------------------------------------------------ the planner
+
+
+@given(
+    st.lists(st.integers(0, 20), max_size=30),
+    st.integers(20, 60),
+    st.booleans(),
+)
+def test_token_budget_sizes_are_greedy_consecutive_and_within_budget(
+    lengths: list[int], max_tokens: int, padded: bool
+) -> None:
+    """Written out: cost(group) <= T; adding the next sample would exceed T."""
+
+    def cost(group: list[int]) -> int:
+        return len(group) * max(group, default=0) if padded else sum(group)
+
+    sizes = tb.token_budget_sizes(lengths, max_tokens, padded=padded)
+    assert sum(sizes) == len(lengths) and all(n > 0 for n in sizes)
+    start = 0
+    for n in sizes:
+        group = lengths[start : start + n]
+        assert cost(group) <= max_tokens
+        if start + n < len(lengths):
+            assert cost([*group, lengths[start + n]]) > max_tokens
+        start += n
+
+
+def test_a_sample_longer_than_the_budget_is_named() -> None:
+    with pytest.raises(ValueError, match=r"`max_tokens` got 8; .* sample 2 has 9\. Fix"):
+        tb.token_budget_sizes([3, 5, 9, 1], 8)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    with pytest.raises(ValueError, match="sample 1 has 3"):
+        tb.split({"attention_mask": mask}, max_tokens=2)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_bad_budget(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"`max_tokens` got .*; expected a positive int"):
+        tb.token_budget_sizes([1, 2], bad)
+
+
+def test_split_by_tokens_reads_the_attention_mask_and_keeps_order() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    batch = {
+        "input_ids": torch.arange(20).reshape(5, 4),
+        "attention_mask": mask,
+        "id": list("abcde"),
+    }
+    parts = tb.split(batch, max_tokens=4)
+    assert [p["id"] for p in parts] == [["a", "b"], ["c"], ["d", "e"]]
+    assert [int(p["attention_mask"].sum()) for p in parts] == [4, 2, 4]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert tb.split(batch, max_tokens=100) == [batch]
+
+
+def test_split_by_tokens_with_a_counter_function() -> None:
+    batch = (torch.zeros(4, 9), torch.tensor([9, 2, 3, 4]))
+    parts = tb.split(batch, max_tokens=9, tokens=lambda b: b[1])
+    assert [p[1].tolist() for p in parts] == [[9], [2, 3, 4]]
+
+
+def test_split_by_tokens_errors() -> None:
+    x = torch.zeros(3, 2)
+    with pytest.raises(KeyError, match="`tokens` got 'attention_mask', which the micro-batch"):
+        tb.split({"x": x}, max_tokens=4)
+    with pytest.raises(ValueError, match="expected one non-negative integer per sample"):
+        tb.split({"x": x}, max_tokens=4, tokens=lambda b: [1, 2])
+    with pytest.raises(ValueError, match="expected one non-negative integer per sample"):
+        tb.split({"x": x}, max_tokens=4, tokens=lambda b: [1, -2, 1])
+    with pytest.raises(ValueError, match="`micro_batch_size` got 2 and `max_tokens` 4"):
+        tb.split({"x": x}, 2, max_tokens=4)
+    with pytest.raises(TypeError, match="`tokens` got int"):
+        tb.split({"x": x}, max_tokens=4, tokens=3)
+
+
+# ------------------------------------------------- token budgets are exact
+
+
+def variable_length_batch(n: int, seed: int, shortest: int, longest: int) -> dict[str, Any]:
+    """``n`` right-padded sequences of lengths in [shortest, longest], with a mask."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g)
+    width = int(lengths.max())
+    ids = torch.randint(1, VOCAB, (n, width), generator=g)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    ids = ids.masked_fill(~mask, PAD_ID)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "labels": ids.masked_fill(~mask, IGNORE_INDEX),
+    }
+
+
+def lm_loss(model: nn.Module, batch: dict[str, Any], reduction: str = "sum") -> torch.Tensor:
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def window_gradient(model: nn.Module, micro_batches: list[Any], loss_fn: Any, count: Any) -> list:
+    """The gradient truebatch hands the optimizer for this window."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[list[torch.Tensor]] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    result = tb.Accumulator(model, optimizer).step_window(micro_batches, loss_fn, count=count)
+    assert result.stepped
+    return seen[0]
+
+
+def big_batch_gradient(model: nn.Module, loss_mean: Any) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_mean(model).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("max_tokens", [12, 17, 30, 64, 1000])
+def test_token_budget_micro_batches_give_the_big_batch_gradient(max_tokens: int) -> None:
+    batch = variable_length_batch(16, seed=4, shortest=2, longest=12)
+    micro_batches = tb.split(batch, max_tokens=max_tokens)
+    tokens = [int(mb["attention_mask"].sum()) for mb in micro_batches]
+    assert max(tokens) <= max_tokens and sum(tokens) == int(batch["attention_mask"].sum())
+    assert (len(micro_batches) > 1) == (max_tokens < sum(tokens))
+    model = seeded(GRULanguageModel)
+    reference = big_batch_gradient(copy.deepcopy(model), lambda m: lm_loss(m, batch, "mean"))
+
+    ours = window_gradient(model, micro_batches, lm_loss, tb.count_tokens())
+    assert tb.max_relative_difference(ours, reference) <= TOL
+
+
+def test_a_budget_holding_one_sample_per_micro_batch() -> None:
+    """Lengths in [7, 12] and T = 12: no two samples fit together."""
+    batch = variable_length_batch(9, seed=5, shortest=7, longest=12)
+    micro_batches = tb.split(batch, max_tokens=12)
+    assert [tb.batch_size(mb) for mb in micro_batches] == [1] * 9
+    model = seeded(GRULanguageModel)
+    reference = big_batch_gradient(copy.deepcopy(model), lambda m: lm_loss(m, batch, "mean"))
+    ours = window_gradient(model, micro_batches, lm_loss, tb.count_tokens())
+    assert tb.max_relative_difference(ours, reference) <= TOL
+
+
+def test_token_budget_of_micro_batches_padded_to_their_own_length() -> None:
+    """The usual pipeline: plan by lengths, collate each micro-batch to its longest."""
+    g = torch.Generator().manual_seed(6)
+    sequences = [
+        torch.randint(1, VOCAB, (int(n),), generator=g)
+        for n in torch.randint(2, 14, (20,), generator=g)
+    ]
+
+    def collate(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=PAD_ID)
+        mask = ids != PAD_ID
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~mask, -100)}
+
+    sizes = tb.token_budget_sizes([len(s) for s in sequences], 40, padded=True)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    micro_batches = [collate(sequences[a : a + n]) for a, n in zip(starts, sizes, strict=True)]
+    assert all(mb["input_ids"].numel() <= 40 for mb in micro_batches)
+    full = collate(sequences)
+    model = seeded(GRULanguageModel)
+    reference = big_batch_gradient(copy.deepcopy(model), lambda m: lm_loss(m, full, "mean"))
+    ours = window_gradient(model, micro_batches, lm_loss, tb.count_tokens())
+    assert tb.max_relative_difference(ours, reference) <= TOL
+
+
+# ------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize(
+    ("batch", "counter", "expected"),
+    [
+        # two documents in a row: [5 6 7 | 1 2]; shift scores 6, 7 and 2.
+        (
+            {
+                "labels": torch.tensor([[5, 6, 7, 1, 2]]),
+                "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+            },
+            tb.count_tokens(position_ids="position_ids"),
+            3,
+        ),
+        # the same row without the markers scores 1 across the boundary.
+        ({"labels": torch.tensor([[5, 6, 7, 1, 2]])}, tb.count_tokens(), 4),
+        # aligned labels: the last token of each document predicts nothing across.
+        (
+            {
+                "labels": torch.tensor([[6, 7, -100, 2, -100]]),
+                "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+            },
+            tb.count_tokens(shift=False, position_ids="position_ids"),
+            3,
+        ),
+        (
+            {
+                "labels": torch.tensor([[6, 7, 9, 2, 4]]),
+                "position_ids": torch.tensor([[0, 1, 2, 0, 1]]),
+            },
+            tb.count_tokens(shift=False, position_ids="position_ids"),
+            4,
+        ),
+        # cu_seqlens over the flattened tokens: documents [0, 3), [3, 5), [5, 9).
+        (
+            {"labels": torch.arange(1, 10)[None], "cu_seqlens": [0, 3, 5, 9]},
+            tb.count_tokens(cu_seqlens="cu_seqlens"),
+            9 - 3,
+        ),
+        (
+            {"labels": torch.arange(1, 10)[None], "cu_seqlens": torch.tensor([0, 3, 5, 9])},
+            tb.count_tokens(cu_seqlens="cu_seqlens", ignore_index=2),
+            9 - 3 - 1,
+        ),
+        # two packed rows with padding (-100) and a padded tail restarting positions.
+        (
+            {
+                "labels": torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, -100, -100, -100]]),
+                "position_ids": torch.tensor([[0, 1, 0, 1, 2, 0], [0, 1, 2, 0, 1, 2]]),
+            },
+            tb.count_tokens(position_ids="position_ids"),
+            1 + 2 + 2,
+        ),
+    ],
+    ids=["positions", "no_markers", "aligned", "aligned_all", "cu_list", "cu_tensor", "rows"],
+)
+def test_count_tokens_of_packed_rows(batch: dict, counter: Any, expected: int) -> None:
+    assert int(counter(batch)) == expected
+
+
+def test_count_tokens_document_marker_errors() -> None:
+    labels = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="expected one of them"):
+        tb.count_tokens(position_ids="p", cu_seqlens="c")
+    with pytest.raises(ValueError, match=r"`position_ids` got shape \(1, 2\)"):
+        tb.count_tokens(position_ids="p")({"labels": labels, "p": torch.tensor([[0, 1]])})
+    with pytest.raises(ValueError, match=r"`cu_seqlens` got \[0, 2\]; expected cumulative"):
+        tb.count_tokens(cu_seqlens="c")({"labels": labels, "c": [0, 2]})
+    with pytest.raises(KeyError, match="`position_ids` got 'position_ids'"):
+        tb.count_tokens(position_ids="position_ids")({"labels": labels})
+
+
+class DocumentAttentionLM(nn.Module):
+    """Embeddings of token and position, one causal attention layer that stays within
+    a document, a head. Documents are the runs of ``position_ids`` from 0."""
+
+    def __init__(self, width: int = 8, positions: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.position = nn.Embedding(positions, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) + self.position(position_ids)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        document = (position_ids == 0).cumsum(1)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & (document[:, :, None] == document[:, None, :])
+        scores = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        attention = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+        return self.head(torch.tanh(h + self.out(attention @ v)))
+
+
+def documents(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (10,), generator=g).tolist()
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def pack(docs: list[torch.Tensor], rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+    """Rows holding the given documents back to back, right-padded to ``width``; the
+    padding is one more run of positions from 0 with ignored labels."""
+    ids = torch.full((len(rows), width), PAD_ID)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d in row:
+            n = len(docs[d])
+            ids[r, at : at + n], labels[r, at : at + n] = docs[d], docs[d]
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def packed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss that predicts no document's first token from the previous one."""
+    logits = model(batch["input_ids"], batch["position_ids"])
+    labels = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+PACKINGS = {
+    "two_rows_in_order": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+    "three_rows_shuffled": [[9, 0, 4], [2, 7, 1, 5], [3, 8, 6]],
+    "pairs": [[0, 9], [1, 8], [2, 7], [3, 6], [4, 5]],
+}
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 1, 2])
+@pytest.mark.parametrize("packing", PACKINGS.values(), ids=list(PACKINGS))
+def test_packing_does_not_change_the_window_gradient(
+    packing: list[list[int]], micro_batch_size: int | None
+) -> None:
+    """The same ten documents, one per padded row (the reference, its mean loss over
+    scored tokens written out) or packed several per row with a block-diagonal causal
+    mask, give the same window gradient."""
+    docs = documents(seed=7)
+    model = seeded(DocumentAttentionLM)
+    unpacked = pack(docs, [[d] for d in range(len(docs))], max(len(d) for d in docs))
+    n_scored = sum(len(d) - 1 for d in docs)
+    reference = big_batch_gradient(
+        copy.deepcopy(model), lambda m: packed_loss(m, unpacked) / n_scored
+    )
+
+    width = max(sum(len(docs[d]) for d in row) for row in packing)
+    packed = pack(docs, packing, width)
+    counter = tb.count_tokens(position_ids="position_ids")
+    assert int(counter(packed)) == n_scored
+    ours = window_gradient(model, tb.split(packed, micro_batch_size), packed_loss, counter)
+    assert tb.max_relative_difference(ours, reference) <= TOL
+
+
+def test_cu_seqlens_rows_count_like_position_ids() -> None:
+    """One flattened row per micro-batch with ``cu_seqlens`` as a list (shared by the
+    splitter): the same count and window gradient as the position ids say."""
+    docs = documents(seed=8)
+    model = seeded(DocumentAttentionLM)
+    micro_batches = []
+    for group in ([0, 1, 2], [3, 4, 5, 6], [7, 8, 9]):
+        row = pack(docs, [group], sum(len(docs[d]) for d in group))
+        offsets = [0]
+        for d in group:
+            offsets.append(offsets[-1] + len(docs[d]))
+        row["cu_seqlens"] = offsets
+        micro_batches.append(row)
+    by_offsets = tb.count_tokens(cu_seqlens="cu_seqlens")
+    by_positions = tb.count_tokens(position_ids="position_ids")
+    assert [int(by_offsets(mb)) for mb in micro_batches] == [
+        int(by_positions(mb)) for mb in micro_batches
+    ]
+    unpacked = pack(docs, [[d] for d in range(len(docs))], max(len(d) for d in docs))
+    n_scored = sum(len(d) - 1 for d in docs)
+    reference = big_batch_gradient(
+        copy.deepcopy(model), lambda m: packed_loss(m, unpacked) / n_scored
+    )
+    ours = window_gradient(model, micro_batches, packed_loss, by_offsets)
+    assert tb.max_relative_difference(ours, reference) <= TOL
