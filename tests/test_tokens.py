@@ -389,3 +389,17 @@ def test_cu_seqlens_rows_count_like_position_ids() -> None:
     )
     ours = window_gradient(model, micro_batches, packed_loss, by_offsets)
     assert tb.max_relative_difference(ours, reference) <= TOL
+
+
+def test_split_window_is_the_accumulators_plan() -> None:
+    """By samples, by tokens, or as given; each micro-batch with its sample count."""
+    from truebatch.batching import split_window
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    pieces = [{"attention_mask": mask[:3]}, {"attention_mask": mask[3:]}]
+    plan = split_window(pieces, [3, 1], max_tokens=3)
+    assert [(int(mb["attention_mask"].sum()), n) for mb, n in plan] == [(3, 2), (3, 1), (2, 1)]
+    assert [n for _, n in split_window(pieces, [3, 1], micro_batch_size=2)] == [2, 1, 1]
+    assert [n for _, n in split_window(pieces, [3, 1])] == [3, 1]
+    with pytest.raises(ValueError, match="expected one of them"):
+        split_window(pieces, [3, 1], micro_batch_size=2, max_tokens=3)

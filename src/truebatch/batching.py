@@ -57,6 +57,7 @@ __all__ = [
     "split",
     "split_by_tokens",
     "split_sized",
+    "split_window",
     "tensor_leaves",
     "token_budget_sizes",
     "tokens_per_sample",
@@ -120,16 +121,12 @@ def split(
         [2, 1, 1]
     """
     size = batch_size(batch)
-    if max_tokens is not None:
-        if micro_batch_size is not None:
-            raise ValueError(
-                f"`micro_batch_size` got {micro_batch_size} and `max_tokens` {max_tokens}; "
-                "expected one of them. Fix: cut by samples or by tokens."
-            )
-        return [mb for mb, _ in split_by_tokens(batch, max_tokens, tokens=tokens)]
-    if micro_batch_size is None:
-        return [batch]
-    return [mb for mb, _ in split_sized(batch, size, _check_micro_batch_size(micro_batch_size))]
+    if micro_batch_size is not None:
+        micro_batch_size = _check_micro_batch_size(micro_batch_size)
+    plan = split_window(
+        [batch], [size], micro_batch_size=micro_batch_size, max_tokens=max_tokens, tokens=tokens
+    )
+    return [micro_batch for micro_batch, _ in plan]
 
 
 def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
@@ -139,6 +136,40 @@ def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
     return [
         (slice_samples(batch, start, start + step, size=size), min(step, size - start))
         for start in range(0, size, step)
+    ]
+
+
+def split_window(
+    pieces: list[Batch],
+    sizes: list[int],
+    *,
+    micro_batch_size: int | None = None,
+    max_tokens: int | None = None,
+    tokens: TokenCounter = "attention_mask",
+) -> list[tuple[Batch, int]]:
+    """Every piece of a window (of ``sizes`` samples) cut by samples or by tokens.
+
+    The Accumulator's plan of a window: ``(micro_batch, its samples)`` pairs, in
+    order. A piece that fits is kept whole; neither size keeps every piece.
+
+    Raises:
+        ValueError: both sizes given, or a sample longer than ``max_tokens``.
+    """
+    if max_tokens is not None:
+        if micro_batch_size is not None:
+            raise ValueError(
+                f"`micro_batch_size` got {micro_batch_size} and `max_tokens` {max_tokens}; "
+                "expected one of them. Fix: cut by samples or by tokens."
+            )
+        return [
+            pair for piece in pieces for pair in split_by_tokens(piece, max_tokens, tokens=tokens)
+        ]
+    if micro_batch_size is None:
+        return list(zip(pieces, sizes, strict=True))
+    return [
+        pair
+        for piece, size in zip(pieces, sizes, strict=True)
+        for pair in split_sized(piece, size, micro_batch_size)
     ]
 
 
