@@ -175,10 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=64, help="sequences per window")
     parser.add_argument("--micro", type=int, default=4, help="m: sequences per fixed micro-batch")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="128 sequences, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="64 sequences, 1 round")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sequences, args.rounds = 128, 2
+        args.sequences, args.window, args.rounds = 64, 32, 1
     torch.set_num_threads(1)
     torch.manual_seed(0)
 

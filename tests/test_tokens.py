@@ -403,3 +403,27 @@ def test_split_window_is_the_accumulators_plan() -> None:
     assert [n for _, n in split_window(pieces, [3, 1])] == [3, 1]
     with pytest.raises(ValueError, match="expected one of them"):
         split_window(pieces, [3, 1], micro_batch_size=2, max_tokens=3)
+
+
+def test_token_budget_benchmark_quick_prints_its_ratios() -> None:
+    """benchmarks/token_budget.py runs end to end (no assertion on speed)."""
+    import re
+
+    from scripts import BENCHMARKS, run_script
+
+    out = run_script(BENCHMARKS / "token_budget.py", "--quick")
+    assert re.search(r"^lengths: 64 sequences, tokens: mean \d+, p50 \d+", out, re.M), out
+    cuts = re.findall(
+        r"^  (fixed|budget|sorted fixed|sorted budget) +\d+ micro-batches, "
+        r"largest +(\d+) padded tokens",
+        out,
+        re.M,
+    )
+    assert [name for name, _ in cuts] == ["fixed", "budget", "sorted fixed", "sorted budget"], out
+    assert all(int(largest) <= 4 * 256 for _, largest in cuts), out
+    difference = re.search(r"largest difference from fixed: (\S+)$", out, re.M)
+    assert difference and float(difference.group(1)) <= 1e-5, out
+    verdict = re.search(
+        r"^sorted budget / fixed += (\d\.\d{3})  \(<= 0\.8: (PASS|FAIL)\)$", out, re.M
+    )
+    assert verdict and (verdict.group(2) == "PASS") == (float(verdict.group(1)) <= 0.8), out
