@@ -14,18 +14,25 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import token_data
 import truebatch as tb
-from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, seeded
+from models import PAD_ID, VOCAB, GRULanguageModel, seeded
+from token_data import (
+    DocumentAttentionLM,
+    documents,
+    lm_loss,
+    pack,
+    packed_loss,
+    variable_length_batch,
+)
 from truebatch.compare import TOLERANCES
 
 TOL = TOLERANCES[torch.float64]
@@ -107,31 +114,6 @@ def test_split_by_tokens_errors() -> None:
 
 
 # ------------------------------------------------- token budgets are exact
-
-
-def variable_length_batch(n: int, seed: int, shortest: int, longest: int) -> dict[str, Any]:
-    """``n`` right-padded sequences of lengths in [shortest, longest], with a mask."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(shortest, longest + 1, (n,), generator=g)
-    width = int(lengths.max())
-    ids = torch.randint(1, VOCAB, (n, width), generator=g)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    ids = ids.masked_fill(~mask, PAD_ID)
-    return {
-        "input_ids": ids,
-        "attention_mask": mask.long(),
-        "labels": ids.masked_fill(~mask, IGNORE_INDEX),
-    }
-
-
-def lm_loss(model: nn.Module, batch: dict[str, Any], reduction: str = "sum") -> torch.Tensor:
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
 
 
 def window_gradient(model: nn.Module, micro_batches: list[Any], loss_fn: Any, count: Any) -> list:
@@ -274,65 +256,6 @@ def test_count_tokens_document_marker_errors() -> None:
         tb.count_tokens(position_ids="position_ids")({"labels": labels})
 
 
-class DocumentAttentionLM(nn.Module):
-    """Embeddings of token and position, one causal attention layer that stays within
-    a document, a head. Documents are the runs of ``position_ids`` from 0."""
-
-    def __init__(self, width: int = 8, positions: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, width)
-        self.position = nn.Embedding(positions, width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-        self.head = nn.Linear(width, VOCAB)
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids) + self.position(position_ids)
-        q, k, v = self.qkv(h).chunk(3, dim=-1)
-        document = (position_ids == 0).cumsum(1)
-        length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        allowed = causal & (document[:, :, None] == document[:, None, :])
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
-        attention = scores.masked_fill(~allowed, -math.inf).softmax(-1)
-        return self.head(torch.tanh(h + self.out(attention @ v)))
-
-
-def documents(seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 9, (10,), generator=g).tolist()
-    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def pack(docs: list[torch.Tensor], rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
-    """Rows holding the given documents back to back, right-padded to ``width``; the
-    padding is one more run of positions from 0 with ignored labels."""
-    ids = torch.full((len(rows), width), PAD_ID)
-    labels = torch.full((len(rows), width), IGNORE_INDEX)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for d in row:
-            n = len(docs[d])
-            ids[r, at : at + n], labels[r, at : at + n] = docs[d], docs[d]
-            positions[r, at : at + n] = torch.arange(n)
-            at += n
-        positions[r, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions}
-
-
-def packed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token loss that predicts no document's first token from the previous one."""
-    logits = model(batch["input_ids"], batch["position_ids"])
-    labels = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 PACKINGS = {
     "two_rows_in_order": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
     "three_rows_shuffled": [[9, 0, 4], [2, 7, 1, 5], [3, 8, 6]],
@@ -427,3 +350,36 @@ def test_token_budget_benchmark_quick_prints_its_ratios() -> None:
         r"^sorted budget / fixed += (\d\.\d{3})  \(<= 0\.8: (PASS|FAIL)\)$", out, re.M
     )
     assert verdict and (verdict.group(2) == "PASS") == (float(verdict.group(1)) <= 0.8), out
+
+
+# ------------------------------------------------------------ two gloo ranks
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, list]]]:
+    """What each of the two DDP ranks saved, per case of ``token_data.CASES``."""
+    out_dir = tmp_path_factory.mktemp("token-ranks")
+    token_data.launch(out_dir, timeout=240)
+    return {
+        name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(token_data.WORLD_SIZE)]
+        for name in token_data.CASES
+    }
+
+
+@pytest.mark.parametrize("name", list(token_data.CASES))
+def test_two_ranks_give_one_process_gradient_on_the_global_batch(
+    ranks: dict[str, list[dict[str, list]]], name: str
+) -> None:
+    """Token-budget micro-batches (uneven across ranks) and packed rows under DDP: each
+    window's gradient equals one process's on the global batch, at the same weights."""
+    case = token_data.CASES[name]
+    for w in range(case.windows):
+        batch, count = case.reference(w)
+        model = case.model()
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), ranks[name][0]["before"][w], strict=True):
+                p.copy_(value)
+        n_items = int(count(batch))
+        expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
+        for rank in range(token_data.WORLD_SIZE):
+            assert tb.max_relative_difference(ranks[name][rank]["seen"][w], expected) <= TOL
