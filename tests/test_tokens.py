@@ -73,6 +73,20 @@ def test_a_sample_longer_than_the_budget_is_named() -> None:
         tb.split({"attention_mask": mask}, max_tokens=2)
 
 
+def test_lengths_may_be_a_tensor_and_not_negative() -> None:
+    assert tb.token_budget_sizes(torch.tensor([3, 5, 2]), 8) == [2, 1]
+    with pytest.raises(ValueError, match=r"`lengths` got negative lengths at samples \[1\]"):
+        tb.token_budget_sizes([3, -5, 2], 8)
+
+
+def test_count_tokens_reads_a_namedtuple_field() -> None:
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["input_ids", "labels"])
+    labels = torch.tensor([[1, 2, -100], [3, 4, 5]])
+    assert int(tb.count_tokens()(Batch(labels, labels))) == 3
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
 def test_bad_budget(bad: Any) -> None:
     with pytest.raises(ValueError, match=r"`max_tokens` got .*; expected a positive int"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from truebatch.tree import Batch, batch_size, is_dataclass_instance, slice_samples
+from truebatch.tree import Batch, batch_size, is_dataclass_instance, is_namedtuple, slice_samples
 
 Counter = Callable[[Batch], "int | torch.Tensor"]
 TokenCounter = str | Callable[[Batch], "torch.Tensor | Sequence[int]"]
@@ -31,10 +31,11 @@ __all__ = ["count_tokens", "split_by_tokens", "token_budget_sizes", "tokens_per_
 
 
 def select(batch: Batch, key: str | int, what: str, *, as_tensor: bool = False) -> torch.Tensor:
-    """``batch[key]`` (an attribute for a dataclass), which must be a tensor, or with
-    ``as_tensor`` anything ``torch.as_tensor`` takes (a list of ints)."""
+    """``batch[key]`` (a field of a dataclass or namedtuple), which must be a tensor, or
+    with ``as_tensor`` anything ``torch.as_tensor`` takes (a list of ints)."""
+    by_name = is_dataclass_instance(batch) or (is_namedtuple(batch) and isinstance(key, str))
     try:
-        value = getattr(batch, key) if is_dataclass_instance(batch) else batch[key]
+        value = getattr(batch, key) if by_name else batch[key]
     except (KeyError, IndexError, TypeError, AttributeError):
         raise KeyError(
             f"`{what}` got {key!r}, which the micro-batch ({type(batch).__name__}) does not "
@@ -238,6 +239,13 @@ def token_budget_sizes(
         raise ValueError(
             f"`max_tokens` got {max_tokens!r}; expected a positive int. "
             "Fix: pass the tokens one micro-batch may hold."
+        )
+    lengths = [int(length) for length in lengths]
+    negative = [i for i, length in enumerate(lengths) if length < 0]
+    if negative:
+        raise ValueError(
+            f"`lengths` got negative lengths at samples {negative[:8]}; expected token counts. "
+            "Fix: count each sample's tokens, 0 or more."
         )
     sizes: list[int] = []
     count = total = longest = 0
