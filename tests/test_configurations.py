@@ -17,7 +17,8 @@ Issue 15's "never again" suite. Hypothesis draws a configuration people run:
 - windows: micro-batches of equal, ragged, short and empty windows through
   ``step_window`` or one batch through ``step``, split further by
   ``micro_batch_size``;
-- an exception (or a KeyboardInterrupt) injected at a random pass.
+- an exception (or a KeyboardInterrupt) injected at a random pass, or raised by
+  the optimizer's step after it changed the parameters.
 
 Every window is run twice from the same state: by truebatch, and by the plain
 float64 reference written out here (the window's samples as one batch, the mean
@@ -102,7 +103,9 @@ class Config:
     strings: bool
     windows: tuple[tuple[str, tuple[int, ...]], ...]  # ("step" | "window", sizes)
     micro_batch_size: int | None
-    failure: tuple[int, int, str] | None  # (window, pass, "error" | "interrupt")
+    # (window, pass, "error" | "interrupt" | "optimizer"): "optimizer" fails in the
+    # optimizer's step, after it changed the parameters.
+    failure: tuple[int, int, str] | None
     seed: int
 
 
@@ -147,7 +150,7 @@ def configs(draw: st.DrawFn) -> Config:
             | st.tuples(
                 st.integers(0, len(windows) - 1),
                 st.integers(0, 4),
-                st.sampled_from(["error", "interrupt"]),
+                st.sampled_from(["error", "interrupt", "optimizer"]),
             )
         ),
         seed=draw(st.integers(0, 2**16)),
@@ -427,17 +430,27 @@ def reference_window(
 
 
 class FailingLoss:
-    """``loss_sum``, raising the drawn exception at pass ``failure[1]`` of the window."""
+    """``loss_sum``, raising the drawn exception at pass ``failure[1]`` of the window,
+    or arming ``optimizer_fails`` for the optimizer's step."""
 
     def __init__(self, failure: tuple[int, int, str] | None) -> None:
         self.failure = failure
         self.passes = 0
+        self.optimizer_fails = failure is not None and failure[2] == "optimizer"
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         if self.failure is not None and self.passes == self.failure[1]:
-            raise Injected("injected") if self.failure[2] == "error" else KeyboardInterrupt
+            if self.failure[2] == "error":
+                raise Injected("injected in loss_fn")
+            if self.failure[2] == "interrupt":
+                raise KeyboardInterrupt
         self.passes += 1
         return loss_sum(model, batch)
+
+    def after_step(self, *_: Any) -> None:
+        """An optimizer step post-hook: fails once the parameters have changed."""
+        if self.optimizer_fails:
+            raise Injected("injected in optimizer.step, after the update")
 
 
 @dataclasses.dataclass
@@ -500,6 +513,8 @@ def run(config: Config) -> None:
         assert differences(before, ours.snapshot()) == []
         return
 
+    failing = [FailingLoss(None)]  # the current window's
+    ours.optimizer.register_step_post_hook(lambda *args: failing[0].after_step(*args))
     seen: list[list[torch.Tensor | None]] = []
     ours.optimizer.register_step_pre_hook(
         lambda *_: seen.append(
@@ -521,7 +536,7 @@ def run(config: Config) -> None:
         parameters_before = [p.detach().clone() for p in optimized(ours.optimizer)]
         state_before = ours.snapshot()
         failure = config.failure if config.failure and config.failure[0] == index else None
-        loss_fn = FailingLoss(failure)
+        loss_fn = failing[0] = FailingLoss(failure)
         steps_before = len(seen)
         try:
             run_window = acc.step if mode == "step" else acc.step_window
@@ -625,6 +640,7 @@ CASES: dict[str, dict[str, Any]] = {
     "plateau": dict(scheduler="plateau"),
     "error_with_ghost_bn": dict(ghost_bn=True, failure=(0, 1, "error")),
     "interrupt_with_ghost_bn": dict(ghost_bn=True, failure=(1, 2, "interrupt")),
+    "optimizer_step_fails": dict(optimizer="adam", failure=(1, 0, "optimizer")),
     "checkpointed_dropout": dict(dropout=True, checkpoint="non_reentrant"),
     "checkpointed_dropout_reentrant": dict(dropout=True, checkpoint="reentrant"),
 }
