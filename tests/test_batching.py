@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -435,7 +436,7 @@ def test_a_list_of_b_numbers_is_refused_with_how_to_mark_it() -> None:
     with pytest.raises(ValueError, match=r"`batch\['betas'\]` got a tuple of 2 numbers") as error:
         tb.split(batch, 1)
     assert "tb.shared(batch['betas'])" in str(error.value)
-    assert "torch.tensor(batch['betas'])" in str(error.value)
+    assert "torch.as_tensor(batch['betas'])" in str(error.value)
     assert tb.split(batch, 2) == [batch]  # not cut: nothing to decide
 
 
@@ -448,10 +449,27 @@ def test_shared_marks_a_setting_of_b_entries() -> None:
     for part in tb.split(batch, 1):
         assert part["betas"] == (0.9, 0.999) and part["langs"] == ["en", "fr"]
         assert isinstance(part["betas"], tuple) and isinstance(part["langs"], list)
-    with pytest.raises(TypeError, match="`value` got str; expected a list or a tuple"):
+    with pytest.raises(TypeError, match="`value` got str; expected a list, a tuple or a numpy"):
         tb.shared("en")
     with pytest.raises(TypeError, match="`value` got Pair"):
         tb.shared(Pair(1, 2))
+
+
+def test_numpy_arrays_follow_the_same_rule() -> None:
+    """Rows of strings are per sample; B numbers are refused; other lengths are shared."""
+    names = np.array(["a", "b", "c"])
+    counts = np.arange(3)
+    weights = np.ones(5)
+    batch = {"x": torch.arange(3), "names": names, "weights": weights, "scale": np.float64(2.0)}
+    parts = tb.split(batch, 2)
+    assert [p["names"].tolist() for p in parts] == [["a", "b"], ["c"]]
+    assert all(p["weights"] is weights and p["scale"] == 2.0 for p in parts)
+    with pytest.raises(ValueError, match=r"`batch\['counts'\]` got a numpy array of 3 numbers"):
+        tb.split({**batch, "counts": counts}, 2)
+    marked = tb.split({**batch, "counts": tb.shared(counts)}, 2)
+    assert all(np.array_equal(p["counts"], counts) for p in marked)
+    with pytest.raises(ValueError, match=r"`batch\['ids'\]` got a list of 3 numbers"):
+        tb.split({**batch, "ids": [np.int64(1), np.int64(2), np.int64(3)]}, 2)
 
 
 def test_namedtuple_is_always_a_container() -> None:

@@ -9,19 +9,21 @@ container with its own type and slices
 
 - every tensor leaf along dim 0 (a view, no copy), and
 - every *per-sample sequence*: a list or tuple that holds no tensor, whose
-  length is B, and whose items are not all numbers. The default ``collate_fn``
-  turns a string field into such a list of B strings, and
-  ``tuple(zip(*samples))`` into such tuples.
+  length is B, and whose items are not all numbers (the default
+  ``collate_fn`` turns a string field into such a list of B strings, and
+  ``tuple(zip(*samples))`` into such tuples), or a numpy array of B rows
+  that are not numbers (strings, objects).
 
 Everything else is *shared*: passed to every micro-batch unchanged (strings,
 numbers, ``None``, other objects, and lists or tuples of another length).
 
 The rule decides every batch a loader produces, except one case it refuses
-rather than guess: a list or tuple of B **numbers** is a per-sample value or a
-setting that happens to have B entries (``betas=(0.9, 0.999)`` in a batch of
-2). Cutting such a batch raises a ``ValueError`` naming the field; make
-per-sample numbers a tensor (``torch.tensor(values)``), and mark a setting with
-:func:`shared`, which also marks a list of B strings that is not per sample.
+rather than guess: a list, tuple or numpy array of B **numbers** is a
+per-sample value or a setting that happens to have B entries
+(``betas=(0.9, 0.999)`` in a batch of 2). Cutting such a batch raises a
+``ValueError`` naming the field; make per-sample numbers a tensor
+(``torch.as_tensor(values)``), and mark a setting with :func:`shared`, which
+also marks a list of B strings that is not per sample.
 A namedtuple is always a container (its fields are named), never a value.
 
 A ``BatchEncoding`` from a fast tokenizer also carries one ``tokenizers.Encoding``
@@ -36,6 +38,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from numbers import Number
 from typing import Any
 
+import numpy as np
 import torch
 
 Batch = Any
@@ -67,22 +70,31 @@ class _SharedTuple(tuple):
     __slots__ = ()
 
 
-def shared(value: list | tuple) -> list | tuple:
-    """Mark a list or tuple of a batch as shared: every micro-batch gets all of it.
+class _SharedArray(np.ndarray):
+    """A numpy array the splitter gives whole to every micro-batch (see :func:`shared`)."""
 
-    A list or tuple without tensors whose length equals the batch size is taken
-    as one value per sample and cut with the tensors (module docstring). Wrap a
-    setting that happens to have that length, so it is not cut. The result is a
-    ``list`` (or ``tuple``) equal to ``value``; ``loss_fn`` uses it unchanged.
+
+_SHARED = (_SharedList, _SharedTuple, _SharedArray)
+
+
+def shared(value: list | tuple | np.ndarray) -> list | tuple | np.ndarray:
+    """Mark a list, tuple or numpy array of a batch as shared: every micro-batch gets all of it.
+
+    A list or tuple without tensors (or a numpy array) whose length equals the
+    batch size is taken as one value per sample and cut with the tensors
+    (module docstring). Wrap a setting that happens to have that length, so it
+    is not cut. The result equals ``value`` and is a ``list`` (``tuple``,
+    ``numpy.ndarray`` view); ``loss_fn`` uses it unchanged.
 
     Args:
-        value: the list or tuple to pass whole.
+        value: the list, tuple or array to pass whole.
 
     Returns:
-        A list (tuple) subclass holding the same items.
+        A list (tuple, array) subclass holding the same items.
 
     Raises:
-        TypeError: ``value`` is not a list or a tuple (other values are always shared).
+        TypeError: ``value`` is not a list, a tuple or a numpy array (other
+            values are always shared).
 
     Example:
         >>> import truebatch as tb
@@ -90,9 +102,11 @@ def shared(value: list | tuple) -> list | tuple:
         >>> [mb["betas"] for mb in tb.split(batch, 1)]
         [(0.9, 0.999), (0.9, 0.999)]
     """
+    if isinstance(value, np.ndarray):
+        return value.view(_SharedArray)
     if is_namedtuple(value) or not isinstance(value, list | tuple):
         raise TypeError(
-            f"`value` got {type(value).__name__}; expected a list or a tuple. "
+            f"`value` got {type(value).__name__}; expected a list, a tuple or a numpy array. "
             "Fix: pass other values as they are, they are always given whole."
         )
     return _SharedList(value) if isinstance(value, list) else _SharedTuple(value)
@@ -274,18 +288,33 @@ def _slice(batch: Batch, part: slice, size: int, path: str) -> Batch:
             if f.init
         }
         return dataclasses.replace(batch, **changes)
+    if isinstance(batch, np.ndarray):
+        return _slice_array(batch, part, size, path)
     return batch
+
+
+def _slice_array(values: np.ndarray, part: slice, size: int, path: str) -> np.ndarray:
+    """A numpy array: its rows per sample (cut), shared (kept) or refused, like a list."""
+    if isinstance(values, _SharedArray) or values.ndim == 0 or values.shape[0] != size:
+        return values
+    if values.dtype.kind in "biufc":
+        _refuse_numbers(path, "numpy array", size)
+    return values[part]
+
+
+def _refuse_numbers(path: str, kind: str, size: int) -> None:
+    raise ValueError(
+        f"`{path}` got a {kind} of {size} numbers in a batch of {size} samples; expected a "
+        "tensor for per-sample numbers, or a value marked shared. Fix: "
+        f"torch.as_tensor({path}) to cut it with the samples, or tb.shared({path}) to give "
+        "all of it to every micro-batch."
+    )
 
 
 def _slice_values(values: list | tuple, part: slice, size: int, path: str) -> list | tuple:
     """A list or tuple without tensors: per-sample (cut), shared (kept) or refused."""
-    if isinstance(values, _SharedList | _SharedTuple) or len(values) != size:
+    if isinstance(values, _SHARED) or len(values) != size:
         return values
-    if all(isinstance(v, Number) for v in values):
-        raise ValueError(
-            f"`{path}` got a {type(values).__name__} of {size} numbers in a batch of {size} "
-            "samples; expected a tensor for per-sample numbers, or a value marked shared. "
-            f"Fix: torch.tensor({path}) to cut it with the samples, or "
-            f"tb.shared({path}) to give all of it to every micro-batch."
-        )
+    if all(isinstance(v, Number | np.number) for v in values):
+        _refuse_numbers(path, type(values).__name__, size)
     return values[part] if type(values) in (list, tuple) else type(values)(values[part])
