@@ -397,3 +397,80 @@ def test_two_ranks_give_one_process_gradient_on_the_global_batch(
         expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
         for rank in range(token_data.WORLD_SIZE):
             assert tb.max_relative_difference(ranks[name][rank]["seen"][w], expected) <= TOL
+
+
+# ------------------------------------------------------- per-document means
+
+
+@pytest.mark.parametrize(
+    ("batch", "counter", "expected"),
+    [
+        # rows: 3 scored labels, none (one token), none (ignored): one document.
+        (
+            {"labels": torch.tensor([[1, 2, 3, 4], [5, -100, -100, -100], [-100] * 4])},
+            tb.count_documents(),
+            1,
+        ),
+        ({"labels": torch.tensor([[1, 2], [5, -100]])}, tb.count_documents(shift=False), 2),
+        # packed: [5 6 7 | 1 2 | pad], [8 | 9 1]: the single-token document scores nothing.
+        (
+            {
+                "labels": torch.tensor([[5, 6, 7, 1, 2, -100], [8, 9, 1, -100, -100, -100]]),
+                "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 0, 1, 0, 1, 2]]),
+            },
+            tb.count_documents(position_ids="position_ids"),
+            3,
+        ),
+        (
+            {"labels": torch.arange(1, 10)[None], "cu_seqlens": [0, 1, 5, 9]},
+            tb.count_documents(cu_seqlens="cu_seqlens"),
+            2,
+        ),
+    ],
+    ids=["rows", "rows_aligned", "packed", "cu_seqlens"],
+)
+def test_count_documents(batch: dict, counter: Any, expected: int) -> None:
+    assert int(counter(batch)) == expected
+
+
+def per_document_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum over documents of each one's mean next-token loss, written out: a
+    document starts where the position ids restart at 0."""
+    logits = model(batch["input_ids"], batch["position_ids"])[:, :-1]
+    labels = batch["labels"].masked_fill(batch["position_ids"] == 0, -100)[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none"
+    )
+    document = (batch["position_ids"] == 0).flatten().cumsum(0).view(labels.shape[0], -1)
+    document = document[:, 1:].flatten()
+    scored = (labels != -100).flatten().to(losses.dtype)
+    sums = losses.new_zeros(document.numel() + 1).index_add(0, document, losses * scored)
+    counts = losses.new_zeros(document.numel() + 1).index_add(0, document, scored)
+    present = counts > 0
+    return (sums[present] / counts[present]).sum()
+
+
+@pytest.mark.parametrize("packing", PACKINGS.values(), ids=list(PACKINGS))
+def test_per_document_means_do_not_depend_on_packing(packing: list[list[int]]) -> None:
+    """Reference: one document per padded row, each row's token mean, the mean over
+    documents. Packed several per row, count_documents gives the same N and gradient."""
+    docs = documents(seed=9)
+    model = seeded(DocumentAttentionLM)
+    unpacked = pack(docs, [[d] for d in range(len(docs))], max(len(d) for d in docs))
+
+    def reference_loss(model: nn.Module) -> torch.Tensor:
+        logits = model(unpacked["input_ids"], unpacked["position_ids"])[:, :-1]
+        labels = unpacked["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        per_row = losses.sum(1) / (labels != -100).sum(1)
+        return per_row.mean()
+
+    reference = big_batch_gradient(copy.deepcopy(model), reference_loss)
+    width = max(sum(len(docs[d]) for d in row) for row in packing)
+    packed = pack(docs, packing, width)
+    counter = tb.count_documents(position_ids="position_ids")
+    assert int(counter(packed)) == len(docs)
+    ours = window_gradient(model, tb.split(packed, 1), per_document_loss, counter)
+    assert tb.max_relative_difference(ours, reference) <= TOL

@@ -10,6 +10,7 @@ from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import (
     batch_size,
     batch_unit,
+    count_documents,
     count_samples,
     count_tokens,
     shared,
@@ -29,6 +30,7 @@ __all__ = [
     "batch_size",
     "batch_unit",
     "check",
+    "count_documents",
     "count_samples",
     "count_tokens",
     "max_relative_difference",

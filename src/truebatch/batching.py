@@ -25,6 +25,7 @@ import torch
 
 from truebatch.tokens import (
     TokenCounter,
+    count_documents,
     count_tokens,
     split_by_tokens,
     token_budget_sizes,
@@ -48,6 +49,7 @@ __all__ = [
     "Counter",
     "batch_size",
     "batch_unit",
+    "count_documents",
     "count_samples",
     "count_tokens",
     "is_dataclass_instance",

@@ -27,7 +27,14 @@ from truebatch.tree import Batch, batch_size, is_dataclass_instance, is_namedtup
 Counter = Callable[[Batch], "int | torch.Tensor"]
 TokenCounter = str | Callable[[Batch], "torch.Tensor | Sequence[int]"]
 
-__all__ = ["count_tokens", "split_by_tokens", "token_budget_sizes", "tokens_per_sample"]
+__all__ = [
+    "count_documents",
+    "count_tokens",
+    "scored_labels",
+    "split_by_tokens",
+    "token_budget_sizes",
+    "tokens_per_sample",
+]
 
 
 def select(batch: Batch, key: str | int, what: str, *, as_tensor: bool = False) -> torch.Tensor:
@@ -76,6 +83,56 @@ def _document_starts(
         starts[offsets[:-1].to(labels.device).clamp(max=max(total - 1, 0))] = True
         return starts.view(labels.shape)
     return None
+
+
+def _markers(position_ids: str | None, cu_seqlens: str | None) -> str:
+    """The document markers as a counter's name shows them; at most one may be given."""
+    if position_ids is not None and cu_seqlens is not None:
+        raise ValueError(
+            f"`position_ids` got {position_ids!r} and `cu_seqlens` {cu_seqlens!r}; expected "
+            "one of them. Fix: name one marker of the documents."
+        )
+    if position_ids is not None:
+        return f", position_ids={position_ids!r}"
+    return "" if cu_seqlens is None else f", cu_seqlens={cu_seqlens!r}"
+
+
+def scored_labels(
+    batch: Batch,
+    key: str | int,
+    ignore_index: int,
+    shift: bool,
+    position_ids: str | None,
+    cu_seqlens: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which label positions a token-level loss scores, and the document of each.
+
+    Returns ``(scored, document)``, both shaped like the labels: ``scored`` is
+    False for ignored labels and for labels predicted across a document
+    boundary (see :func:`count_tokens`); ``document`` numbers the documents in
+    row-major order (every row starts one).
+    """
+    labels = select(batch, key, "key")
+    scored = labels != ignore_index
+    starts = _document_starts(batch, labels, position_ids, cu_seqlens)
+    if shift and labels.dim() < 2:
+        raise ValueError(
+            f"`labels` got shape {tuple(labels.shape)} with shift=True; expected "
+            "(batch, seq). Fix: pass shift=False for labels already aligned."
+        )
+    marks = torch.zeros_like(scored) if starts is None else starts.clone()
+    if marks.numel():
+        marks[..., 0] = True
+    if shift:
+        # Position t + 1 is predicted from t: a document's first label has no t.
+        scored = scored & ~marks
+    elif starts is not None:
+        # Aligned labels: position t holds the token after t; a document's last
+        # position would predict the next document's first token.
+        ends = torch.zeros_like(starts)
+        ends[..., :-1] = starts[..., 1:]
+        scored = scored & ~ends
+    return scored, marks.flatten().cumsum(0).view(labels.shape)
 
 
 def count_tokens(
@@ -129,37 +186,58 @@ def count_tokens(
         >>> int(count_tokens(position_ids="position_ids")(packed))
         3
     """
-    if position_ids is not None and cu_seqlens is not None:
-        raise ValueError(
-            f"`position_ids` got {position_ids!r} and `cu_seqlens` {cu_seqlens!r}; expected "
-            "one of them. Fix: name one marker of the documents."
-        )
+    markers = _markers(position_ids, cu_seqlens)
 
     def count(batch: Batch) -> torch.Tensor:
-        labels = select(batch, key, "key")
-        scored = labels != ignore_index
-        starts = _document_starts(batch, labels, position_ids, cu_seqlens)
-        if shift:
-            if labels.dim() < 2:
-                raise ValueError(
-                    f"`labels` got shape {tuple(labels.shape)} with shift=True; expected "
-                    "(batch, seq). Fix: pass shift=False for labels already aligned."
-                )
-            scored = scored[:, 1:]
-            if starts is not None:
-                scored = scored & ~starts[:, 1:]
-        elif starts is not None:
-            # Aligned labels: position t holds the token after t; a document's last
-            # position would predict the next document's first token.
-            ends = torch.zeros_like(starts)
-            ends[..., :-1] = starts[..., 1:]
-            scored = scored & ~ends
+        scored, _ = scored_labels(batch, key, ignore_index, shift, position_ids, cu_seqlens)
         return scored.sum()
 
-    documents = "" if position_ids is None else f", position_ids={position_ids!r}"
-    documents += "" if cu_seqlens is None else f", cu_seqlens={cu_seqlens!r}"
     count.__name__ = (
-        f"count_tokens(key={key!r}, ignore_index={ignore_index}, shift={shift}{documents})"
+        f"count_tokens(key={key!r}, ignore_index={ignore_index}, shift={shift}{markers})"
+    )
+    return count
+
+
+def count_documents(
+    key: str | int = "labels",
+    ignore_index: int = -100,
+    shift: bool = True,
+    *,
+    position_ids: str | None = None,
+    cu_seqlens: str | None = None,
+) -> Counter:
+    """A counter of the documents a per-document loss averages over.
+
+    For a loss that is the sum over documents of each document's mean token
+    loss, N is the number of documents with at least one scored label (as
+    :func:`count_tokens` scores them). A document is a row, or with
+    ``position_ids`` / ``cu_seqlens`` each run of a packed row (see
+    :func:`count_tokens`); a row's padding is no document as long as its labels
+    are ignored.
+
+    Returns:
+        ``count(batch) -> 0-dim tensor`` (no host synchronization).
+
+    Raises:
+        ValueError: as :func:`count_tokens`.
+
+    Example:
+        >>> packed = {"labels": torch.tensor([[5, 6, 7, 1, 2, -100]]),
+        ...           "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+        >>> int(count_documents(position_ids="position_ids")(packed))
+        2
+    """
+    markers = _markers(position_ids, cu_seqlens)
+
+    def count(batch: Batch) -> torch.Tensor:
+        scored, document = scored_labels(batch, key, ignore_index, shift, position_ids, cu_seqlens)
+        # One slot per possible document id: no host read of the number of documents.
+        has_scored = scored.new_zeros(scored.numel() + 1, dtype=torch.long)
+        has_scored.scatter_reduce_(0, document.flatten(), scored.flatten().long(), "amax")
+        return has_scored.sum()
+
+    count.__name__ = (
+        f"count_documents(key={key!r}, ignore_index={ignore_index}, shift={shift}{markers})"
     )
     return count
 
