@@ -472,6 +472,15 @@ def test_numpy_arrays_follow_the_same_rule() -> None:
         tb.split({**batch, "ids": [np.int64(1), np.int64(2), np.int64(3)]}, 2)
 
 
+def test_a_shared_list_of_tensors_is_given_whole() -> None:
+    prototypes = tb.shared([torch.zeros(3, 2), torch.ones(3, 2)])
+    batch = {"x": torch.zeros(5, 2), "prototypes": prototypes}
+    assert tb.batch_size(batch) == 5
+    parts = tb.split(batch, 2)
+    assert all(p["prototypes"] is prototypes for p in parts)
+    assert [p["x"].shape[0] for p in parts] == [2, 2, 1]
+
+
 def test_namedtuple_is_always_a_container() -> None:
     """A namedtuple of B numbers is a record of settings, never per-sample values."""
     settings = Pair(0.5, 0.25)

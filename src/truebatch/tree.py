@@ -83,8 +83,10 @@ def shared(value: list | tuple | np.ndarray) -> list | tuple | np.ndarray:
     A list or tuple without tensors (or a numpy array) whose length equals the
     batch size is taken as one value per sample and cut with the tensors
     (module docstring). Wrap a setting that happens to have that length, so it
-    is not cut. The result equals ``value`` and is a ``list`` (``tuple``,
-    ``numpy.ndarray`` view); ``loss_fn`` uses it unchanged.
+    is not cut. A shared list may hold tensors (class prototypes, say): they
+    are given whole too, and have no batch dimension to agree on. The result
+    equals ``value`` and is a ``list`` (``tuple``, ``numpy.ndarray`` view);
+    ``loss_fn`` uses it unchanged.
 
     Args:
         value: the list, tuple or array to pass whole.
@@ -155,6 +157,8 @@ def tensor_leaves(
 def _collect_leaves(batch: Batch, path: str | None, leaves: list[tuple[Any, torch.Tensor]]) -> None:
     if isinstance(batch, torch.Tensor):
         leaves.append((path, batch))
+    elif isinstance(batch, _SHARED):
+        return  # given whole: its tensors have no batch dimension to agree on
     elif is_namedtuple(batch):
         for name in batch._fields:
             _collect_leaves(getattr(batch, name), path and f"{path}.{name}", leaves)
@@ -203,7 +207,7 @@ def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Bat
     if is_namedtuple(batch):
         return type(batch)(*(map_tensors(item, fn) for item in batch))
     if isinstance(batch, tuple | list):
-        if not _holds_tensor(batch):
+        if isinstance(batch, _SHARED) or not _holds_tensor(batch):
             return batch
         return type(batch)(map_tensors(item, fn) for item in batch)
     if isinstance(batch, Mapping):
@@ -269,7 +273,7 @@ def _slice(batch: Batch, part: slice, size: int, path: str) -> Batch:
             *(_slice(getattr(batch, n), part, size, f"{path}.{n}") for n in batch._fields)
         )
     if isinstance(batch, tuple | list):
-        if _holds_tensor(batch):
+        if _holds_tensor(batch) and not isinstance(batch, _SHARED):
             items = (_slice(item, part, size, f"{path}[{i}]") for i, item in enumerate(batch))
             return type(batch)(items)
         return _slice_values(batch, part, size, path)
