@@ -24,11 +24,10 @@ from torch import nn
 
 import token_data
 import truebatch as tb
-from models import PAD_ID, VOCAB, GRULanguageModel, seeded
+from models import PAD_ID, VOCAB, GRULanguageModel, lm_loss, seeded
 from token_data import (
     DocumentAttentionLM,
     documents,
-    lm_loss,
     pack,
     packed_loss,
     variable_length_batch,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import truebatch as tb
-from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, seeded
+from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, lm_loss, seeded
 
 WORLD_SIZE = 2
 TIMEOUT = datetime.timedelta(seconds=60)
@@ -44,16 +44,6 @@ def variable_length_batch(n: int, seed: int, shortest: int, longest: int) -> dic
         "attention_mask": mask.long(),
         "labels": ids.masked_fill(~mask, IGNORE_INDEX),
     }
-
-
-def lm_loss(model: nn.Module, batch: dict[str, Any], reduction: str = "sum") -> torch.Tensor:
-    logits = model(batch["input_ids"])
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction=reduction,
-    )
 
 
 class DocumentAttentionLM(nn.Module):
