@@ -13,7 +13,7 @@ Issue 15's "never again" suite. Hypothesis draws a configuration people run:
   window's mean loss); a CPU GradScaler or none; clipping or none;
 - batch container: tensor, tuple, dict, UserDict, dataclass, namedtuple, with
   per-sample strings that weight each sample's loss (a misaligned string
-  changes the gradient);
+  changes the gradient); a loss_fn that draws from the global RNG;
 - windows: micro-batches of equal, ragged, short and empty windows through
   ``step_window`` or one batch through ``step``, split further by
   ``micro_batch_size``;
@@ -101,6 +101,7 @@ class Config:
     clip: float | None
     container: str
     strings: bool
+    draws_random: bool  # loss_fn draws from the global RNG (logging a random sample, say)
     windows: tuple[tuple[str, tuple[int, ...]], ...]  # ("step" | "window", sizes)
     micro_batch_size: int | None
     # (window, pass, "error" | "interrupt" | "optimizer"): "optimizer" fails in the
@@ -143,6 +144,7 @@ def configs(draw: st.DrawFn) -> Config:
         clip=draw(st.sampled_from([None, 0.05, 100.0])),
         container=container,
         strings=container != "tensor" and draw(st.booleans()),
+        draws_random=draw(st.booleans()),
         windows=windows,
         micro_batch_size=draw(st.sampled_from([None, unit, 2 * unit])),
         failure=draw(
@@ -433,8 +435,9 @@ class FailingLoss:
     """``loss_sum``, raising the drawn exception at pass ``failure[1]`` of the window,
     or arming ``optimizer_fails`` for the optimizer's step."""
 
-    def __init__(self, failure: tuple[int, int, str] | None) -> None:
+    def __init__(self, failure: tuple[int, int, str] | None, *, draws_random: bool) -> None:
         self.failure = failure
+        self.draws_random = draws_random
         self.passes = 0
         self.optimizer_fails = failure is not None and failure[2] == "optimizer"
 
@@ -445,6 +448,8 @@ class FailingLoss:
             if self.failure[2] == "interrupt":
                 raise KeyboardInterrupt
         self.passes += 1
+        if self.draws_random:
+            torch.rand(())  # advances the RNG, which a failed window must restore
         return loss_sum(model, batch)
 
     def after_step(self, *_: Any) -> None:
@@ -513,7 +518,7 @@ def run(config: Config) -> None:
         assert differences(before, ours.snapshot()) == []
         return
 
-    failing = [FailingLoss(None)]  # the current window's
+    failing = [FailingLoss(None, draws_random=False)]  # the current window's
     ours.optimizer.register_step_post_hook(lambda *args: failing[0].after_step(*args))
     seen: list[list[torch.Tensor | None]] = []
     ours.optimizer.register_step_pre_hook(
@@ -536,7 +541,7 @@ def run(config: Config) -> None:
         parameters_before = [p.detach().clone() for p in optimized(ours.optimizer)]
         state_before = ours.snapshot()
         failure = config.failure if config.failure and config.failure[0] == index else None
-        loss_fn = failing[0] = FailingLoss(failure)
+        loss_fn = failing[0] = FailingLoss(failure, draws_random=config.draws_random)
         steps_before = len(seen)
         try:
             run_window = acc.step if mode == "step" else acc.step_window
@@ -641,6 +646,7 @@ CASES: dict[str, dict[str, Any]] = {
     "error_with_ghost_bn": dict(ghost_bn=True, failure=(0, 1, "error")),
     "interrupt_with_ghost_bn": dict(ghost_bn=True, failure=(1, 2, "interrupt")),
     "optimizer_step_fails": dict(optimizer="adam", failure=(1, 0, "optimizer")),
+    "error_after_random_draws": dict(draws_random=True, failure=(0, 2, "error")),
     "checkpointed_dropout": dict(dropout=True, checkpoint="non_reentrant"),
     "checkpointed_dropout_reentrant": dict(dropout=True, checkpoint="reentrant"),
 }
@@ -669,6 +675,7 @@ def test_named_configuration(changes: dict[str, Any]) -> None:
         clip=None,
         container="tuple",
         strings=False,
+        draws_random=False,
         windows=(("window", (4, 2)), ("step", (6,)), ("window", ())),
         micro_batch_size=2,
         failure=None,
