@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections import namedtuple
+from collections import OrderedDict, UserDict, defaultdict, namedtuple
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import truebatch as tb
+from truebatch.compare import TOLERANCES
 
 Pair = namedtuple("Pair", ["x", "y"])
 
@@ -65,21 +72,24 @@ def test_split_keeps_the_container_type(batch: Any, rebuild: Any) -> None:
         assert torch.equal(y, expected * 2)
 
 
-def test_split_nested_batch_passes_non_tensor_leaves_through() -> None:
-    names = ["a", "b", "c", "d", "e"]  # no tensor inside: passed whole, not sliced
+def test_split_nested_batch_cuts_per_sample_lists_and_shares_the_rest() -> None:
+    names = ["a", "b", "c", "d", "e"]  # one per sample: cut with the rows
+    labels = ["cat", "dog"]  # another length: a setting, given whole
     batch = {
         "inputs": (torch.randn(5, 3), {"mask": torch.ones(5, 2, dtype=torch.bool)}),
-        "meta": {"names": names, "epoch": 3, "nothing": None},
+        "meta": {"names": names, "labels": labels, "epoch": 3, "nothing": None},
         "sample": Sample(torch.randn(5), torch.zeros(5), name="x"),
     }
     parts = tb.split(batch, 2)
     assert [tb.batch_size(p) for p in parts] == [2, 2, 1]
+    assert [p["meta"]["names"] for p in parts] == [["a", "b"], ["c", "d"], ["e"]]
     for part in parts:
-        assert part["meta"]["names"] == names
+        assert part["meta"]["labels"] is labels
         assert part["meta"]["epoch"] == 3 and part["meta"]["nothing"] is None
         assert part["sample"].name == "x"
         assert shares_storage(part["inputs"][0], batch["inputs"][0])
     assert torch.equal(parts[2]["inputs"][1]["mask"], batch["inputs"][1]["mask"][4:])
+    assert names == ["a", "b", "c", "d", "e"]  # the batch is not changed
 
 
 @given(st.integers(1, 60), st.integers(1, 70))
@@ -100,14 +110,14 @@ def test_batch_size_and_count_samples() -> None:
 
 def test_mismatched_leading_dimensions_name_the_leaves() -> None:
     batch = {"x": torch.zeros(6, 2), "y": (torch.zeros(6), torch.zeros(5))}
-    with pytest.raises(ValueError, match=r"leading \(batch\) dimension") as error:
+    with pytest.raises(ValueError, match=r"different leading \(batch\) dimensions") as error:
         tb.split(batch, 2)
     message = str(error.value)
     assert "batch['y'][1]: 5" in message and "batch['x']: 6" in message
 
 
 def test_zero_dim_leaves_are_named() -> None:
-    with pytest.raises(ValueError, match=r"\['batch\.y'\] are 0-dim tensors"):
+    with pytest.raises(ValueError, match=r"\['batch\.y'\] got 0-dim tensors"):
         tb.batch_size(Pair(torch.zeros(3), torch.tensor(1.0)))
 
 
@@ -120,11 +130,11 @@ def test_batch_without_tensors(batch: Any) -> None:
 @pytest.mark.parametrize(
     ("size", "error", "words"),
     [
-        (0, ValueError, "positive int"),
-        (-3, ValueError, "positive int"),
-        (2.0, TypeError, "positive int.*float"),
-        ("4", TypeError, "positive int.*str"),
-        (True, TypeError, "positive int.*bool"),
+        (0, ValueError, "got 0 .int.; expected a positive int"),
+        (-3, ValueError, "got -3 .int.; expected a positive int"),
+        (2.0, TypeError, "got 2.0 .float.; expected a positive int"),
+        ("4", TypeError, "got '4' .str.; expected a positive int"),
+        (True, TypeError, "got True .bool.; expected a positive int"),
     ],
 )
 def test_bad_micro_batch_size(size: Any, error: type[Exception], words: str) -> None:
@@ -187,11 +197,11 @@ def test_count_tokens_by_key_index_and_dataclass_field() -> None:
 
 
 def test_count_tokens_errors() -> None:
-    with pytest.raises(KeyError, match=r"key='labels'.*pass the key or index"):
+    with pytest.raises(KeyError, match=r"`key` got 'labels', which the micro-batch"):
         tb.count_tokens()({"targets": LABELS})
-    with pytest.raises(TypeError, match="expected a tensor, got list"):
+    with pytest.raises(TypeError, match="got 'labels', a list; expected a tensor"):
         tb.count_tokens()({"labels": [1, 2]})
-    with pytest.raises(ValueError, match=r"shape \(batch, seq\).*shift=False"):
+    with pytest.raises(ValueError, match=r"expected \(batch, seq\).*shift=False"):
         tb.count_tokens()({"labels": torch.tensor([1, 2, -100])})
     assert int(tb.count_tokens(shift=False)({"labels": torch.tensor([1, 2, -100])})) == 2
 
@@ -203,3 +213,204 @@ def test_count_tokens_sums_over_micro_batches_to_the_full_count() -> None:
     count = tb.count_tokens()
     assert sum(int(count(mb)) for mb in tb.split(batch, 3)) == int(count(batch))
     assert int(count(batch)) == int((labels[:, 1:] != -100).sum())
+
+
+# ---------------------------------------------------------------------------
+# Mappings: dict, OrderedDict, defaultdict, UserDict (transformers' BatchEncoding)
+
+
+class Features(UserDict):
+    """A UserDict subclass with attribute access and an attribute of its own."""
+
+    def __init__(self, data: dict, source: str = "loader") -> None:
+        super().__init__(data)
+        self.source = source
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["data"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class ReadOnly(Mapping):
+    """An immutable mapping built from a dict."""
+
+    def __init__(self, data: dict) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self):
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class Unbuildable(ReadOnly):
+    def __init__(self, data: dict, tag: str) -> None:
+        super().__init__(data)
+        self.tag = tag
+
+
+def _rows(n: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.arange(n * 2.0).reshape(n, 2), "y": torch.arange(n)}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        OrderedDict,
+        lambda d: defaultdict(list, d),
+        UserDict,
+        lambda d: Features(d, source="disk"),
+        ReadOnly,
+        MappingProxyType,
+    ],
+    ids=["OrderedDict", "defaultdict", "UserDict", "UserDict_subclass", "Mapping", "proxy"],
+)
+def test_split_any_mapping_keeps_its_type_and_cuts_its_tensors(make: Any) -> None:
+    batch = make(_rows(5))
+    parts = tb.split(batch, 2)
+    assert [type(p) for p in parts] == [type(batch)] * 3
+    assert [tb.batch_size(p) for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
+    assert torch.equal(torch.cat([p["y"] for p in parts]), batch["y"])
+    assert list(parts[0]) == list(batch)
+    assert tb.batch_size(batch) == 5 and tb.count_samples(batch) == 5
+
+
+def test_split_mapping_keeps_defaultdict_factory_and_user_attributes() -> None:
+    factory = defaultdict(lambda: "missing", _rows(4))
+    features = Features(_rows(4), source="disk")
+    for part in tb.split(factory, 3):
+        assert part["absent"] == "missing"
+    for part in tb.split(features, 3):
+        assert part.source == "disk" and torch.equal(part.x, part["x"])
+    assert "absent" not in features and features.x.shape == (4, 2)
+
+
+def test_mapping_that_cannot_be_rebuilt_is_named() -> None:
+    with pytest.raises(TypeError, match=r"`batch` got a Unbuildable, a read-only mapping"):
+        tb.split(Unbuildable(_rows(4), "t"), 2)
+
+
+# ---------------------------------------------------------------------------
+# Per-sample values that are not tensors (issue 15, defect 5)
+
+
+def test_default_collate_strings_are_cut_with_their_rows() -> None:
+    samples = [{"x": torch.tensor([float(i)]), "name": f"s{i}"} for i in range(7)]
+    batch = torch.utils.data.default_collate(samples)
+    assert batch["name"] == [f"s{i}" for i in range(7)]
+    for part in tb.split(batch, 3):
+        assert part["name"] == [f"s{int(v)}" for v in part["x"].flatten()]
+
+
+def test_zip_collated_tuples_are_per_sample() -> None:
+    """``tuple(zip(*samples))``: a tuple of tensors (a container) and a tuple of strings."""
+    samples = [(torch.tensor([float(i)]), f"s{i}", {"id": i}) for i in range(5)]
+    xs, names, metas = tuple(zip(*samples, strict=True))
+    batch = (torch.stack(xs), names, metas)
+    for part in tb.split(batch, 2):
+        rows = [int(v) for v in part[0].flatten()]
+        assert part[1] == tuple(f"s{i}" for i in rows)
+        assert part[2] == tuple({"id": i} for i in rows)
+        assert type(part[1]) is tuple
+
+
+def test_per_sample_lists_follow_their_rows_at_any_depth() -> None:
+    batch = Pair(
+        torch.arange(6),
+        {"tokens": [["w"] * i for i in range(6)], "tag": "run-3", "few": ["a", "b"]},
+    )
+    parts = tb.split(batch, 4)
+    assert [p.y["tokens"] for p in parts] == [[["w"] * i for i in range(4)], [["w"] * 4, ["w"] * 5]]
+    assert all(p.y["tag"] == "run-3" and p.y["few"] == ["a", "b"] for p in parts)
+
+
+def test_a_list_of_b_numbers_is_refused_with_how_to_mark_it() -> None:
+    batch = {"x": torch.zeros(2, 3), "betas": (0.9, 0.999)}
+    with pytest.raises(ValueError, match=r"`batch\['betas'\]` got a tuple of 2 numbers") as error:
+        tb.split(batch, 1)
+    assert "tb.shared(batch['betas'])" in str(error.value)
+    assert "torch.as_tensor(batch['betas'])" in str(error.value)
+    assert tb.split(batch, 2) == [batch]  # not cut: nothing to decide
+
+
+def test_shared_marks_a_setting_of_b_entries() -> None:
+    batch = {
+        "x": torch.zeros(2, 3),
+        "betas": tb.shared((0.9, 0.999)),
+        "langs": tb.shared(["en", "fr"]),
+    }
+    for part in tb.split(batch, 1):
+        assert part["betas"] == (0.9, 0.999) and part["langs"] == ["en", "fr"]
+        assert isinstance(part["betas"], tuple) and isinstance(part["langs"], list)
+    with pytest.raises(TypeError, match="`value` got str; expected a list, a tuple or a numpy"):
+        tb.shared("en")
+    with pytest.raises(TypeError, match="`value` got Pair"):
+        tb.shared(Pair(1, 2))
+
+
+def test_numpy_arrays_follow_the_same_rule() -> None:
+    """Rows of strings are per sample; B numbers are refused; other lengths are shared."""
+    names = np.array(["a", "b", "c"])
+    counts = np.arange(3)
+    weights = np.ones(5)
+    batch = {"x": torch.arange(3), "names": names, "weights": weights, "scale": np.float64(2.0)}
+    parts = tb.split(batch, 2)
+    assert [p["names"].tolist() for p in parts] == [["a", "b"], ["c"]]
+    assert all(p["weights"] is weights and p["scale"] == 2.0 for p in parts)
+    with pytest.raises(ValueError, match=r"`batch\['counts'\]` got a numpy array of 3 numbers"):
+        tb.split({**batch, "counts": counts}, 2)
+    marked = tb.split({**batch, "counts": tb.shared(counts)}, 2)
+    assert all(np.array_equal(p["counts"], counts) for p in marked)
+    with pytest.raises(ValueError, match=r"`batch\['ids'\]` got a list of 3 numbers"):
+        tb.split({**batch, "ids": [np.int64(1), np.int64(2), np.int64(3)]}, 2)
+
+
+def test_a_shared_list_of_tensors_is_given_whole() -> None:
+    prototypes = tb.shared([torch.zeros(3, 2), torch.ones(3, 2)])
+    batch = {"x": torch.zeros(5, 2), "prototypes": prototypes}
+    assert tb.batch_size(batch) == 5
+    parts = tb.split(batch, 2)
+    assert all(p["prototypes"] is prototypes for p in parts)
+    assert [p["x"].shape[0] for p in parts] == [2, 2, 1]
+
+
+def test_namedtuple_is_always_a_container() -> None:
+    """A namedtuple of B numbers is a record of settings, never per-sample values."""
+    settings = Pair(0.5, 0.25)
+    parts = tb.split((torch.zeros(2, 1), settings), 1)
+    assert [p[1] for p in parts] == [settings, settings]
+
+
+def test_per_sample_strings_weight_the_loss_through_the_accumulator() -> None:
+    """Each sample's loss is weighted by its own name's length: misaligned names
+    (every micro-batch getting all of them) would change the gradient or fail."""
+    g = torch.Generator().manual_seed(3)
+    names = ["a", "bb", "ccc", "dddd", "e", "ff", "ggg"]
+    samples = [
+        {"x": torch.randn(4, generator=g, dtype=torch.float64), "y": i % 3, "name": names[i]}
+        for i in range(7)
+    ]
+    batch = torch.utils.data.default_collate(samples)
+    model = nn.Linear(4, 3).double()
+    reference = copy.deepcopy(model)
+
+    def weighted(model: nn.Module, batch: dict, reduction: str) -> torch.Tensor:
+        weights = torch.tensor([len(n) for n in batch["name"]], dtype=torch.float64)
+        losses = weights * F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+        return losses.sum() if reduction == "sum" else losses.mean()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    tb.Accumulator(model, optimizer, micro_batch_size=3).step(
+        batch, lambda m, b: weighted(m, b, "sum")
+    )
+    weighted(reference, batch, "mean").backward()
+    with torch.no_grad():
+        expected = [p - p.grad for p in reference.parameters()]
+    assert tb.max_relative_difference(model.parameters(), expected) <= TOLERANCES[torch.float64]

@@ -7,7 +7,16 @@ result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losse
 
 from truebatch import nn, testing  # tb.nn layers, tb.testing.assert_accumulation_equivalent
 from truebatch.accumulator import Accumulator, StepResult
-from truebatch.batching import batch_size, batch_unit, count_samples, count_tokens, split
+from truebatch.batching import (
+    batch_size,
+    batch_unit,
+    count_documents,
+    count_samples,
+    count_tokens,
+    shared,
+    split,
+    token_budget_sizes,
+)
 from truebatch.check import Finding, Report, check
 from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
@@ -21,14 +30,17 @@ __all__ = [
     "batch_size",
     "batch_unit",
     "check",
+    "count_documents",
     "count_samples",
     "count_tokens",
     "max_relative_difference",
     "nn",
     "relative_differences",
     "scale_lr",
+    "shared",
     "split",
     "testing",
+    "token_budget_sizes",
     "windows",
     "windows_per_epoch",
 ]

@@ -1,8 +1,16 @@
 """Splitting effective batches into micro-batches and counting their items.
 
-A *batch* is a tensor or a nested tuple / list / dict / namedtuple / dataclass
-whose tensor leaves share the leading (batch) dimension. Non-tensor leaves
-(strings, ints, ``None``...) are passed to every micro-batch unchanged.
+A *batch* is a tensor or a nested tuple / list / mapping / namedtuple /
+dataclass whose tensor leaves share the leading (batch) dimension B
+(:mod:`truebatch.tree` says exactly what is cut and what is shared). A
+micro-batch of samples ``start:stop`` holds the views ``t[start:stop]`` of the
+tensors and the same slice of every per-sample list (a list or tuple of B
+strings, say); other values are passed to every micro-batch unchanged.
+
+A batch is cut either by samples (``micro_batch_size``) or by tokens
+(``max_tokens``, :mod:`truebatch.tokens`); both keep the sample order, and the
+window's normalization by its item count N makes the update independent of
+the cut.
 
 The splitter and the counters here are the only ones in truebatch: the
 Accumulator, the checker and the demos all call them.
@@ -10,139 +18,117 @@ Accumulator, the checker and the demos all call them.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-Batch = Any
+from truebatch.tokens import (
+    TokenCounter,
+    count_documents,
+    count_tokens,
+    split_by_tokens,
+    token_budget_sizes,
+    tokens_per_sample,
+)
+from truebatch.tree import (
+    Batch,
+    batch_size,
+    is_dataclass_instance,
+    map_tensors,
+    shared,
+    slice_samples,
+    tensor_leaves,
+)
+
 Count = int | torch.Tensor
 Counter = Callable[[Batch], Count]
 
-__all__ = ["batch_size", "batch_unit", "count_samples", "count_tokens", "split"]
-
-
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(obj, "_fields")
-
-
-def _is_dataclass_instance(obj: Any) -> bool:
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
-
-
-def tensor_leaves(
-    batch: Batch, path: str | None = "batch"
-) -> list[tuple[str | None, torch.Tensor]]:
-    """Every tensor leaf with its path, like ``batch['x'][0]``.
-
-    ``path=None`` leaves the paths out (``None``), which halves the cost: the
-    Accumulator measures every micro-batch, and only an error needs them.
-    """
-    leaves: list[tuple[Any, torch.Tensor]] = []
-    _collect_leaves(batch, path, leaves)
-    return leaves
-
-
-def _collect_leaves(batch: Batch, path: str | None, leaves: list[tuple[Any, torch.Tensor]]) -> None:
-    if isinstance(batch, torch.Tensor):
-        leaves.append((path, batch))
-    elif _is_namedtuple(batch):
-        for name in batch._fields:
-            _collect_leaves(getattr(batch, name), path and f"{path}.{name}", leaves)
-    elif isinstance(batch, tuple | list):
-        for i, item in enumerate(batch):
-            _collect_leaves(item, path and f"{path}[{i}]", leaves)
-    elif isinstance(batch, dict):
-        for key, item in batch.items():
-            _collect_leaves(item, path and f"{path}[{key!r}]", leaves)
-    elif _is_dataclass_instance(batch):
-        for field in dataclasses.fields(batch):
-            _collect_leaves(getattr(batch, field.name), path and f"{path}.{field.name}", leaves)
-
-
-def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-    """Rebuild ``batch`` with ``fn`` applied to every tensor leaf, keeping container types."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if _is_namedtuple(batch):
-        return type(batch)(*(map_tensors(item, fn) for item in batch))
-    if isinstance(batch, tuple | list):
-        return type(batch)(map_tensors(item, fn) for item in batch)
-    if isinstance(batch, dict):
-        mapped = {key: map_tensors(item, fn) for key, item in batch.items()}
-        return mapped if type(batch) is dict else type(batch)(mapped)
-    if _is_dataclass_instance(batch):
-        changes = {
-            f.name: map_tensors(getattr(batch, f.name), fn)
-            for f in dataclasses.fields(batch)
-            if f.init
-        }
-        return dataclasses.replace(batch, **changes)
-    return batch
-
-
-def batch_size(batch: Batch) -> int:
-    """Number of samples in ``batch``: the leading dimension shared by its tensors.
-
-    Raises:
-        ValueError: if the batch holds no tensor, a 0-dim tensor, or tensors whose
-            leading dimensions differ (the message names every offending leaf).
-    """
-    sizes = {t.shape[0] if t.dim() else None for _, t in tensor_leaves(batch, None)}
-    if len(sizes) == 1 and None not in sizes:
-        return sizes.pop()
-    leaves = tensor_leaves(batch)
-    if not leaves:
-        raise ValueError(
-            f"batch holds no tensor (got {type(batch).__name__}); pass a tensor or a "
-            "tuple/list/dict/dataclass of tensors that share the leading batch dimension"
-        )
-    scalars = [path for path, t in leaves if t.dim() == 0]
-    if scalars:
-        raise ValueError(
-            f"batch leaves {scalars} are 0-dim tensors and have no batch dimension; "
-            "give them a leading dimension or pass them as Python numbers"
-        )
-    listing = ", ".join(f"{path}: {t.shape[0]}" for path, t in leaves)
-    raise ValueError(
-        f"batch tensors disagree on the leading (batch) dimension ({listing}); every "
-        "tensor leaf must hold one row per sample, so fix the leaves whose size differs"
-    )
+__all__ = [
+    "Batch",
+    "Counter",
+    "batch_size",
+    "batch_unit",
+    "count_documents",
+    "count_samples",
+    "count_tokens",
+    "is_dataclass_instance",
+    "map_tensors",
+    "shared",
+    "slice_samples",
+    "split",
+    "split_by_tokens",
+    "split_sized",
+    "split_window",
+    "tensor_leaves",
+    "token_budget_sizes",
+    "tokens_per_sample",
+]
 
 
 def _check_micro_batch_size(micro_batch_size: object) -> int:
-    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
-        raise TypeError(
-            f"micro_batch_size must be a positive int, got {micro_batch_size!r} "
-            f"({type(micro_batch_size).__name__})"
-        )
-    if micro_batch_size <= 0:
-        raise ValueError(
-            f"micro_batch_size must be a positive int, got {micro_batch_size}; "
-            "use 1 or more samples per micro-batch"
+    if (
+        isinstance(micro_batch_size, bool)
+        or not isinstance(micro_batch_size, int)
+        or micro_batch_size <= 0
+    ):
+        wrong_type = isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+        error = TypeError if wrong_type else ValueError
+        raise error(
+            f"`micro_batch_size` got {micro_batch_size!r} ({type(micro_batch_size).__name__}); "
+            "expected a positive int. Fix: 1 or more samples per micro-batch, or None."
         )
     return micro_batch_size
 
 
-def split(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
-    """Split ``batch`` along its leading dimension into micro-batches.
+def split(
+    batch: Batch,
+    micro_batch_size: int | None = None,
+    *,
+    max_tokens: int | None = None,
+    tokens: TokenCounter = "attention_mask",
+) -> list[Batch]:
+    """Split ``batch`` along its leading dimension into micro-batches, in sample order.
 
-    Micro-batches hold ``micro_batch_size`` samples each, in order; the last one
-    holds the remainder ``B mod micro_batch_size`` when that is not zero. Tensor
-    leaves are views (no copy); non-tensor leaves are shared. ``None`` returns
-    ``[batch]``.
+    By samples, micro-batches hold ``micro_batch_size`` samples each; the last
+    one holds the remainder ``B mod micro_batch_size`` when that is not zero.
+    By tokens, each micro-batch holds as many consecutive samples as fit in
+    ``max_tokens`` tokens (padding excluded), counted per sample by ``tokens``.
+    Tensor leaves are views (no copy); per-sample lists are sliced; other
+    values are shared. With neither size, or when the batch fits, the result
+    is ``[batch]``.
+
+    Args:
+        batch: the batch to split.
+        micro_batch_size: samples per micro-batch.
+        max_tokens: tokens per micro-batch (instead of ``micro_batch_size``).
+        tokens: where tokens are read from: the key of a mask whose nonzero
+            entries are tokens (default ``"attention_mask"``), or a function
+            ``tokens(batch)`` returning one count per sample.
+
+    Returns:
+        The micro-batches, in order.
+
+    Raises:
+        ValueError: sizes that are not positive ints, both sizes given, tensors
+            of different leading dimensions, an ambiguous list (see
+            :func:`truebatch.shared`), or a sample longer than ``max_tokens``.
 
     Examples:
         >>> x = torch.arange(10)
         >>> [m.tolist() for m in split(x, 4)]
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        >>> mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+        >>> [len(m["attention_mask"]) for m in split({"attention_mask": mask}, max_tokens=4)]
+        [2, 1, 1]
     """
     size = batch_size(batch)
-    if micro_batch_size is None:
-        return [batch]
-    return [mb for mb, _ in split_sized(batch, size, _check_micro_batch_size(micro_batch_size))]
+    if micro_batch_size is not None:
+        micro_batch_size = _check_micro_batch_size(micro_batch_size)
+    plan = split_window(
+        [batch], [size], micro_batch_size=micro_batch_size, max_tokens=max_tokens, tokens=tokens
+    )
+    return [micro_batch for micro_batch, _ in plan]
 
 
 def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
@@ -150,11 +136,42 @@ def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
     if step >= size:
         return [(batch, size)]
     return [
-        (
-            map_tensors(batch, lambda t, start=start: t[start : start + step]),
-            min(step, size - start),
-        )
+        (slice_samples(batch, start, start + step, size=size), min(step, size - start))
         for start in range(0, size, step)
+    ]
+
+
+def split_window(
+    pieces: list[Batch],
+    sizes: list[int],
+    *,
+    micro_batch_size: int | None = None,
+    max_tokens: int | None = None,
+    tokens: TokenCounter = "attention_mask",
+) -> list[tuple[Batch, int]]:
+    """Every piece of a window (of ``sizes`` samples) cut by samples or by tokens.
+
+    The Accumulator's plan of a window: ``(micro_batch, its samples)`` pairs, in
+    order. A piece that fits is kept whole; neither size keeps every piece.
+
+    Raises:
+        ValueError: both sizes given, or a sample longer than ``max_tokens``.
+    """
+    if max_tokens is not None:
+        if micro_batch_size is not None:
+            raise ValueError(
+                f"`micro_batch_size` got {micro_batch_size} and `max_tokens` {max_tokens}; "
+                "expected one of them. Fix: cut by samples or by tokens."
+            )
+        return [
+            pair for piece in pieces for pair in split_by_tokens(piece, max_tokens, tokens=tokens)
+        ]
+    if micro_batch_size is None:
+        return list(zip(pieces, sizes, strict=True))
+    return [
+        pair
+        for piece, size in zip(pieces, sizes, strict=True)
+        for pair in split_sized(piece, size, micro_batch_size)
     ]
 
 
@@ -178,48 +195,3 @@ def batch_unit(model: torch.nn.Module) -> int:
 def count_samples(batch: Batch) -> int:
     """Item count of a batch whose loss is a sum over samples: its leading dimension."""
     return batch_size(batch)
-
-
-def _select(batch: Batch, key: str | int) -> torch.Tensor:
-    try:
-        labels = batch[key] if not _is_dataclass_instance(batch) else getattr(batch, key)
-    except (KeyError, IndexError, TypeError, AttributeError):
-        raise KeyError(
-            f"count_tokens(key={key!r}) found no such entry in the micro-batch "
-            f"({type(batch).__name__}); pass the key or index of the label tensor"
-        ) from None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"count_tokens(key={key!r}) expected a tensor, got {type(labels).__name__}")
-    return labels
-
-
-def count_tokens(
-    key: str | int = "labels", ignore_index: int = -100, shift: bool = True
-) -> Counter:
-    """A counter of the label positions a token-level loss actually scores.
-
-    Returns ``count(batch)`` = the number of entries of ``batch[key]`` that are not
-    ``ignore_index``. With ``shift=True`` (causal language models, where position
-    ``t`` predicts label ``t+1``) the first position of every sequence is not
-    counted: ``(labels[:, 1:] != ignore_index).sum()``. This matches a loss that is
-    ``cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=..., reduction="sum")``.
-
-    Examples:
-        >>> labels = torch.tensor([[5, 6, 7, -100], [1, 2, -100, -100]])
-        >>> int(count_tokens()({"labels": labels}))
-        3
-    """
-
-    def count(batch: Batch) -> torch.Tensor:
-        labels = _select(batch, key)
-        if shift:
-            if labels.dim() < 2:
-                raise ValueError(
-                    f"count_tokens(shift=True) needs labels of shape (batch, seq), got "
-                    f"{tuple(labels.shape)}; pass shift=False for unshifted labels"
-                )
-            labels = labels[:, 1:]
-        return (labels != ignore_index).sum()
-
-    count.__name__ = f"count_tokens(key={key!r}, ignore_index={ignore_index}, shift={shift})"
-    return count

@@ -1,0 +1,232 @@
+"""Data, models and losses of the token tests, and their 2-process gloo worker.
+
+``tests/test_tokens.py`` imports the helpers; :func:`launch` runs :data:`CASES`
+on two spawned gloo processes (DDP), each rank saving the gradient its
+optimizer stepped on, so the test can compare it with one process on the
+global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import truebatch as tb
+from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, lm_loss, seeded
+
+WORLD_SIZE = 2
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def variable_length_batch(n: int, seed: int, shortest: int, longest: int) -> dict[str, Any]:
+    """``n`` right-padded sequences of lengths in [shortest, longest], with a mask."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (n,), generator=g)
+    width = int(lengths.max())
+    ids = torch.randint(1, VOCAB, (n, width), generator=g)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    ids = ids.masked_fill(~mask, PAD_ID)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "labels": ids.masked_fill(~mask, IGNORE_INDEX),
+    }
+
+
+class DocumentAttentionLM(nn.Module):
+    """Embeddings of token and position, one causal attention layer that stays within
+    a document, a head. Documents are the runs of ``position_ids`` from 0."""
+
+    def __init__(self, width: int = 8, positions: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.position = nn.Embedding(positions, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids) + self.position(position_ids)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        document = (position_ids == 0).cumsum(1)
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        allowed = causal & (document[:, :, None] == document[:, None, :])
+        scores = (q @ k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        attention = scores.masked_fill(~allowed, -math.inf).softmax(-1)
+        return self.head(torch.tanh(h + self.out(attention @ v)))
+
+
+def documents(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (10,), generator=g).tolist()
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def pack(docs: list[torch.Tensor], rows: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+    """Rows holding the given documents back to back, right-padded to ``width``; the
+    padding is one more run of positions from 0 with ignored labels."""
+    ids = torch.full((len(rows), width), PAD_ID)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for d in row:
+            n = len(docs[d])
+            ids[r, at : at + n], labels[r, at : at + n] = docs[d], docs[d]
+            positions[r, at : at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def packed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss that predicts no document's first token from the previous one."""
+    logits = model(batch["input_ids"], batch["position_ids"])
+    labels = batch["labels"].masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+# ------------------------------------------------------------ two gloo ranks
+
+
+class Case:
+    """Windows of a global batch, each rank's micro-batches of it, the loss and the count.
+
+    ``reference(w)`` is the global batch of window ``w`` for the one-process
+    reference; ``micro_batches(w, rank)`` what ``rank`` runs in that window.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[], nn.Module],
+        windows: int,
+        reference: Callable[[int], tuple[dict[str, torch.Tensor], Callable]],
+        micro_batches: Callable[[int, int], list[dict[str, Any]]],
+        loss: Callable[[nn.Module, Any], torch.Tensor],
+        count: Callable[[Any], Any],
+    ) -> None:
+        self.model, self.windows, self.reference = model, windows, reference
+        self.micro_batches, self.loss, self.count = micro_batches, loss, count
+
+
+def budget_window(w: int) -> dict[str, Any]:
+    return variable_length_batch(13, seed=10 + w, shortest=2, longest=12)
+
+
+def budget_micro_batches(w: int, rank: int) -> list[dict[str, Any]]:
+    """Rank 0 holds 8 sequences, rank 1 five, each cut by its own token budget."""
+    rows = slice(0, 8) if rank == 0 else slice(8, 13)
+    share = {key: value[rows] for key, value in budget_window(w).items()}
+    return tb.split(share, max_tokens=(20, 30)[w])
+
+
+PACKED_ROWS = (
+    ([[0, 1, 2], [3, 4, 5]], [[6, 7], [8], [9]]),
+    ([[9, 3], [1], [0, 8, 2]], [[4, 5, 6, 7]]),
+)
+
+
+def unpacked(w: int) -> dict[str, torch.Tensor]:
+    docs = documents(seed=20 + w)
+    return pack(docs, [[d] for d in range(len(docs))], max(len(d) for d in docs))
+
+
+def packed_micro_batches(w: int, rank: int) -> list[dict[str, torch.Tensor]]:
+    docs, rows = documents(seed=20 + w), PACKED_ROWS[w][rank]
+    width = max(sum(len(docs[d]) for d in row) for row in rows)
+    return tb.split(pack(docs, rows, width), 1)
+
+
+CASES = {
+    "budget": Case(
+        lambda: seeded(GRULanguageModel),
+        2,
+        lambda w: (budget_window(w), tb.count_tokens()),
+        budget_micro_batches,
+        lm_loss,
+        tb.count_tokens(),
+    ),
+    "packed": Case(
+        lambda: seeded(DocumentAttentionLM),
+        2,
+        lambda w: (unpacked(w), tb.count_tokens(position_ids="position_ids")),
+        packed_micro_batches,
+        packed_loss,
+        tb.count_tokens(position_ids="position_ids"),
+    ),
+}
+
+
+def run_case(case: Case, rank: int) -> dict[str, list]:
+    """This rank's windows under DDP: the weights before each, the gradients stepped on."""
+    model = case.model()
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    seen: list[list[torch.Tensor]] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    acc = tb.Accumulator(wrapped, optimizer)
+    before = []
+    for w in range(case.windows):
+        before.append([p.detach().clone() for p in model.parameters()])
+        acc.step_window(case.micro_batches(w, rank), case.loss, count=case.count)
+    return {"before": before, "seen": seen}
+
+
+def launch(out_dir: Path, timeout: float) -> None:
+    """Run :data:`CASES` on two spawned gloo processes; fail if one fails or hangs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_main, args=(rank, port, str(out_dir)), daemon=True)
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    alive = [rank for rank, process in enumerate(processes) if process.is_alive()]
+    for rank in alive:
+        processes[rank].terminate()
+        processes[rank].join(10)
+    errors = "".join(path.read_text() for path in sorted(out_dir.glob("error-*.txt")))
+    assert not alive, f"ranks {alive} still ran after {timeout} s (a hang?)\n{errors}"
+    codes = {rank: p.exitcode for rank, p in enumerate(processes)}
+    assert set(codes.values()) == {0}, f"ranks exited with codes {codes}\n{errors}"
+
+
+def _main(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
+    try:
+        for name, case in CASES.items():
+            torch.save(run_case(case, rank), Path(out_dir, f"{name}-{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"error-{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+    finally:
+        dist.destroy_process_group()
