@@ -49,9 +49,7 @@ def lm_dataset(n: int, *, seed: int = 0) -> list[dict[str, Any]]:
 
 def classification_dataset(n: int, *, seed: int = 0, classes: int = 3) -> list[dict[str, Any]]:
     rng = random.Random(seed + 1)
-    return [
-        {"input_ids": ids, "labels": rng.randrange(classes)} for ids in texts(n, seed=seed)
-    ]
+    return [{"input_ids": ids, "labels": rng.randrange(classes)} for ids in texts(n, seed=seed)]
 
 
 def lm_collator() -> transformers.DataCollatorForLanguageModeling:

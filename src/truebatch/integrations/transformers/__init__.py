@@ -2,7 +2,8 @@
 
 - :class:`Trainer`: a drop-in ``transformers.Trainer`` whose accumulation
   gives the update of the big batch (``from truebatch.integrations.transformers
-  import Trainer`` is the one-line change).
+  import Trainer`` is the one-line change); :class:`ExactAccumulation` is the
+  same for other Trainer subclasses (``class SFT(ExactAccumulation, trl.SFTTrainer)``).
 - :func:`convert_attention_dropout`: makes the dropout a Transformers model
   applies to its attention probabilities split-invariant, like
   :func:`truebatch.nn.convert_dropout` does for ``nn.Dropout`` modules.
@@ -22,11 +23,18 @@ from truebatch.integrations.transformers._loss import causal_lm_loss, token_loss
 
 if TYPE_CHECKING:
     from truebatch.integrations.transformers._attention import convert_attention_dropout
-    from truebatch.integrations.transformers._trainer import Trainer
+    from truebatch.integrations.transformers._trainer import ExactAccumulation, Trainer
 
-__all__ = ["Trainer", "causal_lm_loss", "convert_attention_dropout", "token_loss_sum"]
+__all__ = [
+    "ExactAccumulation",
+    "Trainer",
+    "causal_lm_loss",
+    "convert_attention_dropout",
+    "token_loss_sum",
+]
 
 _LAZY = {
+    "ExactAccumulation": "truebatch.integrations.transformers._trainer",
     "Trainer": "truebatch.integrations.transformers._trainer",
     "convert_attention_dropout": "truebatch.integrations.transformers._attention",
 }

@@ -138,7 +138,9 @@ def attention(
         return layer.eager(module, query, key, value, attention_mask, *args, dropout=0.0, **kwargs)
     _refuse_left_padding(attention_mask, layer.name)
     with _MaskedDropout(layer, dropout) as masked:
-        out = layer.eager(module, query, key, value, attention_mask, *args, dropout=dropout, **kwargs)
+        out = layer.eager(
+            module, query, key, value, attention_mask, *args, dropout=dropout, **kwargs
+        )
     if masked.calls != 1:
         raise RuntimeError(
             f"`model` module {layer.name!r} applied F.dropout {masked.calls} times in its eager "
@@ -227,8 +229,10 @@ def _refuse_left_padding(mask: torch.Tensor | None, name: str) -> None:
 
 
 def _stride(model: nn.Module, max_length: int | None) -> int:
-    length = max_length if max_length is not None else getattr(
-        model.config, "max_position_embeddings", None
+    length = (
+        max_length
+        if max_length is not None
+        else getattr(model.config, "max_position_embeddings", None)
     )
     if not isinstance(length, int) or isinstance(length, bool) or length < 1:
         raise ValueError(

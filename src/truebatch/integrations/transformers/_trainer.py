@@ -38,7 +38,7 @@ from truebatch.accumulator import Accumulator
 from truebatch.batching import count_samples, count_tokens
 from truebatch.integrations.transformers._loss import logits_of, token_loss_sum
 
-__all__ = ["Items", "Trainer"]
+__all__ = ["ExactAccumulation", "Items", "Trainer"]
 
 Items = Literal["shifted_tokens", "tokens", "samples"]
 
@@ -118,8 +118,12 @@ def counter(items: Items) -> Callable[[Mapping[str, Any]], torch.Tensor | int]:
     return count
 
 
-class Trainer(transformers.Trainer):
-    """``transformers.Trainer`` with exact gradient accumulation; same arguments.
+class ExactAccumulation:
+    """Mixin: a ``transformers.Trainer`` subclass with exact gradient accumulation.
+
+    Put it first among the bases: ``class MyTrainer(ExactAccumulation,
+    trl.SFTTrainer)``; :class:`Trainer` is ``ExactAccumulation`` on
+    ``transformers.Trainer``.
 
     Each optimizer step is the big batch of ``per_device_train_batch_size ×
     gradient_accumulation_steps × world_size`` samples, normalized by its
@@ -134,23 +138,31 @@ class Trainer(transformers.Trainer):
             ``"tokens"`` or ``"samples"``; ``None`` infers it from the model's class.
         **kwargs: as ``transformers.Trainer``.
 
-    A ``compute_loss`` override (a subclass, TRL's trainers) or a
-    ``compute_loss_func`` is honoured when it divides its loss sum by
-    ``num_items_in_batch``, the contract of ``transformers.Trainer``; this is
-    checked once, on the first micro-batch. One that averages over its own
-    batch is refused, as is label smoothing, DeepSpeed and ``DataParallel``.
+    Without a loss override, token losses are summed from the logits (see the
+    module docstring). A ``compute_loss`` override (a subclass, TRL's
+    trainers) or a ``compute_loss_func`` is honoured when it divides its loss
+    sum by ``num_items_in_batch``, the contract of ``transformers.Trainer``:
+    it is called with the micro-batch's own item count and its loss
+    multiplied back, which is checked once, on the first micro-batch (two
+    extra forwards without gradient). One that averages over its own batch is
+    refused, as are label smoothing, DeepSpeed and ``DataParallel``.
+    ``args.average_tokens_across_devices`` is set to False: the count is
+    already global.
 
     Raises:
         ValueError: at construction, for a setup truebatch cannot make exact.
 
     Examples:
-        >>> from truebatch.integrations.transformers import Trainer
-        >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
-        >>> trainer.train()
+        >>> class SFTTrainer(ExactAccumulation, trl.SFTTrainer):
+        ...     pass
+        >>> SFTTrainer(model=model, args=sft_config, train_dataset=train).train()
     """
 
     def __init__(self, *args: Any, items: Items | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        # truebatch counts the items of every rank itself: a loss override must not
+        # also multiply by the number of processes (Trainer.compute_loss does when set).
+        self.args.average_tokens_across_devices = False
         model = transformers.modeling_utils.unwrap_model(self.model)
         model = getattr(getattr(model, "base_model", None), "model", model)  # PEFT
         self.items: Items = infer_items(model) if items is None else _check_items(items)
@@ -219,48 +231,15 @@ class Trainer(transformers.Trainer):
         offset = (lambda: outer.offset) if outer is not None else None
         with _context.micro_batch(self.state.global_step, 0, offset):
             if not self._loss_overridden():
-                return self._own_loss(model, batch, num_items=None)
+                return self._own_loss(model, batch)
             n = self._count(batch)
             loss = self.compute_loss(model, batch, num_items_in_batch=_at_least_one(n))
             return loss * n
 
     # ------------------------------------------------------------ the loss
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """The loss SUM divided by ``num_items_in_batch`` (by the batch's own items if None).
-
-        This is ``transformers.Trainer``'s contract; subclasses that call
-        ``super().compute_loss`` get truebatch's loss, computed in the logits'
-        precision. With ``compute_loss_func`` set, it is called with the model's
-        outputs (computed without the labels) and must honour the same contract.
-        """
-        inputs = dict(inputs)
-        if self.compute_loss_func is not None:
-            labels = inputs.pop("labels", None)
-            outputs = model(**inputs)
-            n = num_items_in_batch if num_items_in_batch is not None else self._count(
-                {"labels": labels}
-            )
-            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=n)
-            return (loss, outputs) if return_outputs else loss
-        loss, outputs = self._own_loss(model, inputs, num_items=num_items_in_batch, outputs=True)
-        return (loss, outputs) if return_outputs else loss
-
-    def _own_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        *,
-        num_items: torch.Tensor | int | None,
-        outputs: bool = False,
-    ) -> Any:
-        """The loss sum over ``inputs`` (``num_items=None`` from the window), else sum / num_items."""
+    def _own_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The loss SUM over ``inputs``, in the logits' precision (float64 stays float64)."""
         if self.items == "samples":
             out = model(**inputs)
             loss = _model_loss(out) * count_samples(inputs)
@@ -272,14 +251,10 @@ class Trainer(transformers.Trainer):
             key = "shift_labels" if causal and "shift_labels" in inputs else "labels"
             shift = causal and key == "labels"
             loss = token_loss_sum(logits_of(out), inputs[key], shift=shift)
-        if num_items is not None:
-            loss = loss / num_items
-        elif outputs:  # a stand-alone call (evaluation): the batch's own mean
-            loss = loss / _at_least_one(self._count(inputs))
-        return (loss, out) if outputs else loss
+        return loss
 
     def _loss_overridden(self) -> bool:
-        return type(self).compute_loss is not Trainer.compute_loss or (
+        return type(self).compute_loss is not transformers.Trainer.compute_loss or (
             self.compute_loss_func is not None
         )
 
@@ -387,3 +362,14 @@ def _model_loss(output: Any) -> torch.Tensor:
             "compute_loss_func."
         )
     return loss
+
+
+class Trainer(ExactAccumulation, transformers.Trainer):
+    """``transformers.Trainer`` with exact gradient accumulation; same arguments,
+    plus ``items=`` (see :class:`ExactAccumulation`).
+
+    Examples:
+        >>> from truebatch.integrations.transformers import Trainer
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        >>> trainer.train()
+    """
