@@ -69,7 +69,8 @@ def run(trainer_class, model, out: Path, batch: int, accumulation: int, data, co
 
 def losses_close(actual: list[float], expected: list[float]) -> bool:
     return len(actual) == len(expected) and all(
-        abs(a - e) <= TOLERANCES[torch.float32] * abs(e) for a, e in zip(actual, expected)
+        abs(a - e) <= TOLERANCES[torch.float32] * abs(e)
+        for a, e in zip(actual, expected, strict=True)
     )
 
 
@@ -170,7 +171,7 @@ def test_attention_dropout_mask_does_not_depend_on_padding():
     assert not torch.allclose(long, other)
 
 
-# --------------------------------------------------------------------------- the rest of the Trainer
+# ---------------------------------------------------------------- the rest of the Trainer
 
 
 def test_resume_from_checkpoint_gives_the_unbroken_run(tmp_path):

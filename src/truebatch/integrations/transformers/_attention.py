@@ -198,7 +198,7 @@ class _MaskedDropout(TorchFunctionMode):
         super().__init__()
         self.layer, self.p, self.calls = layer, p, 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.dropout:
             return func(*args, **kwargs)
