@@ -132,12 +132,25 @@ class LossLog(transformers.TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+class Gradients(transformers.TrainerCallback):
+    """The gradient the optimizer gets at every step (after clipping)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs["model"]
+        self.steps.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+
+
 def train(
     trainer_class: Callable[..., Any],
     model: nn.Module,
     args: Any,
     dataset: list[dict[str, Any]],
     collator: Any,
+    *,
+    callbacks: list[Any] = (),
     **kwargs: Any,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train; return the final parameters and the logged losses."""
@@ -147,7 +160,7 @@ def train(
         args=args,
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[log],
+        callbacks=[log, *callbacks],
         **kwargs,
     )
     trainer.train()

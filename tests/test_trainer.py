@@ -17,8 +17,11 @@ logged losses agree to float32 precision (the Trainer sums them in float32).
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -38,20 +41,9 @@ from truebatch.integrations.transformers import (  # noqa: E402
 TRAJECTORY = 1e-10  # parameters after 6 AdamW windows, float64
 
 
-class Gradients(transformers.TrainerCallback):
-    """The gradient the optimizer gets at every step (after clipping)."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, torch.Tensor]] = []
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        model = kwargs["model"]
-        self.steps.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
-
-
 def run(trainer_class, model, out: Path, batch: int, accumulation: int, data, collator, **kw):
     """Train; return (parameters, logged losses, gradient per step)."""
-    grads = Gradients()
+    grads = S.Gradients()
     args = S.arguments(out, batch, accumulation, **kw.pop("args", {}))
     log = S.LossLog()
     trainer = trainer_class(
@@ -179,7 +171,7 @@ def test_resume_from_checkpoint_gives_the_unbroken_run(tmp_path):
     unbroken = run(Trainer, S.gpt2(), tmp_path / "a", 4, 2, data, collator)
     saving = {"args": {"save_strategy": "steps", "save_steps": 2}}
     run(Trainer, S.gpt2(), tmp_path / "b", 4, 2, data, collator, **saving)
-    log, grads = S.LossLog(), Gradients()
+    log, grads = S.LossLog(), S.Gradients()
     model = S.gpt2()
     trainer = Trainer(
         model=model,
@@ -278,3 +270,39 @@ def test_left_padding_is_refused_under_attention_dropout():
              "attention_mask": torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])}  # fmt: skip
     with pytest.raises(ValueError, match="left padding"):
         model(**batch)
+
+
+# --------------------------------------------------------------------------- 2 ranks
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_gloo_ranks_with_uneven_data_equal_one_process_on_the_global_batch(tmp_path):
+    """2 ranks × 2 samples × 2 batches = windows of 8; 13 sequences shared out unevenly
+    (rank 0: 4 batches, rank 1: 3, one of a single sequence), so ranks score different
+    numbers of tokens. Reference: one process, one batch of 8 (then 5) per step."""
+    tests = Path(__file__).parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent / "src"), str(tests)]))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", str(tests / "hf_ddp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = torch.load(tmp_path / "result.pt")
+    data, collator = S.lm_dataset(13), S.lm_collator()
+    reference = run(
+        transformers.Trainer, S.gpt2(), tmp_path / "ref", 8, 1, data, collator,
+        compute_loss_func=S.float64_mean_token_loss,
+    )  # fmt: skip
+
+    assert len(ranks["grads"]) == len(reference[2]) == 4
+    assert (
+        tb.max_relative_difference(ranks["grads"][0], reference[2][0]) <= TOLERANCES[torch.float64]
+    )
+    assert tb.max_relative_difference(ranks["params"], reference[0]) <= TRAJECTORY
+    assert losses_close(ranks["losses"], reference[1])
