@@ -306,3 +306,56 @@ def test_two_gloo_ranks_with_uneven_data_equal_one_process_on_the_global_batch(t
     )
     assert tb.max_relative_difference(ranks["params"], reference[0]) <= TRAJECTORY
     assert losses_close(ranks["losses"], reference[1])
+
+
+# --------------------------------------------------------------------------- TRL
+
+
+def sft_run(trainer_class, make, out: Path, batch: int, accumulation: int):
+    """One unclipped SFT step at lr 0 on pre-tokenized sequences; the gradient it hands over."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    config = trl.SFTConfig(
+        output_dir=str(out), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.0,
+        max_grad_norm=0.0, max_length=None, train_sampling_strategy="sequential",
+        report_to="none", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    grads = S.Gradients()
+    trainer = trainer_class(
+        model=make(),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(S.lm_dataset(20)),
+        processing_class=S.tokenizer(),
+        callbacks=[grads],
+    )
+    trainer.train()
+    return grads.steps[0]
+
+
+def exact_sft() -> type:
+    trl = pytest.importorskip("trl")
+
+    class SFTTrainer(ExactAccumulation, trl.SFTTrainer):
+        pass
+
+    return SFTTrainer
+
+
+def test_trl_sft_trainer_accumulation_equals_one_big_batch(tmp_path):
+    """TRL computes its token loss in float32 (a fused LM head): float32 precision."""
+    trl = pytest.importorskip("trl")
+    reference = sft_run(trl.SFTTrainer, S.llama, tmp_path / "ref", 8, 1)
+    ours = sft_run(exact_sft(), S.llama, tmp_path / "ours", 4, 2)
+    assert tb.max_relative_difference(ours, reference) <= TOLERANCES[torch.float32]
+
+
+def test_trl_sft_trainer_miscounts_gpt2_tokens_and_the_mixin_does_not(tmp_path):
+    """GPT2LMHeadModel has ``loss_type=None``: the Trainer hands TRL the unshifted label
+    count as ``num_items_in_batch``, even without accumulation."""
+    trl = pytest.importorskip("trl")
+    stock = sft_run(trl.SFTTrainer, S.gpt2, tmp_path / "stock", 8, 1)
+    big = sft_run(exact_sft(), S.gpt2, tmp_path / "big", 8, 1)
+    ours = sft_run(exact_sft(), S.gpt2, tmp_path / "ours", 4, 2)
+    assert tb.max_relative_difference(ours, big) <= TOLERANCES[torch.float32]
+    assert tb.max_relative_difference(stock, big) > 0.05
