@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 import hf_setups as S  # noqa: E402
 import truebatch as tb  # noqa: E402
+from scripts import EXAMPLES, run_script  # noqa: E402
 from truebatch.compare import TOLERANCES  # noqa: E402
 from truebatch.integrations.transformers import (  # noqa: E402
     ExactAccumulation,
@@ -359,3 +361,10 @@ def test_trl_sft_trainer_miscounts_gpt2_tokens_and_the_mixin_does_not(tmp_path):
     ours = sft_run(exact_sft(), S.gpt2, tmp_path / "ours", 4, 2)
     assert tb.max_relative_difference(ours, big) <= TOLERANCES[torch.float32]
     assert tb.max_relative_difference(stock, big) > 0.05
+
+
+def test_trainer_example_runs_and_learns():
+    out = run_script(EXAMPLES / "transformers_trainer.py", "--epochs", "2", timeout=300)
+    losses = [float(x) for x in re.findall(r"step \d+: loss ([\d.]+)", out)]
+    assert re.search(r"^truebatch\.Trainer: 6 steps", out, re.MULTILINE), out
+    assert losses and losses[-1] < 5.45  # log(256) = 5.55 at random weights
