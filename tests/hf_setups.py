@@ -71,8 +71,9 @@ def gpt2(*, dropout: float = 0.0) -> nn.Module:
     return transformers.GPT2LMHeadModel(config).double()
 
 
-def llama() -> nn.Module:
+def llama(*, attention_dropout: float = 0.0) -> nn.Module:
     config = transformers.LlamaConfig(
+        attention_dropout=attention_dropout,
         vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD, use_cache=False,

@@ -149,6 +149,43 @@ def test_bert_with_attention_and_hidden_dropout_is_exact_after_conversion(tmp_pa
     assert tb.max_relative_difference(unconverted[2][0], reference[2][0]) > 0.01
 
 
+CONVERTIBLE = {
+    "gpt2": lambda: S.gpt2(dropout=0.1),
+    "llama": lambda: S.llama(attention_dropout=0.1),  # grouped-query attention
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERTIBLE))
+def test_causal_lm_attention_dropout_is_exact_after_conversion(name, tmp_path):
+    def converted():
+        return tb.nn.convert_dropout(convert_attention_dropout(CONVERTIBLE[name]()))
+
+    data = S.lm_dataset(20)
+    collator = transformers.DataCollatorForLanguageModeling(
+        S.tokenizer(), mlm=False, pad_to_multiple_of=32
+    )
+    reference = run(Trainer, converted(), tmp_path / "ref", 8, 1, data, collator)
+    ours = run(Trainer, converted(), tmp_path / "ours", 4, 2, data, collator)
+    unconverted = run(Trainer, CONVERTIBLE[name](), tmp_path / "plain", 4, 2, data, collator)
+
+    assert tb.max_relative_difference(ours[2][0], reference[2][0]) <= TOLERANCES[torch.float64]
+    assert tb.max_relative_difference(ours[0], reference[0]) <= TRAJECTORY
+    assert tb.max_relative_difference(unconverted[2][0], reference[2][0]) > 0.01
+
+
+@pytest.mark.parametrize("make", [S.bert, S.gpt2, S.llama])
+def test_converted_attention_computes_the_models_eager_attention_without_dropout(make):
+    """The conversion runs the model's own eager attention (Llama's softmax runs in float32)."""
+    batch = S.padding_collator()(S.lm_dataset(4))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    model = make().eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        before = model(**batch).logits
+        after = convert_attention_dropout(model)(**batch).logits
+    assert tb.max_relative_difference({"logits": after}, {"logits": before}) <= 1e-12
+
+
 def test_attention_dropout_mask_does_not_depend_on_padding():
     model = convert_attention_dropout(S.bert(attention_dropout=0.5))
     model.train()
