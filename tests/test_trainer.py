@@ -298,6 +298,15 @@ def test_setups_that_cannot_be_exact_are_refused_at_construction(tmp_path):
         Trainer(model=S.gpt2(), args=S.arguments(tmp_path, 4, 2), items="words")
 
 
+def test_sample_head_with_unscored_samples_is_refused(tmp_path):
+    data = [dict(example, labels=-100 if i == 3 else 1) for i, example in enumerate(
+        S.classification_dataset(8))]  # fmt: skip
+    trainer = Trainer(model=S.bert(), args=S.arguments(tmp_path, 4, 2), train_dataset=data,
+                      data_collator=S.padding_collator())  # fmt: skip
+    with pytest.raises(ValueError, match="-100"):
+        trainer.train()
+
+
 def test_conversion_names_the_model_it_cannot_convert():
     with pytest.raises(ValueError, match="PreTrainedModel"):
         convert_attention_dropout(torch.nn.Linear(2, 2))

@@ -241,6 +241,7 @@ class ExactAccumulation:
     def _own_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss SUM over ``inputs``, in the logits' precision (float64 stays float64)."""
         if self.items == "samples":
+            _refuse_ignored_samples(inputs.get("labels"))
             out = model(**inputs)
             loss = _model_loss(out) * count_samples(inputs)
         else:
@@ -373,3 +374,15 @@ class Trainer(ExactAccumulation, transformers.Trainer):
         >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
         >>> trainer.train()
     """
+
+
+def _refuse_ignored_samples(labels: Any) -> None:
+    """A sample-level head averages over the samples it scores: all of them, or the mean
+    is over a count truebatch does not know."""
+    integer = isinstance(labels, torch.Tensor) and not labels.is_floating_point()
+    if integer and bool((labels == -100).any()):
+        raise ValueError(
+            "`labels` got -100 in a sample-level head's batch; expected every sample "
+            'scored. Fix: drop unscored samples, or pass items="tokens" if the head '
+            "averages over its labels that are not -100."
+        )
