@@ -106,14 +106,16 @@ def counter(items: Items) -> Callable[[Mapping[str, Any]], torch.Tensor | int]:
     """The item count of one micro-batch; a collator's ``shift_labels`` is counted as is."""
     if items == "samples":
         return count_samples
-    shifted, aligned = count_tokens("labels", shift=True), count_tokens("labels", shift=False)
+    aligned = count_tokens("labels", shift=False)
     if items == "tokens":
         return aligned
+    shifted, preshifted = (
+        count_tokens("labels", shift=True),
+        count_tokens("shift_labels", shift=False),
+    )
 
     def count(batch: Mapping[str, Any]) -> torch.Tensor:
-        if "shift_labels" in batch:
-            return count_tokens("shift_labels", shift=False)(batch)
-        return shifted(batch)
+        return preshifted(batch) if "shift_labels" in batch else shifted(batch)
 
     return count
 
