@@ -134,11 +134,11 @@ def causal_lm_loss(
             f"{sorted(batch)}); pass key= naming the label tensor"
         )
     inputs = {name: value for name, value in batch.items() if name not in (key, "labels")}
-    logits = _logits(model(**inputs))
+    logits = logits_of(model(**inputs))
     return token_loss_sum(logits, batch[key], ignore_index=ignore_index, shift=shift)
 
 
-def _logits(output: Any) -> torch.Tensor:
+def logits_of(output: Any) -> torch.Tensor:
     """The logits of a model's output: ``.logits``, a tuple's first item, or the tensor."""
     if isinstance(output, torch.Tensor):
         return output
