@@ -568,3 +568,40 @@ def test_cli_reports_an_exception_in_the_model_with_exit_2(capsys, monkeypatch):
     monkeypatch.setattr(check_factories, "broken", broken, raising=False)
     code, _, err = run_cli(capsys, "check_factories:broken")
     assert code == 2 and "could not run the check" in err and "Traceback" in err
+
+
+# ------------------------------------------------------------- N == 0 refused
+
+
+@pytest.mark.parametrize(
+    ("loss", "count"),
+    [
+        pytest.param(mean_loss, lambda micro_batch: 0, id="count_yields_0"),
+        pytest.param(
+            lambda model, mb: (sum_loss(model, mb), 0), None, id="loss_fn_returns_count_0"
+        ),
+    ],
+)
+def test_a_batch_with_no_items_is_refused_not_passed(loss, count):
+    # BatchNorm, dropout and a mean loss: any real check would fail; with N == 0 the
+    # window runs no pass, so nothing could be compared and "equivalent" would be vacuous.
+    model = net(batchnorm=True, dropout=0.3)
+    with pytest.raises(ValueError, match=r"`count` got 0 items.*Fix:"):
+        tb.check(model, loss, batch(), count=count)
+    with pytest.raises(ValueError, match=r"`count` got 0 items"):
+        tb.testing.assert_accumulation_equivalent(model, loss, batch(), count=count)
+
+
+def test_every_label_ignored_by_count_tokens_is_refused():
+    tokens = torch.arange(24).reshape(4, 6) % 7
+    labels = torch.full((4, 6), -100)
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 7)).double()
+
+    def loss(model, mb):
+        logits = model(mb["input_ids"])
+        return F.cross_entropy(
+            logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=-100, reduction="sum"
+        )
+
+    with pytest.raises(ValueError, match=r"`count` got 0 items"):
+        tb.check(model, loss, {"input_ids": tokens, "labels": labels}, count=tb.count_tokens())

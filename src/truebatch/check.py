@@ -518,6 +518,7 @@ class _Outcome:
     grads: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
     loss_sum: float
+    count: float
     probe: _Probe
 
 
@@ -555,6 +556,13 @@ class _Passes:
     def run(self, base: nn.Module, sizes: list[int]) -> _Mode:
         """The full batch (seeded twice differently) and each split, on copies of ``base``."""
         full = self.window(base, None, _SEED, None)
+        if full.count == 0:
+            # No pass ran, so nothing was compared: "equivalent" would be vacuous.
+            raise ValueError(
+                f"`count` got 0 items for the batch of {self.total} samples; expected at least "
+                "one item the loss scores. Fix: check a batch with unmasked labels, or a count "
+                "that counts them."
+            )
         return _Mode(
             full=full,
             reseeded=self.window(base, None, _SEED + 1, full.probe),
@@ -579,7 +587,7 @@ class _Passes:
         grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         buffers = {n: b.detach() for n, b in model.named_buffers()}
-        return _Outcome(grads, buffers, window.loss_sum, probe)
+        return _Outcome(grads, buffers, window.loss_sum, window.count, probe)
 
     def seed(self, seed: int) -> None:
         """Seed the CPU generator and the CUDA generators in use (inside ``fork_rng``)."""
