@@ -462,14 +462,14 @@ def test_default_sizes_are_allowed_and_include_an_uneven_split(batch, unit, mini
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"micro_batch_sizes": [0]}, ValueError, "positive ints"),
-        ({"micro_batch_sizes": [12]}, ValueError, "do not split a batch of 12"),
-        ({"micro_batch_sizes": [2.5]}, ValueError, "positive ints"),
-        ({"dtype": torch.float16}, ValueError, "float64 or torch.float32"),
-        ({"model": "not a model"}, TypeError, "torch.nn.Module"),
-        ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
-        ({"count": 3}, TypeError, "count must be callable"),
-        ({"batch": torch.zeros(1, 6)}, ValueError, "cannot be split"),
+        ({"micro_batch_sizes": [0]}, ValueError, r"`micro_batch_sizes` got \[0\].*positive ints"),
+        ({"micro_batch_sizes": [12]}, ValueError, "do not split a batch of 12 samples"),
+        ({"micro_batch_sizes": [2.5]}, ValueError, "expected positive ints"),
+        ({"dtype": torch.float16}, ValueError, "`dtype` got torch.float16; expected torch.float64"),
+        ({"model": "not a model"}, TypeError, "`model` got str; expected a torch.nn.Module"),
+        ({"loss_fn": 3}, TypeError, "`loss_fn` got int; expected a callable"),
+        ({"count": 3}, TypeError, r"count.*callable"),
+        ({"batch": torch.zeros(1, 6)}, ValueError, "`batch` got 1 samples, which cannot be split"),
     ],
 )
 def test_bad_arguments_say_what_to_change(kwargs, error, match):
@@ -605,3 +605,81 @@ def test_every_label_ignored_by_count_tokens_is_refused():
 
     with pytest.raises(ValueError, match=r"`count` got 0 items"):
         tb.check(model, loss, {"input_ids": tokens, "labels": labels}, count=tb.count_tokens())
+
+
+# ------------------------------------------- any tensor between modules
+
+
+class AboveMedian(nn.Module):
+    """A boolean per sample: above the batch's median, so it mixes samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] > x[:, 0].median()
+
+
+class Flagged(nn.Module):
+    """Adds an embedding of a boolean flag per sample (as attention masks travel in HF)."""
+
+    def __init__(self, flag: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.flag, self.emb = nn.Linear(6, 8), flag, nn.Embedding(2, 8)
+        self.sparse, self.out = SparseCopy(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)) + self.emb(self.flag(x).long())
+        return self.out(self.sparse(h)[0])
+
+
+class SparseCopy(nn.Module):
+    """Returns its input with a sparse copy: a leaf that cannot be sliced and compared."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h, h.detach().to_sparse()
+
+
+def test_boolean_and_integer_tensors_are_compared_by_equality():
+    model = Flagged(AboveMedian()).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[3, 5])
+    assert module_findings(report) == {"flag": "mixes_samples"}, report
+    # The flag of a split differs in some rows: the fraction is measured, not subtracted.
+    assert 0 < report.findings[0].effect < math.inf
+
+
+def test_tensors_that_cannot_be_compared_are_skipped():
+    class Positive(nn.Module):
+        def forward(self, x):
+            return x[:, 0] > 0
+
+    report = tb.check(Flagged(Positive()).double(), sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
+
+
+class FunctionalNoise(nn.Module):
+    """F.dropout between two submodules, then a dropout module: GPT-2's attention shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.resid_dropout = nn.Linear(8, 8), nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.proj(F.dropout(x, p=0.2, training=self.training)))
+
+
+def test_a_functional_random_op_is_named_beside_its_random_submodule_and_behind_dropout():
+    # head.drop is upstream-free here; the encoder's dropout changes every later
+    # output, and the functional dropout sits inside a module whose last submodule
+    # is itself random: each is named in one run.
+    model = net(dropout=0.3)
+    model.encoder[2] = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))
+    model.blocks[0].noise = FunctionalNoise()
+    model.blocks[1].noise = FunctionalNoise()
+    model = model.double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {
+        "encoder.2.1": "dropout",
+        "blocks.0.noise": "random_op",
+        "blocks.0.noise.resid_dropout": "dropout",
+        "blocks.1.noise": "random_op",
+        "blocks.1.noise.resid_dropout": "dropout",
+        "head.drop": "dropout",
+    }, report
