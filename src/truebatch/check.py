@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,9 @@ def check(
     """
     model = _local_model(model)
     _check_arguments(model, loss_fn, dtype)
+    compiled = model if _is_compiled(model) else None
     tolerance = TOLERANCES[dtype]
-    base = copy.deepcopy(model).to(dtype)
+    base = _eager_copy(model if compiled is None else compiled._orig_mod).to(dtype)
     base.zero_grad(set_to_none=True)
     data = map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
     total = batch_size(data)
@@ -114,8 +116,11 @@ def check(
         # is enough for that.
         hidden = given.diverged(tolerance) and any(m.training for m in base.modules())
         in_eval = runs.run(copy.deepcopy(base).eval(), sizes[-1:]) if hidden else given
+        # The probes ran eagerly (hooks in a compiled graph recompile it per copy); the
+        # gradients judged are the compiled model's, all windows on one compiled copy.
+        judged = given if compiled is None else runs.compiled(compiled, base, sizes)
         grads = {
-            s: relative_differences(given.splits[s].grads, given.full.grads, dtype=dtype)
+            s: relative_differences(judged.splits[s].grads, judged.full.grads, dtype=dtype)
             for s in sizes
         }
         findings = _module_findings(base, given, in_eval, runs)
@@ -177,6 +182,27 @@ def _local_model(model: Any) -> Any:
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module
     return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is ``torch.compile(module)``'s wrapper (dynamo is loaded if so)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(model, eval_frame.OptimizedModule)
+
+
+def _unwrapped(name: str) -> str:
+    """A parameter's name in the compiled module as the user's module names it."""
+    return name.removeprefix("_orig_mod.")
+
+
+def _eager_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that runs eagerly: ``nn.Module.compile()`` leaves a compiled call bound
+    to the original module, which a copy would otherwise call."""
+    copied = copy.deepcopy(model)
+    for module in copied.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return copied
 
 
 def _check_arguments(model: Any, loss_fn: Any, dtype: Any) -> None:
@@ -260,7 +286,15 @@ class _Outcome:
     buffers: dict[str, torch.Tensor]
     loss_sum: float
     count: float
-    probe: Probe
+    probe: Probe | None  # None on the unprobed windows of a compiled model
+
+
+@dataclass
+class _Gradients:
+    """The windows of a compiled model: gradients only."""
+
+    full: _Outcome
+    splits: dict[int, _Outcome]
 
 
 @dataclass
@@ -312,23 +346,47 @@ class _Runs:
         )
 
     def window(
-        self, base: nn.Module, size: int | None, seed: int, reference: Probe | None
+        self,
+        base: nn.Module,
+        size: int | None,
+        seed: int,
+        reference: Probe | None,
+        *,
+        fresh: bool = True,
     ) -> _Outcome:
-        """One window of ``size``-sample micro-batches; returns its gradient and buffers."""
-        model = copy.deepcopy(base)
-        probe = Probe(model, self.total, reference)
+        """One window of ``size``-sample micro-batches on a copy of ``base`` (on ``base``
+        itself with ``fresh=False``, unprobed); returns its gradient and buffers."""
+        model = copy.deepcopy(base) if fresh else base
+        probe = Probe(model, self.total, reference) if fresh else None
         accumulator = Accumulator(
             model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=size
         )
         self.seed(seed)
         try:
-            window = accumulator.accumulate([self.batch], probe.wrap(self.loss_fn), self.count)
+            loss_fn = self.loss_fn if probe is None else probe.wrap(self.loss_fn)
+            window = accumulator.accumulate([self.batch], loss_fn, self.count)
         finally:
-            probe.remove()
+            if probe is not None:
+                probe.remove()
         grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         buffers = {n: b.detach() for n, b in model.named_buffers()}
         return _Outcome(grads, buffers, window.loss_sum, window.count, probe)
+
+    def compiled(self, compiled: nn.Module, base: nn.Module, sizes: list[int]) -> _Gradients:
+        """The full batch and each split on one compiled copy, reset to ``base`` before each:
+        dynamo compiles it once per distinct micro-batch shape, not once per copy."""
+        twin = copy.deepcopy(compiled).to(next(base.parameters()).dtype)
+        state = copy.deepcopy(base.state_dict())
+
+        def window(size: int | None) -> _Outcome:
+            twin._orig_mod.load_state_dict(state)
+            outcome = self.window(twin, size, _SEED, None, fresh=False)
+            outcome.grads = {_unwrapped(n): g for n, g in outcome.grads.items()}
+            return outcome
+
+        full = window(None)
+        return _Gradients(full=full, splits={s: window(s) for s in sizes})
 
     def forced(self, base: nn.Module, reference: Probe) -> Probe:
         """The full batch's forward under another seed, each module output forced to the
