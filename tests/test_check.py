@@ -683,3 +683,57 @@ def test_a_functional_random_op_is_named_beside_its_random_submodule_and_behind_
         "blocks.1.noise.resid_dropout": "dropout",
         "head.drop": "dropout",
     }, report
+
+
+# ------------------------------------------------- grouped findings
+
+
+@pytest.fixture(scope="module")
+def resnet_report() -> tb.Report:
+    import check_factories
+
+    model, loss, data = check_factories.tiny_resnet()
+    return tb.check(model, loss, data, micro_batch_sizes=[4])
+
+
+def findings_section(text: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.lstrip().startswith("findings")) :]
+
+
+def test_findings_of_one_kind_and_fix_share_a_row_with_the_fix_once(resnet_report):
+    bns = [f.module for f in resnet_report.findings if f.kind == "batchnorm"]
+    assert len(bns) == 20 and bns[:2] == ["bn1", "layer1.0.bn1"]
+    section = findings_section(str(resnet_report))
+    assert len(section) == 5, "\n".join(section)  # header, then two rows with their fix
+    assert section[1].split()[:8] == [
+        "20",
+        "BatchNorm",
+        "layers",
+        "(bn1,",
+        "layer1.0.bn1,",
+        "…",
+        "18",
+        "more)",
+    ]
+    worst = max(f.effect for f in resnet_report.findings if f.kind == "batchnorm")
+    assert section[1].split()[9] == f"{worst:.2e}"
+    assert section[3].lstrip().startswith("buffers of 20 BatchNorm layers (bn1, layer1.0.bn1, …")
+    fixes = [line for line in section if line.lstrip().startswith("fix:")]
+    assert len(fixes) == 2 and "convert_batchnorm" in fixes[0] and "running statistics" in fixes[1]
+
+
+def test_the_verbose_form_and_to_dict_keep_every_finding(resnet_report):
+    section = findings_section(resnet_report.format(verbose=True))
+    rows = [line.split()[0] for line in section[1::2]]
+    assert rows == [f.module for f in resnet_report.findings] and len(rows) == 40
+    assert all(line.lstrip().startswith("fix:") for line in section[2::2])
+    data = resnet_report.to_dict()
+    assert [f["module"] for f in data["findings"]] == rows
+    assert str(resnet_report) == resnet_report.format()
+
+
+def test_a_single_finding_of_a_kind_is_printed_by_its_path():
+    report = tb.check(net(batchnorm=True, mix=True), sum_loss, batch(), micro_batch_sizes=[4])
+    rows = [line.split()[0] for line in findings_section(str(report))[1::2]]
+    assert rows == ["encoder.2.bn", "blocks.1.mix", "encoder.2.bn"]

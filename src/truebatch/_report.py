@@ -223,7 +223,10 @@ def _row(group: list[Finding]) -> list[str]:
         shown = [f.module for f in group]
         if len(shown) > _NAMES_SHOWN + 1:
             shown = [*shown[:_NAMES_SHOWN], f"… {len(group) - _NAMES_SHOWN} more"]
-        name = f"{_GROUPS[worst.kind].format(n=len(group))} ({', '.join(shown)})"
+        label = _GROUPS[worst.kind]
+        if worst.fix == FIXES["buffer_batchnorm"]:
+            label = "buffers of {n} BatchNorm layers"
+        name = f"{label.format(n=len(group))} ({', '.join(shown)})"
     measure = worst.measure if len(group) == 1 else f"largest: {worst.measure}"
     return [name, worst.kind, f"{worst.effect:.2e}", measure, worst.fix]
 
