@@ -737,3 +737,74 @@ def test_a_single_finding_of_a_kind_is_printed_by_its_path():
     report = tb.check(net(batchnorm=True, mix=True), sum_loss, batch(), micro_batch_sizes=[4])
     rows = [line.split()[0] for line in findings_section(str(report))[1::2]]
     assert rows == ["encoder.2.bn", "blocks.1.mix", "encoder.2.bn"]
+
+
+# ------------------------------------- samples mixed in the loss vs in the model
+
+
+class TwoTowers(nn.Module):
+    """CLIP-style: an image and a text embedding per sample, each computed per sample."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.image, self.text = nn.Linear(6, 5), nn.Linear(6, 5)
+        self.mix = BatchCentering() if mix else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.mix(self.image(x)), dim=1), F.normalize(self.text(x.flip(1)), dim=1)
+
+
+def info_nce(model, micro_batch):
+    """Symmetric InfoNCE with in-batch negatives, summed over the samples."""
+    x, _ = micro_batch
+    image, text = model(x)
+    logits = image @ text.T / 0.1
+    targets = torch.arange(len(x))
+    return (
+        F.cross_entropy(logits, targets, reduction="sum")
+        + F.cross_entropy(logits.T, targets, reduction="sum")
+    ) / 2
+
+
+def nt_xent_two_calls(model, micro_batch):
+    """SimCLR-style: two views through two calls of the model, negatives in the batch."""
+    x, _ = micro_batch
+    first, _ = model(x)
+    second, _ = model(x + 0.1)
+    logits = first @ second.T / 0.5
+    return F.cross_entropy(logits, torch.arange(len(x)), reduction="sum")
+
+
+def centered_outputs(model, micro_batch):
+    """A loss on the outputs' batch statistics: mixes samples without any negatives."""
+    image, _ = model(micro_batch[0])
+    return (image - image.mean(0)).pow(2).sum()
+
+
+@pytest.mark.parametrize("loss", [info_nce, nt_xent_two_calls, centered_outputs])
+def test_a_loss_mixing_samples_on_the_outputs_is_told_apart_and_sent_to_step_cached(loss):
+    report = tb.check(TwoTowers().double(), loss, batch(), micro_batch_sizes=[3, 4])
+    assert [(f.module, f.kind) for f in report.findings] == [("loss_fn", "loss_mixes_samples")]
+    (finding,) = report.findings
+    assert "acc.step_cached(micro_batches, encode_fn, loss_fn)" in finding.fix
+    assert finding.effect > 1e-3 and not report.equivalent
+
+
+def test_a_model_mixing_samples_with_a_per_sample_loss_is_not_sent_to_step_cached():
+    def per_sample(model, micro_batch):
+        image, text = model(micro_batch[0])
+        return (image * text).sum()
+
+    report = tb.check(TwoTowers(mix=True).double(), per_sample, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {"mix": "mixes_samples"}, report
+    assert "step_cached" not in report.findings[0].fix
+
+
+def test_a_mean_over_the_micro_batch_is_not_additive_rather_than_mixing():
+    # Each micro-batch's output gradient is the full one times N / n_j: a scale, not a mix.
+    def mean_per_sample(model, micro_batch):
+        image, text = model(micro_batch[0])
+        return (image * text).sum(1).mean()
+
+    report = tb.check(TwoTowers().double(), mean_per_sample, batch(), micro_batch_sizes=[5])
+    assert module_findings(report) == {"loss_fn": "loss_not_additive"}

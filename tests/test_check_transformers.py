@@ -157,3 +157,24 @@ def test_llama_attention_dropout_is_named_with_its_config_field():
         ("model.layers.1.self_attn", "random_op"),
     }, report
     assert all("config.attention_dropout" in f.fix for f in report.findings)
+
+
+def in_batch_negatives(model, micro_batch):
+    out = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"])
+    z = F.normalize(out.logits, dim=1)
+    return F.cross_entropy(z @ z.T / 0.1, torch.arange(len(z)), reduction="sum")
+
+
+def mean_loss(model, micro_batch):
+    return classification_loss(model, micro_batch) / len(micro_batch["labels"])
+
+
+@pytest.mark.parametrize(
+    ("loss", "kind"),
+    [(in_batch_negatives, "loss_mixes_samples"), (mean_loss, "loss_not_additive")],
+)
+def test_the_loss_on_a_model_output_dataclass_is_judged(loss, kind):
+    # The outputs are held through transformers' ModelOutput, rebuilt around them.
+    model, data = build("bert", "sdpa"), padded_batch(causal=False)
+    report = tb.check(model, loss, data, micro_batch_sizes=[3])
+    assert [(f.module, f.kind) for f in report.findings] == [("loss_fn", kind)], report

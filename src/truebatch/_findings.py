@@ -151,30 +151,69 @@ def _finding(
     return Finding(name or type(base).__name__, kind, effect, measure, FIXES[fix or kind])
 
 
-def loss_findings(in_eval: Mode, tolerance: float) -> list[Finding]:
-    """``loss_not_additive`` when micro-batch losses do not sum to the full-batch loss.
+def loss_findings(in_eval: Mode, runs: Runs) -> list[Finding]:
+    """The loss, when micro-batch losses do not sum to the full-batch loss.
 
     Judged only on splits where every module output agreed (in eval mode when
     some output differed in train mode), so that any difference comes from the
-    loss itself. A random op or a sample mixer that is active in
-    eval mode leaves the loss unjudged until it is fixed.
+    loss itself. A random op or a sample mixer that is active in eval mode
+    leaves the loss unjudged until it is fixed.
+
+    ``loss_mixes_samples`` when the loss's gradient with respect to the model's
+    outputs, on a micro-batch, is not a multiple of the full batch's on the same
+    rows: a sample's gradient then depends on which other samples share its
+    micro-batch (in-batch negatives). Otherwise ``loss_not_additive`` (e.g. a
+    mean: each micro-batch's gradient is the full one scaled by N / n_j).
     """
+    tolerance = runs.tolerance
     full = in_eval.full.loss_sum
     judged = {
         size: difference(torch.tensor(outcome.loss_sum), torch.tensor(full))
         for size, outcome in in_eval.splits.items()
-        if not outcome.probe.diverged(tolerance)
+        if outcome.probe is not None and not outcome.probe.diverged(tolerance)
     }
     if not judged:
         return []
     size, effect = max(judged.items(), key=lambda kv: kv[1])
     if effect <= tolerance:
         return []
+    mode = ", eval mode" if not in_eval.training else ""
+    mixing = _loss_mixing(in_eval, runs, size)
+    if mixing is not None and mixing > tolerance:
+        measure = (
+            "relative difference of the loss's gradient with respect to the model's outputs, "
+            f"micro-batches of {size} vs the full batch's rows, after the best scale per "
+            f"micro-batch{mode}"
+        )
+        kind: Kind = "loss_mixes_samples"
+        return [Finding("loss_fn", kind, mixing, measure, FIXES[kind])]
     measure = (
         f"relative difference of the sum of micro-batch losses from the full-batch loss, "
-        f"micro-batch size {size}{', eval mode' if not in_eval.training else ''}"
+        f"micro-batch size {size}{mode}"
     )
     return [Finding("loss_fn", "loss_not_additive", effect, measure, FIXES["loss_not_additive"])]
+
+
+def _loss_mixing(mode: Mode, runs: Runs, size: int) -> float | None:
+    """Largest ``||g_j - c_j G_j|| / ||c_j G_j||`` over micro-batches j, with ``g_j`` the
+    gradient of micro-batch j's loss w.r.t. its outputs, ``G_j`` the full batch's on
+    the same rows and ``c_j`` the least-squares scale; ``None`` if not measurable."""
+    whole = runs.output_gradients(mode.model, None)
+    pieces = runs.output_gradients(mode.model, size)
+    if whole is None or pieces is None:
+        return None
+    (full,) = whole
+    worst = 0.0
+    for piece in pieces:
+        if set(piece.grads) != set(full.grads):
+            return None
+        g = torch.cat([piece.grads[key].flatten() for key in full.grads]).double()
+        rows = slice(piece.offset, piece.offset + piece.size)
+        reference = torch.cat([t[rows].flatten() for t in full.grads.values()]).double()
+        square = reference.dot(reference)
+        scale = g.dot(reference) / square if square > 0 else torch.zeros(())
+        worst = max(worst, max_relative_difference([g], [scale * reference]))
+    return worst
 
 
 def buffer_findings(base: nn.Module, given: Mode, tolerance: float) -> list[Finding]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,9 +18,18 @@ from torch import nn
 from truebatch import _context
 from truebatch._probe import Probe
 from truebatch.accumulator import Accumulator, LossFn
-from truebatch.batching import Batch, Counter, batch_size
+from truebatch.batching import Batch, Counter, batch_size, map_tensors, split, tensor_leaves
 
-__all__ = ["SEED", "Gradients", "Mode", "Outcome", "Runs", "run_alone", "unwrapped"]
+__all__ = [
+    "SEED",
+    "Gradients",
+    "Mode",
+    "Outcome",
+    "OutputGradient",
+    "Runs",
+    "run_alone",
+    "unwrapped",
+]
 
 SEED = 0
 
@@ -36,6 +46,15 @@ class Outcome:
 
 
 @dataclass
+class OutputGradient:
+    """``d loss_j / d output`` of one micro-batch: rows ``[offset, offset + size)``."""
+
+    offset: int
+    size: int
+    grads: dict[tuple[int, str], torch.Tensor]
+
+
+@dataclass
 class Gradients:
     """The windows of a compiled model: gradients only."""
 
@@ -47,6 +66,7 @@ class Gradients:
 class Mode:
     """All runs of one model mode (as given, or eval)."""
 
+    model: nn.Module
     full: Outcome
     reseeded: Probe
     splits: dict[int, Outcome]
@@ -85,6 +105,7 @@ class Runs:
                 "that counts them."
             )
         return Mode(
+            model=base,
             full=full,
             reseeded=self.forced(base, full.probe),
             splits={s: self.window(base, s, SEED, full.probe) for s in sizes},
@@ -146,6 +167,60 @@ class Runs:
         finally:
             probe.remove()
         return probe
+
+    def output_gradients(self, base: nn.Module, size: int | None) -> list[OutputGradient] | None:
+        """Per micro-batch of ``size`` (the whole batch for ``None``): the gradient of its loss
+        with respect to the model's outputs, ``None`` where they cannot be held.
+
+        Each call of the model inside ``loss_fn`` returns its floating leaves with
+        the batch along dim 0 as fresh leaf tensors, so one backward from the loss
+        stops at them: ``d loss_j / d output``, a map from (call, leaf path).
+        """
+        model = copy.deepcopy(base)
+        held: dict[tuple[int, str], torch.Tensor] = {}
+        failed = False
+
+        def hold(module: nn.Module, args: tuple, output: Any) -> Any:
+            nonlocal failed
+            call, replace = len({key[0] for key in held}), {}
+            for path, t in tensor_leaves(output, "output"):
+                if t.is_floating_point() and t.dim() > 0 and id(t) not in replace:
+                    replace[id(t)] = held[call, path] = t.detach().requires_grad_()
+            try:
+                return map_tensors(output, lambda t: replace.get(id(t), t))
+            except Exception:  # a container that cannot be rebuilt
+                failed = True
+                return None
+
+        handle = model.register_forward_hook(hold)
+        pieces = [self.batch] if size is None else split(self.batch, size)
+        result, offset = [], 0
+        self.seed(SEED)
+        try:
+            for piece in pieces:
+                held.clear()
+                with _context.micro_batch(0, offset):
+                    loss = self.loss_fn(model, piece)
+                loss = loss[0] if isinstance(loss, tuple) else loss
+                n = batch_size(piece)
+                usable = isinstance(loss, torch.Tensor) and loss.requires_grad
+                if failed or not held or not usable:
+                    return None
+                grads = torch.autograd.grad(loss, list(held.values()), allow_unused=True)
+                result.append(
+                    OutputGradient(
+                        offset,
+                        n,
+                        {
+                            key: torch.zeros_like(t) if g is None else g
+                            for (key, t), g in zip(held.items(), grads, strict=True)
+                        },
+                    )
+                )
+                offset += n
+        finally:
+            handle.remove()
+        return result
 
     def seed(self, seed: int) -> None:
         """Seed the CPU generator and the CUDA generators in use (inside ``fork_rng``)."""

@@ -121,7 +121,7 @@ def check(
             for s in sizes
         }
         findings = module_findings(base, given, in_eval, runs)
-    findings += loss_findings(in_eval, tolerance)
+        findings += loss_findings(in_eval, runs)
     findings += buffer_findings(base, given, tolerance)
     worst: dict[str, float] = {}
     for differences in grads.values():
