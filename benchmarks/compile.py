@@ -31,6 +31,7 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 
 import torch
 import torch._dynamo
@@ -126,6 +127,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.warm_cache:
         torch._inductor.config.force_disable_caches = True
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
     windows = 3 if args.quick else max(args.windows, 3)
     configurations: dict[str, dict] = {"aot_eager": {"backend": "aot_eager"}}
     if not args.quick:
