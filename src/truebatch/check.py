@@ -72,7 +72,10 @@ def check(
     untouched.
 
     Args:
-        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped).
+        model: the model. A ``DistributedDataParallel`` wrapper is unwrapped; a
+            ``torch.compile`` wrapper is probed through eager copies of its
+            module (paths as the module names them) while the gradients judged
+            are the compiled model's.
         loss_fn: ``loss_fn(model, micro_batch)`` returning the SUM of the item
             losses, or ``(loss_sum, count)``, as for :class:`truebatch.Accumulator`.
         batch: one effective batch (tensor or nested container of tensors).
@@ -81,12 +84,24 @@ def check(
         count: the item counter, as for ``Accumulator.step``.
         dtype: ``torch.float64`` (tolerance 1e-12) or ``torch.float32`` (1e-5).
 
-    Only module outputs that are tensors with the batch along dim 0 are
-    compared (tensor leaves of tuples, dicts and dataclasses included);
-    scalars and tensors without the batch dim are skipped. The loss is judged
-    (``loss_not_additive``) only on a split where every module output agrees,
-    in eval mode if needed: behind a sample mixer that is active in eval mode
-    it goes unjudged until that finding is fixed.
+    Returns:
+        the :class:`Report`: per split, the largest relative gradient difference
+        (:func:`truebatch.max_relative_difference`), and the findings.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``loss_fn`` or ``count`` is not callable.
+        ValueError: ``dtype`` or ``micro_batch_sizes`` is not usable, the batch is
+            too small to split, or ``count`` gives the batch 0 items (no pass would
+            run, so "equivalent" would be vacuous).
+
+    Module inputs and outputs are compared where they are tensors with the
+    batch along dim 0 (tensor leaves of tuples, dicts and dataclasses
+    included), any dtype (a boolean mask by equality); scalars, tensors without
+    the batch dim and tensors that cannot be compared are skipped. The loss is
+    judged (``loss_not_additive``, or ``loss_mixes_samples`` when it compares
+    samples' outputs with each other) only on a split where every module
+    output agrees, in eval mode if needed: behind a sample mixer that is
+    active in eval mode it goes unjudged until that finding is fixed.
 
     Examples:
         >>> report = tb.check(model, loss_fn, (x, y))
