@@ -808,3 +808,44 @@ def test_a_mean_over_the_micro_batch_is_not_additive_rather_than_mixing():
 
     report = tb.check(TwoTowers().double(), mean_per_sample, batch(), micro_batch_sizes=[5])
     assert module_findings(report) == {"loss_fn": "loss_not_additive"}
+
+
+@settings(max_examples=10)
+@given(
+    culprits=st.sets(
+        st.sampled_from(["batchnorm", "noise", "mix", "dropout", "functional"]), min_size=1
+    ),
+    size=st.sampled_from([3, 4, 5]),
+)
+def test_any_set_of_planted_culprits_is_found_exactly_in_one_run(culprits, size):
+    # Each culprit changes every output downstream of it; each must still be named
+    # at its own path, and nothing else.
+    model = net(
+        batchnorm="batchnorm" in culprits,
+        noise="noise" in culprits,
+        mix="mix" in culprits,
+        dropout=0.3 if "dropout" in culprits else 0.0,
+    )
+    expected = {
+        "batchnorm": ("encoder.2.bn", "batchnorm"),
+        "noise": ("blocks.0.noise", "random_op"),
+        "mix": ("blocks.1.mix", "mixes_samples"),
+        "dropout": ("head.drop", "dropout"),
+        "functional": ("blocks.1", "random_op"),
+    }
+    if "functional" in culprits:
+        model.blocks[1] = FunctionalDropoutBlock(model.blocks[1])
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[size])
+    assert module_findings(report) == dict(expected[c] for c in culprits), report
+
+
+class FunctionalDropoutBlock(nn.Module):
+    """A block that calls F.dropout on its input before its own layers."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.noise, self.mix = block.lin, block.noise, block.mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, p=0.2, training=self.training)
+        return torch.tanh(self.mix(self.noise(self.lin(x))))

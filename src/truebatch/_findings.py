@@ -28,10 +28,12 @@ __all__ = ["buffer_findings", "difference", "loss_findings", "module_findings"]
 def module_findings(base: nn.Module, given: Mode, in_eval: Mode, runs: Runs) -> list[Finding]:
     """Culprit modules, in forward order: typed layers, random ops, then sample mixers.
 
-    Random ops come from the forced runs, where what differs is each module's
-    own code, so they stand beside a random submodule. A sample mixer is
-    reported only if none of its submodules is itself a source (the submodule
-    explains the difference the parent shows).
+    Random ops and sample mixers come first from the forced runs (under
+    another seed; in micro-batches), where what differs is each module's own
+    code, so they stand beside a culprit submodule and behind a culprit
+    upstream. A sample mixer seen only in an unforced split (its inputs agreed)
+    is reported only if none of its submodules is itself a source (the
+    submodule explains the difference the parent shows).
     """
     modes, tolerance = (given, in_eval), runs.tolerance
     typed = {name: m for name, m in base.named_modules() if _typed_kind(m) is not None}
@@ -43,6 +45,17 @@ def module_findings(base: nn.Module, given: Mode, in_eval: Mode, runs: Runs) -> 
     for name, effect in random.items():
         if name not in typed:
             found[name] = _random_finding(base, name, effect, given.full.probe)
+    own: dict[str, tuple[float, int]] = {}
+    for size, probe in given.forced_splits.items():
+        for name, effect in probe.own_sources(tolerance).items():
+            if name not in found and effect > own.get(name, (0.0, size))[0]:
+                own[name] = (effect, size)
+    for name, (effect, size) in own.items():
+        measure = (
+            f"relative output difference, full batch vs micro-batches of {size}, its inputs "
+            "and its submodules' outputs held at the full batch's"
+        )
+        found[name] = _finding(base, name, "mixes_samples", effect, measure)
     mixers: dict[str, Finding] = {}
     for size in runs.sizes:
         probes = (mode.splits[size].probe for mode in modes if size in mode.splits)

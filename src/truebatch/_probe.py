@@ -202,5 +202,8 @@ class Probe:
 
 
 def _comparable(t: torch.Tensor) -> bool:
-    """A dense tensor with values (not meta, sparse or a subclass that may refuse ops)."""
-    return type(t) is torch.Tensor and t.layout == torch.strided and not t.is_meta
+    """A dense tensor with values (not meta, sparse, quantized, nested or a subclass that may
+    refuse the operations of the comparison)."""
+    return (
+        type(t) is torch.Tensor and t.layout == torch.strided and not (t.is_meta or t.is_quantized)
+    )

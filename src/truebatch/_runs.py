@@ -70,6 +70,7 @@ class Mode:
     full: Outcome
     reseeded: Probe
     splits: dict[int, Outcome]
+    forced_splits: dict[int, Probe]
     training: bool
 
     def diverged(self, tolerance: float) -> bool:
@@ -107,8 +108,9 @@ class Runs:
         return Mode(
             model=base,
             full=full,
-            reseeded=self.forced(base, full.probe),
+            reseeded=self.forced(base, full.probe, seed=SEED + 1),
             splits={s: self.window(base, s, SEED, full.probe) for s in sizes},
+            forced_splits={s: self.forced(base, full.probe, size=s) for s in sizes},
             training=base.training,
         )
 
@@ -155,15 +157,21 @@ class Runs:
         full = window(None)
         return Gradients(full=full, splits={s: window(s) for s in sizes})
 
-    def forced(self, base: nn.Module, reference: Probe) -> Probe:
-        """The full batch's forward under another seed, each module output forced to the
-        reference's (see :class:`truebatch._probe.Probe`): no backward, no gradient."""
+    def forced(
+        self, base: nn.Module, reference: Probe, *, size: int | None = None, seed: int = SEED
+    ) -> Probe:
+        """A forward of the batch in micro-batches of ``size`` (whole for ``None``) under
+        ``seed``, each module output held at the reference's rows (see
+        :class:`truebatch._probe.Probe`): no backward, no gradient."""
         model = copy.deepcopy(base)
         probe = Probe(model, self.total, reference, force=True)
-        self.seed(SEED + 1)
+        traced, offset = probe.wrap(self.loss_fn), 0
+        self.seed(seed)
         try:
-            with _context.micro_batch(0, 0):
-                probe.wrap(self.loss_fn)(model, self.batch)
+            for piece in [self.batch] if size is None else split(self.batch, size):
+                with _context.micro_batch(0, offset):
+                    traced(model, piece)
+                offset += batch_size(piece)
         finally:
             probe.remove()
         return probe
