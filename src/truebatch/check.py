@@ -12,20 +12,25 @@ float32): rounding errors scale with the whole gradient, so a tensor whose exact
 gradient is zero (a bias just before a normalization) is judged on that scale.
 
 When they differ it names the culprit (:mod:`truebatch._probe` holds the
-hooks). Forward hooks on every module record its inputs and outputs on the
-full batch; on each split they compare each module's outputs, micro-batch by
-micro-batch, with the matching rows of the full-batch output. A module whose
-output differs while its inputs agreed, and none of whose submodules did, is a
-source; everything downstream merely inherits the difference and is not
-reported. Random ops are found by a forward of the full batch under another
-seed in which every module output is replaced by the first seed's: what still
-differs is drawn by the module's own code, so every random op is named in one
-run, functional ones (``F.dropout`` in an attention layer) included. BatchNorm
-and dropout modules are measured alone; other sources mix samples. When some
-module output differs and the model is in train mode, the same comparisons in
-eval mode (one split) find what train-only layers hide: sample mixers
-downstream, and whether the loss is a sum over items. Buffers are compared
-after the window.
+hooks, :mod:`truebatch._findings` the rules). Forward hooks on every module
+record its inputs and outputs on the full batch; other runs compare each
+module call, micro-batch by micro-batch, with the matching rows. Two kinds of
+run localize:
+
+- *forced* forwards, in which every module output is replaced by the full
+  batch's rows, so each module sees the full batch's inputs and its
+  submodules' outputs: what still differs is made by the module's own code.
+  Under another seed that is a random op (functional ``F.dropout`` in an
+  attention layer included); on micro-batches, a module that mixes samples.
+  Every culprit is named in one run, behind or inside another.
+- the gradient windows themselves, where a module whose output differs while
+  its inputs agreed, and none of whose submodules did, is a source.
+
+BatchNorm and dropout modules are measured alone on their recorded inputs.
+When some module output differs and the model is in train mode, the same
+comparisons in eval mode (one split) judge the loss where every module output
+agrees: not a sum over items, or mixing samples' outputs with each other.
+Buffers are compared after the window.
 """
 
 from __future__ import annotations
