@@ -9,6 +9,8 @@ functional (``F.dropout(p=self.dropout.p)`` or SDPA's ``dropout_p``), so the
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,20 @@ def test_the_loss_on_a_model_output_dataclass_is_judged(loss, kind):
     model, data = build("bert", "sdpa"), padded_batch(causal=False)
     report = tb.check(model, loss, data, micro_batch_sizes=[3])
     assert [(f.module, f.kind) for f in report.findings] == [("loss_fn", kind)], report
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_after_convert_dropout_only_the_attention_layers_remain_all_in_one_run(implementation):
+    model = build("bert", implementation, dropout=0.1, attention_dropout=0.1)
+    with warnings.catch_warnings():  # about the attention dropout modules it cannot reach
+        warnings.simplefilter("ignore")
+        model = tb.nn.convert_dropout(model)
+    report = tb.check(model, classification_loss, padded_batch(causal=False), micro_batch_sizes=[3])
+    assert {(f.module, f.kind) for f in report.findings} == {
+        ("bert.encoder.layer.0.attention.self", "random_op"),
+        ("bert.encoder.layer.1.attention.self", "random_op"),
+    }, report
+    # Grouped in print(report): one row, the attention fix once.
+    text = str(report)
+    assert "2 modules drawing random numbers" in text
+    assert text.count("convert_attention_dropout") == 1
