@@ -849,3 +849,21 @@ class FunctionalDropoutBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.dropout(x, p=0.2, training=self.training)
         return torch.tanh(self.mix(self.noise(self.lin(x))))
+
+
+def test_an_output_changed_in_place_later_is_compared_as_it_was_returned():
+    # torchvision's ResNet applies ReLU(inplace=True) to a BatchNorm's output: the
+    # probe must compare what the module returned, not what was later written over it.
+    model = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 3),
+    ).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
+    mixing = net(mix=True)
+    mixing.blocks[1].noise = nn.ReLU(inplace=True)  # rewrites the mixer's input in place
+    report = tb.check(mixing, sum_loss, batch(), micro_batch_sizes=[5])
+    assert module_findings(report) == {"blocks.1.mix": "mixes_samples"}, report

@@ -132,7 +132,8 @@ class Probe:
             if not _comparable(t) or t.shape != rows.shape:
                 self._skipped.add(entry)
                 continue
-            self._pieces.setdefault(entry, []).append(t.detach())
+            # A copy: a later in-place op (ReLU(inplace=True)) must not rewrite what was seen.
+            self._pieces.setdefault(entry, []).append(t.detach().clone())
 
     def _forced(self, key: Key, output: Any, leaves: list[tuple[str, torch.Tensor]]) -> Any:
         """``output`` with each compared leaf replaced by the reference's rows, or ``None``."""
