@@ -867,3 +867,20 @@ def test_an_output_changed_in_place_later_is_compared_as_it_was_returned():
     mixing.blocks[1].noise = nn.ReLU(inplace=True)  # rewrites the mixer's input in place
     report = tb.check(mixing, sum_loss, batch(), micro_batch_sizes=[5])
     assert module_findings(report) == {"blocks.1.mix": "mixes_samples"}, report
+
+
+def test_activation_checkpointing_is_probed_once_per_forward():
+    # The recomputation runs in backward, outside loss_fn: the probe does not see it twice.
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.utils.checkpoint.checkpoint(
+                lambda h: torch.tanh(self.inner(h)), x, use_reentrant=False
+            )
+            return self.out(hidden)
+
+    report = tb.check(Checkpointed().double(), sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
