@@ -884,3 +884,14 @@ def test_activation_checkpointing_is_probed_once_per_forward():
 
     report = tb.check(Checkpointed().double(), sum_loss, batch(), micro_batch_sizes=[5])
     assert report.equivalent, report
+
+
+@pytest.mark.parametrize(("layers", "rows"), [(3, 3), (4, 1)])
+def test_findings_share_a_row_from_four_of_a_kind(layers, rows):
+    blocks = [m for _ in range(layers) for m in (nn.Linear(6, 6), nn.BatchNorm1d(6))]
+    model = nn.Sequential(*blocks, nn.Linear(6, 3)).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[4])
+    section = findings_section(str(report))
+    batchnorm_rows = [line for line in section[1::2] if " batchnorm " in line]
+    assert len(batchnorm_rows) == rows, "\n".join(section)
+    assert len(report.to_dict()["findings"]) == 2 * layers

@@ -193,7 +193,5 @@ def test_after_convert_dropout_only_the_attention_layers_remain_all_in_one_run(i
         ("bert.encoder.layer.0.attention.self", "random_op"),
         ("bert.encoder.layer.1.attention.self", "random_op"),
     }, report
-    # Grouped in print(report): one row, the attention fix once.
     text = str(report)
-    assert "2 modules drawing random numbers" in text
-    assert text.count("convert_attention_dropout") == 1
+    assert text.count("convert_attention_dropout") == 2  # two rows, each with its fix

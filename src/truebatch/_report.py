@@ -1,8 +1,8 @@
 """What :func:`truebatch.check` returns: :class:`Report`, :class:`Finding`, and their text.
 
-``print(report)`` groups findings of one kind and one fix into one row
-("20 BatchNorm layers (conv1.bn1, layer1.0.bn1, … 18 more)") and prints the fix
-once; ``report.format(verbose=True)`` and ``report.to_dict()`` list every
+``print(report)`` groups four or more findings of one kind and one fix into
+one row ("20 BatchNorm layers (conv1.bn1, layer1.0.bn1, … 18 more)") and prints
+the fix once; ``report.format(verbose=True)`` and ``report.to_dict()`` list every
 finding.
 """
 
@@ -74,6 +74,7 @@ _GROUPS: dict[str, str] = {
     "buffer_mismatch": "buffers of {n} modules",
 }
 _NAMES_SHOWN = 2
+_GROUP_FROM = 4  # findings of one kind and fix that share a row in print(report)
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ class Report:
 
         Args:
             verbose: list every finding on its own row with its fix; by default
-                findings of one kind and one fix share a row that names the
-                first two modules and how many more, and the fix is printed once.
+                four or more findings of one kind and one fix share a row that
+                names the first two modules and how many more, with the fix once.
 
         Returns:
             the text ``print(report)`` shows (with ``verbose=False``).
@@ -208,11 +209,19 @@ class Report:
 
 
 def _grouped(findings: list[Finding]) -> list[list[Finding]]:
-    """Findings of one kind and fix together, in the order each group first appears."""
+    """Findings in order, those of one kind and fix together where there are at least
+    ``_GROUP_FROM`` of them (fewer read as well one per row), at the first one's place."""
     groups: dict[tuple[str, str], list[Finding]] = {}
     for finding in findings:
         groups.setdefault((finding.kind, finding.fix), []).append(finding)
-    return list(groups.values())
+    rows: list[list[Finding]] = []
+    for finding in findings:
+        group = groups[finding.kind, finding.fix]
+        if len(group) < _GROUP_FROM:
+            rows.append([finding])
+        elif finding is group[0]:
+            rows.append(group)
+    return rows
 
 
 def _row(group: list[Finding]) -> list[str]:
