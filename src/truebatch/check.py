@@ -127,10 +127,9 @@ def check(
     with torch.random.fork_rng(devices=devices):
         runs = Runs(loss_fn, data, count, sizes, tolerance, devices)
         given = runs.run(base, sizes)
-        # A module whose output differs hides whatever is downstream of it. Eval mode stills
-        # BatchNorm, dropout and other train-only behaviour, which shows what they hide:
-        # sample mixers and random ops downstream, and whether the loss is a sum. One split
-        # is enough for that.
+        # The loss is judged where every module output agrees; eval mode stills BatchNorm,
+        # dropout and other train-only behaviour, which would otherwise hide it (and a
+        # mixer that acts only in eval mode). One split is enough for that.
         hidden = given.diverged(tolerance) and any(m.training for m in base.modules())
         in_eval = runs.run(copy.deepcopy(base).eval(), sizes[-1:]) if hidden else given
         # The probes ran eagerly (hooks in a compiled graph recompile it per copy); the
