@@ -895,3 +895,18 @@ def test_findings_share_a_row_from_four_of_a_kind(layers, rows):
     batchnorm_rows = [line for line in section[1::2] if " batchnorm " in line]
     assert len(batchnorm_rows) == rows, "\n".join(section)
     assert len(report.to_dict()["findings"]) == 2 * layers
+
+
+def test_a_loss_that_differentiates_through_the_model_is_checked():
+    # A gradient penalty on the inputs (WGAN-GP style): the forced forwards, whose
+    # module outputs carry no graph, cannot run it; the check still names the mixer.
+    def penalized(model, micro_batch):
+        x, y = micro_batch
+        x = x.clone().requires_grad_()
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        return F.cross_entropy(logits, y, reduction="sum") + grad.pow(2).sum()
+
+    assert tb.check(net(), penalized, batch(), micro_batch_sizes=[4]).equivalent
+    report = tb.check(net(mix=True), penalized, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {"blocks.1.mix": "mixes_samples"}, report

@@ -169,8 +169,14 @@ class Runs:
         self.seed(seed)
         try:
             for piece in [self.batch] if size is None else split(self.batch, size):
-                with _context.micro_batch(0, offset):
-                    traced(model, piece)
+                try:
+                    with _context.micro_batch(0, offset):
+                        traced(model, piece)
+                except Exception:
+                    # Held outputs carry no graph: a loss_fn that differentiates through the
+                    # model (a gradient penalty) fails after the forward the probe needs.
+                    # What it saw stands; the gradient windows ran the loss as written.
+                    pass
                 offset += batch_size(piece)
         finally:
             probe.remove()
@@ -207,8 +213,11 @@ class Runs:
         try:
             for piece in pieces:
                 held.clear()
-                with _context.micro_batch(0, offset):
-                    loss = self.loss_fn(model, piece)
+                try:
+                    with _context.micro_batch(0, offset):
+                        loss = self.loss_fn(model, piece)
+                except Exception:  # as in forced(): not measurable
+                    return None
                 loss = loss[0] if isinstance(loss, tuple) else loss
                 n = batch_size(piece)
                 usable = isinstance(loss, torch.Tensor) and loss.requires_grad
