@@ -212,10 +212,7 @@ def parameter_differences(data: list[Window]) -> dict[str, float]:
             runners[name](window)
     reference = full_parameters(models["truebatch"])
     return {
-        name: max(
-            ((a - b).norm() / b.norm()).item()
-            for a, b in zip(full_parameters(models[name]), reference, strict=True)
-        )
+        name: tb.max_relative_difference(full_parameters(models[name]), reference)
         for name in METHODS[1:]
     }
 

@@ -90,9 +90,10 @@ def float64_gradient(model: nn.Module, batch: Batch) -> list[torch.Tensor]:
 
 
 def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """||grads - reference|| / ||reference||, all parameters as one vector."""
-    error = sum(((g.double() - r) ** 2).sum() for g, r in zip(grads, reference, strict=True))
-    return (error / sum((r**2).sum() for r in reference)).sqrt().item()
+    """||grads - reference|| / ||reference||, all parameters as one vector (one tensor for
+    :func:`truebatch.max_relative_difference`)."""
+    whole = [torch.cat([g.double().flatten() for g in grads])]
+    return tb.max_relative_difference(whole, [torch.cat([r.flatten() for r in reference])])
 
 
 def errors(k: int, seed: int) -> dict[tuple[str, str], float]:

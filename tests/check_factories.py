@@ -143,3 +143,56 @@ def not_a_module():
 
 
 NOT_CALLABLE = 3
+
+
+# ------------------------------------------------- a resnet18-like model
+
+
+class BasicBlock(nn.Module):
+    """resnet18's block: two 3x3 convolutions with BatchNorm, and a shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TinyResNet(nn.Module):
+    """resnet18's layout (20 BatchNorm layers at its paths) with 4 to 8 channels."""
+
+    def __init__(self, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        widths = [(4, 4, 1), (4, 6, 2), (6, 8, 2), (8, 8, 2)]
+        for i, (cin, cout, stride) in enumerate(widths, start=1):
+            blocks = nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1))
+            setattr(self, f"layer{i}", blocks)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_resnet():
+    """A float64 :class:`TinyResNet` in train mode, 8 images of 3x8x8: 20 BatchNorm findings."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyResNet().to(torch.float64)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64)
+    return model, sum_loss, (images, torch.randint(0, CLASSES, (8,), generator=g))

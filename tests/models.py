@@ -249,15 +249,15 @@ def record_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[lis
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (``b`` is the reference); ``||a||`` when ``b`` is zero."""
-    scale = torch.linalg.vector_norm(b).item()
-    difference = torch.linalg.vector_norm(a - b).item()
-    return difference / scale if scale > 0 else difference
+    """``||a - b|| / ||b||`` (``b`` is the reference): :func:`truebatch.max_relative_difference`
+    of one tensor, so ``inf`` when ``b`` is zero and ``a`` is not."""
+    return tb.max_relative_difference([a], [b])
 
 
 def max_relative_difference(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> float:
-    """Largest :func:`relative_difference` over paired tensors (per parameter tensor)."""
-    return max(relative_difference(x, y) for x, y in zip(a, b, strict=True))
+    """The contract's measurement over paired tensors (per tensor, with the scale floor):
+    :func:`truebatch.max_relative_difference`."""
+    return tb.max_relative_difference(list(a), list(b))
 
 
 def parameters(model: nn.Module) -> list[torch.Tensor]:

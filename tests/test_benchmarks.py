@@ -133,3 +133,12 @@ def test_lr_scaling_quick_prints_accuracy_per_recipe_and_batch_and_saves_the_plo
     assert rows["Adam, tb.scale_lr(rule='sqrt')"][1] > rows["Adam, same rate"][1]
     assert f"plot saved to {png}" in out
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_compile_benchmark_reports_compile_time_graphs_and_the_gradient_difference() -> None:
+    out = run_benchmark("compile.py", "--quick", "--threads", "1", timeout=300)
+    assert "400,394 parameters" in out, out
+    row = r"^aot_eager\s+(\d+\.\d\d)s\s+(\d+\.\d\d)s\s+(\d+\.\d\d)\s+(\d+)\s+(\S+)$"
+    (found,) = re.findall(row, out, re.M)
+    # Shapes 32 and the ragged 4: at most one graph each; aot_eager runs eager's kernels.
+    assert 1 <= int(found[3]) <= 2 and float(found[4]) <= 1e-5, out

@@ -462,14 +462,14 @@ def test_default_sizes_are_allowed_and_include_an_uneven_split(batch, unit, mini
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"micro_batch_sizes": [0]}, ValueError, "positive ints"),
-        ({"micro_batch_sizes": [12]}, ValueError, "do not split a batch of 12"),
-        ({"micro_batch_sizes": [2.5]}, ValueError, "positive ints"),
-        ({"dtype": torch.float16}, ValueError, "float64 or torch.float32"),
-        ({"model": "not a model"}, TypeError, "torch.nn.Module"),
-        ({"loss_fn": 3}, TypeError, "loss_fn must be callable"),
-        ({"count": 3}, TypeError, "count must be callable"),
-        ({"batch": torch.zeros(1, 6)}, ValueError, "cannot be split"),
+        ({"micro_batch_sizes": [0]}, ValueError, r"`micro_batch_sizes` got \[0\].*positive ints"),
+        ({"micro_batch_sizes": [12]}, ValueError, "do not split a batch of 12 samples"),
+        ({"micro_batch_sizes": [2.5]}, ValueError, "expected positive ints"),
+        ({"dtype": torch.float16}, ValueError, "`dtype` got torch.float16; expected torch.float64"),
+        ({"model": "not a model"}, TypeError, "`model` got str; expected a torch.nn.Module"),
+        ({"loss_fn": 3}, TypeError, "`loss_fn` got int; expected a callable"),
+        ({"count": 3}, TypeError, r"count.*callable"),
+        ({"batch": torch.zeros(1, 6)}, ValueError, "`batch` got 1 samples, which cannot be split"),
     ],
 )
 def test_bad_arguments_say_what_to_change(kwargs, error, match):
@@ -569,3 +569,345 @@ def test_cli_reports_an_exception_in_the_model_with_exit_2(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "check_factories:broken")
     # One line naming the exception; the traceback only with --debug (tests/test_cli.py).
     assert code == 2 and "the check raised RuntimeError" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- N == 0 refused
+
+
+@pytest.mark.parametrize(
+    ("loss", "count"),
+    [
+        pytest.param(mean_loss, lambda micro_batch: 0, id="count_yields_0"),
+        pytest.param(
+            lambda model, mb: (sum_loss(model, mb), 0), None, id="loss_fn_returns_count_0"
+        ),
+    ],
+)
+def test_a_batch_with_no_items_is_refused_not_passed(loss, count):
+    # BatchNorm, dropout and a mean loss: any real check would fail; with N == 0 the
+    # window runs no pass, so nothing could be compared and "equivalent" would be vacuous.
+    model = net(batchnorm=True, dropout=0.3)
+    with pytest.raises(ValueError, match=r"`count` got 0 items.*Fix:"):
+        tb.check(model, loss, batch(), count=count)
+    with pytest.raises(ValueError, match=r"`count` got 0 items"):
+        tb.testing.assert_accumulation_equivalent(model, loss, batch(), count=count)
+
+
+def test_every_label_ignored_by_count_tokens_is_refused():
+    tokens = torch.arange(24).reshape(4, 6) % 7
+    labels = torch.full((4, 6), -100)
+    model = nn.Sequential(nn.Embedding(7, 5), nn.Linear(5, 7)).double()
+
+    def loss(model, mb):
+        logits = model(mb["input_ids"])
+        return F.cross_entropy(
+            logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=-100, reduction="sum"
+        )
+
+    with pytest.raises(ValueError, match=r"`count` got 0 items"):
+        tb.check(model, loss, {"input_ids": tokens, "labels": labels}, count=tb.count_tokens())
+
+
+# ------------------------------------------- any tensor between modules
+
+
+class AboveMedian(nn.Module):
+    """A boolean per sample: above the batch's median, so it mixes samples."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] > x[:, 0].median()
+
+
+class Flagged(nn.Module):
+    """Adds an embedding of a boolean flag per sample (as attention masks travel in HF)."""
+
+    def __init__(self, flag: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.flag, self.emb = nn.Linear(6, 8), flag, nn.Embedding(2, 8)
+        self.sparse, self.out = SparseCopy(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.lin(x)) + self.emb(self.flag(x).long())
+        return self.out(self.sparse(h)[0])
+
+
+class SparseCopy(nn.Module):
+    """Returns its input with a sparse copy: a leaf that cannot be sliced and compared."""
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h, h.detach().to_sparse()
+
+
+def test_boolean_and_integer_tensors_are_compared_by_equality():
+    model = Flagged(AboveMedian()).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[3, 5])
+    assert module_findings(report) == {"flag": "mixes_samples"}, report
+    # The flag of a split differs in some rows: the fraction is measured, not subtracted.
+    assert 0 < report.findings[0].effect < math.inf
+
+
+def test_tensors_that_cannot_be_compared_are_skipped():
+    class Positive(nn.Module):
+        def forward(self, x):
+            return x[:, 0] > 0
+
+    report = tb.check(Flagged(Positive()).double(), sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
+
+
+class FunctionalNoise(nn.Module):
+    """F.dropout between two submodules, then a dropout module: GPT-2's attention shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.resid_dropout = nn.Linear(8, 8), nn.Dropout(0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.proj(F.dropout(x, p=0.2, training=self.training)))
+
+
+def test_a_functional_random_op_is_named_beside_its_random_submodule_and_behind_dropout():
+    # head.drop is upstream-free here; the encoder's dropout changes every later
+    # output, and the functional dropout sits inside a module whose last submodule
+    # is itself random: each is named in one run.
+    model = net(dropout=0.3)
+    model.encoder[2] = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3))
+    model.blocks[0].noise = FunctionalNoise()
+    model.blocks[1].noise = FunctionalNoise()
+    model = model.double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {
+        "encoder.2.1": "dropout",
+        "blocks.0.noise": "random_op",
+        "blocks.0.noise.resid_dropout": "dropout",
+        "blocks.1.noise": "random_op",
+        "blocks.1.noise.resid_dropout": "dropout",
+        "head.drop": "dropout",
+    }, report
+
+
+# ------------------------------------------------- grouped findings
+
+
+@pytest.fixture(scope="module")
+def resnet_report() -> tb.Report:
+    import check_factories
+
+    model, loss, data = check_factories.tiny_resnet()
+    return tb.check(model, loss, data, micro_batch_sizes=[4])
+
+
+def findings_section(text: str) -> list[str]:
+    lines = text.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.lstrip().startswith("findings")) :]
+
+
+def test_findings_of_one_kind_and_fix_share_a_row_with_the_fix_once(resnet_report):
+    bns = [f.module for f in resnet_report.findings if f.kind == "batchnorm"]
+    assert len(bns) == 20 and bns[:2] == ["bn1", "layer1.0.bn1"]
+    section = findings_section(str(resnet_report))
+    assert len(section) == 5, "\n".join(section)  # header, then two rows with their fix
+    assert section[1].split()[:8] == [
+        "20",
+        "BatchNorm",
+        "layers",
+        "(bn1,",
+        "layer1.0.bn1,",
+        "…",
+        "18",
+        "more)",
+    ]
+    worst = max(f.effect for f in resnet_report.findings if f.kind == "batchnorm")
+    assert section[1].split()[9] == f"{worst:.2e}"
+    assert section[3].lstrip().startswith("buffers of 20 BatchNorm layers (bn1, layer1.0.bn1, …")
+    fixes = [line for line in section if line.lstrip().startswith("fix:")]
+    assert len(fixes) == 2 and "convert_batchnorm" in fixes[0] and "running statistics" in fixes[1]
+
+
+def test_the_verbose_form_and_to_dict_keep_every_finding(resnet_report):
+    section = findings_section(resnet_report.format(verbose=True))
+    rows = [line.split()[0] for line in section[1::2]]
+    assert rows == [f.module for f in resnet_report.findings] and len(rows) == 40
+    assert all(line.lstrip().startswith("fix:") for line in section[2::2])
+    data = resnet_report.to_dict()
+    assert [f["module"] for f in data["findings"]] == rows
+    assert str(resnet_report) == resnet_report.format()
+
+
+def test_a_single_finding_of_a_kind_is_printed_by_its_path():
+    report = tb.check(net(batchnorm=True, mix=True), sum_loss, batch(), micro_batch_sizes=[4])
+    rows = [line.split()[0] for line in findings_section(str(report))[1::2]]
+    assert rows == ["encoder.2.bn", "blocks.1.mix", "encoder.2.bn"]
+
+
+# ------------------------------------- samples mixed in the loss vs in the model
+
+
+class TwoTowers(nn.Module):
+    """CLIP-style: an image and a text embedding per sample, each computed per sample."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.image, self.text = nn.Linear(6, 5), nn.Linear(6, 5)
+        self.mix = BatchCentering() if mix else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.mix(self.image(x)), dim=1), F.normalize(self.text(x.flip(1)), dim=1)
+
+
+def info_nce(model, micro_batch):
+    """Symmetric InfoNCE with in-batch negatives, summed over the samples."""
+    x, _ = micro_batch
+    image, text = model(x)
+    logits = image @ text.T / 0.1
+    targets = torch.arange(len(x))
+    return (
+        F.cross_entropy(logits, targets, reduction="sum")
+        + F.cross_entropy(logits.T, targets, reduction="sum")
+    ) / 2
+
+
+def nt_xent_two_calls(model, micro_batch):
+    """SimCLR-style: two views through two calls of the model, negatives in the batch."""
+    x, _ = micro_batch
+    first, _ = model(x)
+    second, _ = model(x + 0.1)
+    logits = first @ second.T / 0.5
+    return F.cross_entropy(logits, torch.arange(len(x)), reduction="sum")
+
+
+def centered_outputs(model, micro_batch):
+    """A loss on the outputs' batch statistics: mixes samples without any negatives."""
+    image, _ = model(micro_batch[0])
+    return (image - image.mean(0)).pow(2).sum()
+
+
+@pytest.mark.parametrize("loss", [info_nce, nt_xent_two_calls, centered_outputs])
+def test_a_loss_mixing_samples_on_the_outputs_is_told_apart_and_sent_to_step_cached(loss):
+    report = tb.check(TwoTowers().double(), loss, batch(), micro_batch_sizes=[3, 4])
+    assert [(f.module, f.kind) for f in report.findings] == [("loss_fn", "loss_mixes_samples")]
+    (finding,) = report.findings
+    assert "acc.step_cached(micro_batches, encode_fn, loss_fn)" in finding.fix
+    assert finding.effect > 1e-3 and not report.equivalent
+
+
+def test_a_model_mixing_samples_with_a_per_sample_loss_is_not_sent_to_step_cached():
+    def per_sample(model, micro_batch):
+        image, text = model(micro_batch[0])
+        return (image * text).sum()
+
+    report = tb.check(TwoTowers(mix=True).double(), per_sample, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {"mix": "mixes_samples"}, report
+    assert "step_cached" not in report.findings[0].fix
+
+
+def test_a_mean_over_the_micro_batch_is_not_additive_rather_than_mixing():
+    # Each micro-batch's output gradient is the full one times N / n_j: a scale, not a mix.
+    def mean_per_sample(model, micro_batch):
+        image, text = model(micro_batch[0])
+        return (image * text).sum(1).mean()
+
+    report = tb.check(TwoTowers().double(), mean_per_sample, batch(), micro_batch_sizes=[5])
+    assert module_findings(report) == {"loss_fn": "loss_not_additive"}
+
+
+@settings(max_examples=10)
+@given(
+    culprits=st.sets(
+        st.sampled_from(["batchnorm", "noise", "mix", "dropout", "functional"]), min_size=1
+    ),
+    size=st.sampled_from([3, 4, 5]),
+)
+def test_any_set_of_planted_culprits_is_found_exactly_in_one_run(culprits, size):
+    # Each culprit changes every output downstream of it; each must still be named
+    # at its own path, and nothing else.
+    model = net(
+        batchnorm="batchnorm" in culprits,
+        noise="noise" in culprits,
+        mix="mix" in culprits,
+        dropout=0.3 if "dropout" in culprits else 0.0,
+    )
+    expected = {
+        "batchnorm": ("encoder.2.bn", "batchnorm"),
+        "noise": ("blocks.0.noise", "random_op"),
+        "mix": ("blocks.1.mix", "mixes_samples"),
+        "dropout": ("head.drop", "dropout"),
+        "functional": ("blocks.1", "random_op"),
+    }
+    if "functional" in culprits:
+        model.blocks[1] = FunctionalDropoutBlock(model.blocks[1])
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[size])
+    assert module_findings(report) == dict(expected[c] for c in culprits), report
+
+
+class FunctionalDropoutBlock(nn.Module):
+    """A block that calls F.dropout on its input before its own layers."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.noise, self.mix = block.lin, block.noise, block.mix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, p=0.2, training=self.training)
+        return torch.tanh(self.mix(self.noise(self.lin(x))))
+
+
+def test_an_output_changed_in_place_later_is_compared_as_it_was_returned():
+    # torchvision's ResNet applies ReLU(inplace=True) to a BatchNorm's output: the
+    # probe must compare what the module returned, not what was later written over it.
+    model = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 3),
+    ).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
+    mixing = net(mix=True)
+    mixing.blocks[1].noise = nn.ReLU(inplace=True)  # rewrites the mixer's input in place
+    report = tb.check(mixing, sum_loss, batch(), micro_batch_sizes=[5])
+    assert module_findings(report) == {"blocks.1.mix": "mixes_samples"}, report
+
+
+def test_activation_checkpointing_is_probed_once_per_forward():
+    # The recomputation runs in backward, outside loss_fn: the probe does not see it twice.
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.utils.checkpoint.checkpoint(
+                lambda h: torch.tanh(self.inner(h)), x, use_reentrant=False
+            )
+            return self.out(hidden)
+
+    report = tb.check(Checkpointed().double(), sum_loss, batch(), micro_batch_sizes=[5])
+    assert report.equivalent, report
+
+
+@pytest.mark.parametrize(("layers", "rows"), [(3, 3), (4, 1)])
+def test_findings_share_a_row_from_four_of_a_kind(layers, rows):
+    blocks = [m for _ in range(layers) for m in (nn.Linear(6, 6), nn.BatchNorm1d(6))]
+    model = nn.Sequential(*blocks, nn.Linear(6, 3)).double()
+    report = tb.check(model, sum_loss, batch(), micro_batch_sizes=[4])
+    section = findings_section(str(report))
+    batchnorm_rows = [line for line in section[1::2] if " batchnorm " in line]
+    assert len(batchnorm_rows) == rows, "\n".join(section)
+    assert len(report.to_dict()["findings"]) == 2 * layers
+
+
+def test_a_loss_that_differentiates_through_the_model_is_checked():
+    # A gradient penalty on the inputs (WGAN-GP style): the forced forwards, whose
+    # module outputs carry no graph, cannot run it; the check still names the mixer.
+    def penalized(model, micro_batch):
+        x, y = micro_batch
+        x = x.clone().requires_grad_()
+        logits = model(x)
+        (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
+        return F.cross_entropy(logits, y, reduction="sum") + grad.pow(2).sum()
+
+    assert tb.check(net(), penalized, batch(), micro_batch_sizes=[4]).equivalent
+    report = tb.check(net(mix=True), penalized, batch(), micro_batch_sizes=[4])
+    assert module_findings(report) == {"blocks.1.mix": "mixes_samples"}, report

@@ -39,11 +39,14 @@ def assert_accumulation_equivalent(
     Raises:
         AssertionError: otherwise; its message is the printed report, which
             names each culprit module, its effect and its fix.
+        TypeError, ValueError: the check cannot run (see :func:`truebatch.check`),
+            e.g. ``count`` gives the batch 0 items: nothing would be compared,
+            so the assertion refuses rather than passes.
 
     Examples:
         >>> tb.testing.assert_accumulation_equivalent(model, loss_fn, (x, y))
     """
-    report = check(model, loss_fn, batch, micro_batch_sizes, count, dtype)
+    report = check(model, loss_fn, batch, micro_batch_sizes, count=count, dtype=dtype)
     if not report.equivalent:
         raise AssertionError(f"accumulation is not equivalent to the full batch\n\n{report}")
     return report
