@@ -388,9 +388,9 @@ def test_optimizer_over_parameters_not_in_the_model() -> None:
     model, _ = _model_and_optimizer()
     other = seeded(TASKS["mlp"].model)
     optimizer = torch.optim.SGD([*model.parameters(), next(other.parameters())], lr=0.1)
-    with pytest.raises(ValueError, match=r"1 parameter\(s\) that are not parameters of model"):
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) that are not parameters of `model`"):
         tb.Accumulator(model, optimizer)
-    with pytest.raises(ValueError, match="not parameters of model"):
+    with pytest.raises(ValueError, match="not parameters of `model`"):
         tb.Accumulator(model, torch.optim.SGD(other.parameters(), lr=0.1))
 
 

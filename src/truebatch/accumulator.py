@@ -43,6 +43,13 @@ from truebatch.batching import (
     split_sized,
 )
 from truebatch.distributed import GradientSync, SyncMode
+from truebatch.gradients import (
+    GradientSums,
+    ParameterSets,
+    clear_gradients,
+    clip_gradients,
+    scale_gradients,
+)
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
@@ -170,8 +177,8 @@ class Accumulator:
         self.accumulate_dtype = _check_dtype(accumulate_dtype, "accumulate_dtype", None)
         self.skip_nonfinite = skip_nonfinite
         self.sync = GradientSync(model, gradient_sync)
-        # Like the optimizer, the Accumulator holds the model's parameters from here on.
-        self._params = list(model.parameters())
+        # The optimizer's parameters, read again every window.
+        self._parameters = ParameterSets(model, optimizer)
         if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
             raise ValueError(
                 "micro_batch_size='auto' is not available for FSDP2 models: FSDP2 gathers "
@@ -266,6 +273,7 @@ class Accumulator:
         pieces = list(micro_batches)
         sizes = [batch_size(piece) for piece in pieces]
         _check_loss_fn_and_count(loss_fn, count)
+        self._parameters.refresh()
         if self.micro_batch_size == "auto":
             return self._accumulate_auto(pieces, sizes, loss_fn, count)
         return self._accumulate(_split_all(pieces, sizes, self.micro_batch_size), loss_fn, count)
@@ -336,21 +344,23 @@ class Accumulator:
         """
         sizes = [size for _, size in micro_batches]
         largest = max(sizes, default=0)
-        params = self._params
+        params = self._parameters.model
         stats = self._exchange_stats(_local_count(micro_batches, count), sizes)
         guess = None if share_oom else self._count_guess
         if guess is None and stats.wait().count == 0:
             return WindowTotals(0.0, 0.0, len(micro_batches), largest)
         scale = self.sync.world_size / (guess or stats.count)
         totals = _Totals(self.sync, count is not None, scale, self._device())
-        grads = _GradBuffers(params, self.accumulate_dtype, self.sync.distributed)
         # Only these can receive a gradient from a backward inside loss_fn (see _pass).
-        trainable = [p for p in params if p.requires_grad]
+        trainable = self._parameters.trainable
+        grads = GradientSums(
+            trainable, self.accumulate_dtype, round_before_sync=self.sync.distributed
+        )
         if self.sync.distributed and micro_batches:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
             self._template = _template_of(micro_batches[0][0])
         # A gradient left from before the window (the user's own backward) is not part of it.
-        _clear_grads(params)
+        clear_gradients(params)
         try:
             with _Guard(self.optimizer, self.model), self.sync.window():
                 if share_oom:
@@ -363,10 +373,11 @@ class Accumulator:
                 if pair_mode and n_items > 0:
                     # Divide the wide sums before they are rounded: one rounding per window.
                     grads.scale(1.0 / n_items)
+                    scale_gradients(params, 1.0 / n_items)
                 grads.restore()
         except BaseException:
             grads.discard()
-            _clear_grads(params)
+            clear_gradients(params)
             raise
         # Every rank read the same table, so every rank makes the same guess next time;
         # only a gradient that stays local until the last pass can be rescaled, and not
@@ -388,7 +399,7 @@ class Accumulator:
         stats: _Stats,
         guess: float | None,
         totals: _Totals,
-        grads: _GradBuffers,
+        grads: GradientSums,
         trainable: list[nn.Parameter],
     ) -> None:
         """This rank's passes, then zero-weight replays up to the busiest rank's number.
@@ -413,7 +424,7 @@ class Accumulator:
                 break
             synchronize = self.sync.synchronizes(index, passes)
             final = index == passes - 1
-            grads.before_pass(synchronize)
+            grads.before_pass(synchronize=synchronize)
             if index < local:
                 micro_batch, size = micro_batches[index]
                 self._pass(
@@ -428,9 +439,9 @@ class Accumulator:
                 offset += size
             else:
                 self._replay(loss_fn, synchronize, totals if final else None)
-            grads.after_pass(synchronize)
+            grads.after_pass(synchronize=synchronize)
 
-    def _settle(self, stats: _Stats, guess: float, totals: _Totals, grads: _GradBuffers) -> int:
+    def _settle(self, stats: _Stats, guess: float, totals: _Totals, grads: GradientSums) -> int:
         """Wait for the exchange; if N is not the guess, rescale the passes so far and
         the ones to come. Returns the number of passes of the window."""
         count = stats.wait().count
@@ -438,6 +449,7 @@ class Accumulator:
             totals.scale = self.sync.world_size / count
             if totals.used is False:  # passes ran, scaled by 1 / guess (pairs wait for the end)
                 grads.scale(guess / count)
+                scale_gradients(self._parameters.model, guess / count)
         return stats.passes
 
     def _passes_sharing_oom(
@@ -446,7 +458,7 @@ class Accumulator:
         loss_fn: LossFn,
         stats: _Stats,
         totals: _Totals,
-        grads: _GradBuffers,
+        grads: GradientSums,
         trainable: list[nn.Parameter],
     ) -> None:
         """``"auto"`` under torch.distributed: no real pass synchronizes.
@@ -551,12 +563,13 @@ class Accumulator:
 
     def _apply(self, window: WindowTotals) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once."""
+        params = self._parameters
         if window.count == 0:
-            _clear_grads(self._params)
+            clear_gradients(params.model)
             return self._result(window, math.nan, "the window holds no items (N == 0)")
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm_and_clip(_present_grads(self._params))
+        grad_norm = clip_gradients(params.updated, self.max_grad_norm)
         finite = math.isfinite(grad_norm)
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
@@ -569,7 +582,7 @@ class Accumulator:
             reason = None
         if reason is None and self.scheduler is not None:
             self.scheduler.step()
-        _clear_grads(self._params)
+        clear_gradients(params.model)
         return self._result(window, grad_norm, reason)
 
     def _result(self, window: WindowTotals, grad_norm: float, reason: str | None) -> StepResult:
@@ -604,20 +617,8 @@ class Accumulator:
         if failed:
             raise _RetryWindow(int(min(failed)))
 
-    def _grad_norm_and_clip(self, grads: list[torch.Tensor]) -> float:
-        """Global L2 norm of ``grads``; clips them to ``max_grad_norm`` when it is finite."""
-        if not grads:
-            return 0.0
-        norm = _total_norm(grads)
-        value = float(norm.item())
-        if self.max_grad_norm is not None and math.isfinite(value):
-            # The same coefficient as torch.nn.utils.clip_grad_norm_.
-            coefficient = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-            torch._foreach_mul_(grads, coefficient.to(grads[0].device))
-        return value
-
     def _device(self) -> torch.device:
-        return self._params[0].device if self._params else torch.device("cpu")
+        return self._parameters.devices[0]
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast is None:
@@ -746,75 +747,6 @@ class _Stats:
 
     def rank_offset(self) -> int:
         return self.wait().offset
-
-
-class _GradBuffers:
-    """The window's gradient so far: sums low-precision gradients across micro-batches
-    in ``dtype`` (e.g. float32).
-
-    After every pass the gradients of parameters whose dtype is narrower than
-    ``dtype`` are moved into wide buffers (``stash``); before a pass that a
-    data-parallel wrapper synchronizes, and at the end of the window, the sums
-    are rounded back into ``.grad`` once (``restore``).
-    """
-
-    def __init__(
-        self, params: list[nn.Parameter], dtype: torch.dtype | None, round_before_sync: bool
-    ) -> None:
-        self.narrow = (
-            []
-            if dtype is None
-            else [
-                p
-                for p in params
-                if p.requires_grad
-                and p.dtype.is_floating_point
-                and p.dtype.itemsize < dtype.itemsize
-            ]
-        )
-        self.params = params
-        self.dtype = dtype
-        self.round_before_sync = round_before_sync
-        self.sums: dict[nn.Parameter, torch.Tensor] = {}
-
-    def before_pass(self, synchronize: bool) -> None:
-        """A data-parallel wrapper reduces .grad inside a synchronizing backward, so the
-        wide sums must be back in .grad before it (``round_before_sync``)."""
-        if synchronize and self.round_before_sync:
-            self.restore()
-
-    def after_pass(self, synchronize: bool) -> None:
-        """Move the pass's gradient into the wide sums; a local model keeps them wide
-        until the window ends and rounds once."""
-        if not (synchronize and self.round_before_sync):
-            self.stash()
-
-    def stash(self) -> None:
-        for p in self.narrow:
-            if p.grad is None:
-                continue
-            if p in self.sums:
-                self.sums[p].add_(p.grad)
-            else:
-                self.sums[p] = p.grad.to(self.dtype)
-            p.grad = None
-
-    def restore(self) -> None:
-        self.stash()
-        for p, total in self.sums.items():
-            p.grad = total.to(p.dtype)
-        self.sums.clear()
-
-    def scale(self, factor: float) -> None:
-        """Multiply the window's gradient so far, wide sums and ``.grad``, by ``factor``."""
-        for total in self.sums.values():
-            total.mul_(factor)
-        present = _present_grads(self.params)
-        if present:
-            torch._foreach_mul_(present, factor)
-
-    def discard(self) -> None:
-        self.sums.clear()
 
 
 def _refuse_step(*_: Any) -> None:
@@ -975,15 +907,6 @@ def _check_model_and_optimizer(model: Any, optimizer: Any, scheduler: Any) -> No
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    owned = {id(p) for p in model.parameters()}
-    foreign = sum(
-        1 for group in optimizer.param_groups for p in group["params"] if id(p) not in owned
-    )
-    if foreign:
-        raise ValueError(
-            f"optimizer holds {foreign} parameter(s) that are not parameters of model; build "
-            "the optimizer from model.parameters() (after wrapping the model in DDP/FSDP)"
-        )
     if scheduler is not None:
         if not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
@@ -1054,35 +977,6 @@ def _check_dtype(
     if allowed is not None and dtype not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {dtype}")
     return dtype
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors)."""
-    first = grads[0]
-    if all(
-        type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
-        for g in grads
-    ):
-        # The common case in one fused kernel: get_total_norm first groups the tensors by
-        # device and dtype, which costs more than the norm of a small model.
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    else:  # torch < 2.6
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
-def _clear_grads(params: list[nn.Parameter]) -> None:
-    """``zero_grad(set_to_none=True)`` of model and optimizer in one pass: the
-    optimizer's parameters are the model's (checked at construction)."""
-    for parameter in params:
-        parameter.grad = None
-
-
-def _present_grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
-    """The gradients that exist (a parameter the window did not reach has none)."""
-    return [p.grad for p in params if p.grad is not None]
 
 
 def _clone_buffers(model: nn.Module) -> list[torch.Tensor]:
