@@ -499,6 +499,29 @@ def test_a_failed_window_leaves_gradients_synchronizing(one_rank_group: None, wr
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("call", [1, 2])
+def test_zero_grad_on_the_ddp_inner_module_is_reported_as_zero_grad(
+    one_rank_group: None, call: int
+) -> None:
+    """Regression (issue 15, defect 12): ``model.module.zero_grad()`` inside loss_fn was
+    reported as "backward() inside loss_fn" (or, on the first pass, not at all)."""
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 1))
+    acc = tb.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), micro_batch_size=2)
+    calls = 0
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            model.module.zero_grad()
+        return model(x).sum()
+
+    with pytest.raises(RuntimeError, match=r"zero_grad\(\) was called inside a truebatch window"):
+        acc.step(torch.ones(6, 3), loss_fn)
+    assert "zero_grad" not in vars(ddp.module)
+    ddp.module.zero_grad()
+
+
 def test_unknown_gradient_sync_is_refused() -> None:
     with pytest.raises(ValueError, match="gradient_sync must be 'window', 'micro_batch'"):
         GradientSync(torch.nn.Linear(2, 2), "every_step")

@@ -249,6 +249,40 @@ def test_stepping_zeroing_or_backward_inside_loss_fn_is_refused(misuse: str, on_
     run.model.zero_grad()
 
 
+OTHER_HANDLES: dict[str, Callable[[nn.Module], None]] = {
+    "submodule": lambda model: model.net[0].zero_grad(),
+    "submodule_to_zeros": lambda model: model.net[3].zero_grad(set_to_none=False),
+    "parameters": lambda model: [p.grad.zero_() for p in model.parameters()],
+}
+
+
+@pytest.mark.parametrize("handle", OTHER_HANDLES)
+@pytest.mark.parametrize("on_call", [2, 4])
+def test_zero_grad_on_another_handle_of_the_model_is_reported_as_zero_grad(
+    handle: str, on_call: int
+) -> None:
+    """Regression (issue 15, defect 12): a zero_grad on a submodule (or the gradients
+    zeroed by hand) inside loss_fn was reported as "backward() inside loss_fn". (On the
+    first call no gradient exists yet, so nothing is erased and nothing is reported.)"""
+    task = TASKS["mlp"]
+    run = Run.start(task)
+    before = run.snapshot()
+    calls = 0
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == on_call:
+            OTHER_HANDLES[handle](model)
+        return task.loss_sum(model, batch)
+
+    with pytest.raises(RuntimeError, match=MISUSE_MESSAGES["model.zero_grad"]):
+        run.acc.step(task.batch(12, 15), loss_fn)
+
+    run.assert_untouched(before)
+    run.good_window(seed=16)
+
+
 # ------------------------------------------------------------ bad arguments
 
 

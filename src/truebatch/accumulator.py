@@ -20,6 +20,7 @@ step -> zero_grad(set_to_none=True).
 from __future__ import annotations
 
 import gc
+import inspect
 import itertools
 import logging
 import math
@@ -49,6 +50,14 @@ from truebatch.gradients import (
     clear_gradients,
     clip_gradients,
     scale_gradients,
+)
+from truebatch.snapshot import (
+    StepRollback,
+    WindowStart,
+    clone_buffers,
+    restore_buffers,
+    rng_state,
+    set_rng_state,
 )
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
@@ -203,7 +212,7 @@ class Accumulator:
         ``None`` counts samples, unless ``loss_fn`` returns counts itself, in
         which case the gradient is divided by their total once at the end.
         """
-        return self._apply(self.accumulate([batch], loss_fn, count))
+        return self._step([batch], loss_fn, count)
 
     def step_window(
         self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
@@ -214,7 +223,14 @@ class Accumulator:
         set. An empty window (e.g. a rank with no data left) takes part in the
         window's collectives and steps with the other ranks' gradient.
         """
-        return self._apply(self.accumulate(micro_batches, loss_fn, count))
+        return self._step(micro_batches, loss_fn, count)
+
+    def _step(
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None
+    ) -> StepResult:
+        _check_scheduler_has_a_step_left(self.scheduler)
+        totals, start = self._window(micro_batches, loss_fn, count)
+        return self._apply(totals, start)
 
     def state_dict(self) -> dict[str, Any]:
         """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""
@@ -224,7 +240,7 @@ class Accumulator:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(self._device()),
+            "rng": rng_state(self._parameters.devices),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,7 +268,7 @@ class Accumulator:
                 target.load_state_dict(state[name])
         self._window_index = int(state["window"])
         self._auto_size = state.get("auto_micro_batch_size")
-        _set_rng_state(self._device(), state["rng"])
+        set_rng_state(state["rng"], self._parameters.devices)
 
     # ---------------------------------------------------------------- a window
 
@@ -270,22 +286,40 @@ class Accumulator:
         Returns:
             the window's loss sum, item count N and micro-batch plan.
         """
+        return self._window(micro_batches, loss_fn, count)[0]
+
+    def _window(
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None
+    ) -> tuple[WindowTotals, WindowStart]:
+        """The passes of a window; whatever they raise, buffers, RNG and gradients go back
+        to the window start (returned: the step restores it too if it fails)."""
         pieces = list(micro_batches)
         sizes = [batch_size(piece) for piece in pieces]
         _check_loss_fn_and_count(loss_fn, count)
         self._parameters.refresh()
-        if self.micro_batch_size == "auto":
-            return self._accumulate_auto(pieces, sizes, loss_fn, count)
-        return self._accumulate(_split_all(pieces, sizes, self.micro_batch_size), loss_fn, count)
+        start = WindowStart(self.model, self._parameters.devices)
+        try:
+            if self.micro_batch_size == "auto":
+                return self._accumulate_auto(pieces, sizes, loss_fn, count, start), start
+            plan = _split_all(pieces, sizes, self.micro_batch_size)
+            return self._accumulate(plan, loss_fn, count), start
+        except BaseException:
+            start.restore()
+            clear_gradients(self._parameters.model)
+            raise
 
     def _accumulate_auto(
-        self, pieces: list[Batch], sizes: list[int], loss_fn: LossFn, count: Counter | None
+        self,
+        pieces: list[Batch],
+        sizes: list[int],
+        loss_fn: LossFn,
+        count: Counter | None,
+        start: WindowStart,
     ) -> WindowTotals:
         """Halve the micro-batch size on out-of-memory and redo the window from its start."""
         largest = max(sizes, default=1)
         size = min(self._auto_size or self.max_micro_batch_size or largest, largest)
         device = self._device()
-        rng, buffers = _rng_state(device), _clone_buffers(self.model)
         # Halve, but keep whole ghost batches (tb.nn.GhostBatchNorm) in every micro-batch.
         unit = batch_unit(self.model)
         retried = False
@@ -301,8 +335,7 @@ class Accumulator:
                 # The failed attempt leaves no trace, for the retry and for a caller who
                 # catches the error below: BatchNorm statistics and the RNG go back to
                 # the window start.
-                _restore_buffers(self.model, buffers)
-                _set_rng_state(device, rng)
+                start.restore()
                 failed = error.size if isinstance(error, _RetryWindow) else size
                 if failed <= unit:
                     smallest, smaller = (
@@ -362,7 +395,7 @@ class Accumulator:
         # A gradient left from before the window (the user's own backward) is not part of it.
         clear_gradients(params)
         try:
-            with _Guard(self.optimizer, self.model), self.sync.window():
+            with _Guard(self.optimizer, self.model, self.sync.module), self.sync.window():
                 if share_oom:
                     self._passes_sharing_oom(
                         micro_batches, loss_fn, stats, totals, grads, trainable
@@ -516,7 +549,10 @@ class Accumulator:
         self.sync.prepare(synchronize)
         with where, self._autocast():
             output = loss_fn(self.model, micro_batch)
-        if _gradients_changed(trainable, before):
+        change = _gradient_change(trainable, before)
+        if change == "zeroed":
+            _refuse_zero_grad()
+        if change == "accumulated":
             raise RuntimeError(
                 "backward() was called inside loss_fn; loss_fn must *return* the loss sum "
                 "and the Accumulator runs backward with the right scale: replace "
@@ -540,12 +576,12 @@ class Accumulator:
         the window's last pass, the reduction of ``totals`` starts before its
         backward.
         """
-        device = self._device()
-        rng, saved = _rng_state(device), [_clone_buffers(self.model)]
+        devices = self._parameters.devices
+        rng, saved = rng_state(devices), [clone_buffers(self.model)]
 
         def save_buffers(*_: Any) -> None:
             if len(saved) == 1:
-                saved.append(_clone_buffers(self.model))
+                saved.append(clone_buffers(self.model))
 
         handle = self.sync.module.register_forward_pre_hook(save_buffers)
         try:
@@ -558,32 +594,50 @@ class Accumulator:
             (loss * 0.0).backward()
         finally:
             handle.remove()
-        _restore_buffers(self.model, saved[-1])
-        _set_rng_state(device, rng)
+        restore_buffers(self.model, saved[-1])
+        set_rng_state(rng, devices)
 
-    def _apply(self, window: WindowTotals) -> StepResult:
-        """Unscale, check, clip, step, update, schedule and zero, once."""
+    def _apply(self, window: WindowTotals, start: WindowStart) -> StepResult:
+        """Unscale, check, clip, step, update, schedule and zero, once; if any of it
+        raises, the window leaves what :class:`~truebatch.snapshot.StepRollback` saves
+        and the window start as before it."""
         params = self._parameters
         if window.count == 0:
             clear_gradients(params.model)
             return self._result(window, math.nan, "the window holds no items (N == 0)")
+        rollback = StepRollback(self.optimizer, self.scheduler, self.scaler)
+        try:
+            reason, grad_norm = self._step_once(rollback)
+        except BaseException as error:
+            rollback.restore(error)
+            start.restore()
+            clear_gradients(params.model)
+            raise
+        clear_gradients(params.model)
+        return self._result(window, grad_norm, reason)
+
+    def _step_once(self, rollback: StepRollback) -> tuple[str | None, float]:
+        params = self._parameters
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(params.updated, self.max_grad_norm)
         finite = math.isfinite(grad_norm)
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
+            rollback.optimizer_stage = "stepping"
             self.scaler.step(self.optimizer)
+            rollback.optimizer_stage = "stepped"
             self.scaler.update()
             if not finite:
                 reason += f"; GradScaler lowered its scale to {self.scaler.get_scale():g}"
         elif finite or not self.skip_nonfinite:
+            rollback.optimizer_stage = "stepping"
             self.optimizer.step()
+            rollback.optimizer_stage = "stepped"
             reason = None
         if reason is None and self.scheduler is not None:
             self.scheduler.step()
-        clear_gradients(params.model)
-        return self._result(window, grad_norm, reason)
+        return reason, grad_norm
 
     def _result(self, window: WindowTotals, grad_norm: float, reason: str | None) -> StepResult:
         self._window_index += 1
@@ -775,11 +829,16 @@ class _Guard:
     track for a method.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module, inner: nn.Module
+    ) -> None:
+        # ``inner`` is the module a DDP wrapper holds (``model.module``), another handle
+        # users call; a submodule's zero_grad is told apart by its effect (see _pass).
         self.shadows = (
             (optimizer, "step", _refuse_step),
             (optimizer, "zero_grad", _refuse_zero_grad),
             (model, "zero_grad", _refuse_zero_grad),
+            *(((inner, "zero_grad", _refuse_zero_grad),) if inner is not model else ()),
         )
 
     def __enter__(self) -> None:
@@ -802,16 +861,25 @@ _Gradients = tuple[list[torch.Tensor | None], list[int]]
 def _gradients(params: list[nn.Parameter]) -> _Gradients:
     """The parameters' gradients (held, so no id is reused) and their version counters."""
     grads = list(map(_grad_of, params))
-    return grads, [g._version for g in grads if g is not None]
+    return grads, [-1 if g is None else g._version for g in grads]
 
 
-def _gradients_changed(params: list[nn.Parameter], before: _Gradients) -> bool:
-    """Whether a backward ran since ``before``: it sets a new ``.grad`` or adds into one."""
+def _gradient_change(params: list[nn.Parameter], before: _Gradients) -> str | None:
+    """What changed the gradients since ``before``: ``None`` (nothing), ``"zeroed"``
+    (a ``zero_grad`` on any handle of the model: a gradient went to None, or to zeros
+    in place) or ``"accumulated"`` (a backward: a new ``.grad``, or a sum into one)."""
     grads, versions = before
     now = list(map(_grad_of, params))
-    return any(map(operator.is_not, now, grads)) or versions != [
-        g._version for g in now if g is not None
-    ]
+    replaced = any(map(operator.is_not, now, grads))
+    if not replaced and versions == [-1 if g is None else g._version for g in now]:
+        return None
+    if any(old is not None and new is None for old, new in zip(grads, now, strict=True)):
+        return "zeroed"
+    if not replaced and all(
+        not g.any() for g, v in zip(now, versions, strict=True) if g is not None and g._version != v
+    ):
+        return "zeroed"
+    return "accumulated"
 
 
 def _split_all(
@@ -907,9 +975,23 @@ def _check_model_and_optimizer(model: Any, optimizer: Any, scheduler: Any) -> No
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    if _required_arguments(optimizer.step):
+        raise ValueError(
+            f"`optimizer` got {type(optimizer).__name__}, whose step() needs a closure; "
+            "expected an optimizer stepped once per window without arguments. Fix: use one "
+            "that steps on .grad (SGD, Adam, AdamW...), or run acc.accumulate(...) and step "
+            "it yourself."
+        )
     if scheduler is not None:
         if not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        if _required_arguments(scheduler.step):
+            raise ValueError(
+                f"`scheduler` got {type(scheduler).__name__}, whose step() needs "
+                f"{', '.join(_required_arguments(scheduler.step))}; expected a scheduler "
+                "stepped once per window without arguments. Fix: pass scheduler=None and call "
+                "scheduler.step(metric) yourself, e.g. after each validation."
+            )
         # Compare param groups, not objects: wrappers such as Lightning's optimizer share
         # the param groups of the optimizer the scheduler was built for.
         bound = getattr(scheduler, "optimizer", optimizer)
@@ -918,6 +1000,35 @@ def _check_model_and_optimizer(model: Any, optimizer: Any, scheduler: Any) -> No
                 "scheduler was built for another optimizer; create it from the optimizer "
                 "passed to the Accumulator"
             )
+
+
+def _required_arguments(method: Any) -> list[str]:
+    """The arguments ``method`` cannot be called without (``self`` aside)."""
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: assume it needs none
+        return []
+    return [
+        p.name
+        for p in parameters
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.name != "self"
+    ]
+
+
+def _check_scheduler_has_a_step_left(scheduler: Any) -> None:
+    """A OneCycleLR raises in step() past its total_steps, after the optimizer stepped:
+    refuse the window before it runs."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return
+    if scheduler.last_epoch + 1 > scheduler.total_steps:
+        raise ValueError(
+            f"`scheduler` got a OneCycleLR at step {scheduler.last_epoch} of "
+            f"total_steps={scheduler.total_steps}; expected a step left for this window. "
+            "Fix: build it with total_steps = windows per epoch (tb.windows_per_epoch) x "
+            "epochs: it steps once per window."
+        )
 
 
 def _check_micro_batch_size(size: Any, max_size: Any) -> int | Literal["auto"] | None:
@@ -977,29 +1088,6 @@ def _check_dtype(
     if allowed is not None and dtype not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {dtype}")
     return dtype
-
-
-def _clone_buffers(model: nn.Module) -> list[torch.Tensor]:
-    return [b.detach().clone() for b in model.buffers()]
-
-
-def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for buffer, value in zip(model.buffers(), saved, strict=True):
-            buffer.copy_(value)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(device: torch.device, state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _free_memory(device: torch.device) -> None:
