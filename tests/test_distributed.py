@@ -436,7 +436,7 @@ def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
         )
     hybrid = nn.Linear(2, 2)
     fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
-    with pytest.raises(ValueError, match="supports one 1-D mesh"):
+    with pytest.raises(ValueError, match="expected one 1-D mesh"):
         tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
 
 
@@ -523,7 +523,9 @@ def test_zero_grad_on_the_ddp_inner_module_is_reported_as_zero_grad(
 
 
 def test_unknown_gradient_sync_is_refused() -> None:
-    with pytest.raises(ValueError, match="gradient_sync must be 'window', 'micro_batch'"):
+    with pytest.raises(
+        ValueError, match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch'"
+    ):
         GradientSync(torch.nn.Linear(2, 2), "every_step")
 
 

@@ -290,32 +290,32 @@ BAD_LOSSES = {
     "not_a_scalar": (
         lambda m, b: TASKS["mlp"].loss(m, b, reduction="none"),
         TypeError,
-        r"0-dim tensor.*got shape \(3,\).*reduction='sum'",
+        r"`loss_fn` returned a tensor of shape \(3,\); expected a 0-dim.*reduction='sum'",
     ),
     "no_grad": (
         lambda m, b: TASKS["mlp"].loss_sum(m, b).detach(),
         TypeError,
-        r"does not require grad.*without \.detach\(\)",
+        r"does not require grad.*Fix:.*\.detach\(\)",
     ),
     "not_a_tensor": (
         lambda m, b: TASKS["mlp"].loss_sum(m, b).item(),
         TypeError,
-        r"must return a 0-dim tensor.*got float",
+        r"`loss_fn` returned float; expected a 0-dim tensor",
     ),
     "pair_and_count": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), 12),
         TypeError,
-        r"count=\.\.\. was also given; choose one",
+        r"count=\.\.\. was also given; expected one source of N",
     ),
     "triple": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), 12, 0),
         TypeError,
-        r"sequence of 3 items.*pair \(loss_sum, count\)",
+        r"sequence of 3 items; expected.*pair \(loss_sum, count\)",
     ),
     "negative_returned_count": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), -1),
         ValueError,
-        r"negative count for 4 micro-batch\(es\).*0 or more",
+        r"negative count for 4 micro-batch\(es\); expected.*0 or more",
     ),
 }
 
@@ -355,9 +355,13 @@ def test_pair_for_some_micro_batches_and_bare_loss_for_others() -> None:
     ("count", "error", "words"),
     [
         (lambda b: -1, ValueError, r"negative count for micro-batches \[0, 1, 2, 3\]"),
-        (lambda b: "12", TypeError, r"count\(micro_batch\) must be an int.*got str"),
-        (lambda b: torch.ones(2), TypeError, r"1-element tensor, got shape \(2,\)"),
-        (5, TypeError, r"count must be callable.*tb\.count_samples"),
+        (lambda b: "12", TypeError, r"`count\(micro_batch\)` got str; expected an int"),
+        (
+            lambda b: torch.ones(2),
+            TypeError,
+            r"got a tensor of shape \(2,\); expected a number or a 1-element tensor",
+        ),
+        (5, TypeError, r"`count` got int; expected.*Fix: use tb\.count_samples"),
     ],
     ids=["negative", "string", "vector", "not_callable"],
 )
@@ -374,7 +378,7 @@ def test_bad_loss_fn_and_batches() -> None:
     run = Run.start(task)
     before = run.snapshot()
     x, y = task.batch(12, 21)
-    with pytest.raises(TypeError, match=r"loss_fn must be callable as loss_fn\(model, micro"):
+    with pytest.raises(TypeError, match=r"`loss_fn` got str; expected a function"):
         run.acc.step((x, y), "cross_entropy")
     with pytest.raises(ValueError, match=r"batch\[0\]: 12, batch\[1\]: 11"):
         run.acc.step((x, y[:11]), task.loss_sum)
@@ -395,16 +399,44 @@ def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
     [
         ({"micro_batch_size": 0}, ValueError, r"micro_batch_size must be a positive int.*got 0"),
         ({"micro_batch_size": -2}, ValueError, r"micro_batch_size must be a positive int"),
-        ({"micro_batch_size": 2.5}, TypeError, r"micro_batch_size must be.*got float"),
-        ({"micro_batch_size": True}, TypeError, r"micro_batch_size must be.*got bool"),
-        ({"micro_batch_size": "big"}, ValueError, r"'auto' or None, got 'big'"),
-        ({"max_micro_batch_size": 8}, ValueError, r"only applies with micro_batch_size='auto'"),
-        ({"max_grad_norm": 0}, ValueError, r"max_grad_norm must be a positive number.*None"),
-        ({"max_grad_norm": -1.0}, ValueError, r"max_grad_norm must be a positive number"),
-        ({"max_grad_norm": "1"}, ValueError, r"max_grad_norm must be a positive number"),
-        ({"scaler": object()}, TypeError, r"scaler must be a torch\.amp\.GradScaler"),
-        ({"autocast": torch.int8}, TypeError, r"autocast must be a floating torch\.dtype"),
-        ({"autocast": torch.float64}, ValueError, r"autocast must be one of"),
+        ({"micro_batch_size": 2.5}, TypeError, r"micro_batch_size must be a positive int.*float"),
+        ({"micro_batch_size": True}, TypeError, r"micro_batch_size must be a positive int.*bool"),
+        (
+            {"micro_batch_size": "big"},
+            ValueError,
+            r"`micro_batch_size` got 'big'; expected a positive int, 'auto' or None",
+        ),
+        (
+            {"max_micro_batch_size": 8},
+            ValueError,
+            r"`max_micro_batch_size` got 8.*only applies with micro_batch_size='auto'",
+        ),
+        (
+            {"max_grad_norm": 0},
+            ValueError,
+            r"`max_grad_norm` got 0; expected a positive number or None",
+        ),
+        (
+            {"max_grad_norm": -1.0},
+            ValueError,
+            r"`max_grad_norm` got .*; expected a positive number",
+        ),
+        ({"max_grad_norm": "1"}, ValueError, r"`max_grad_norm` got .*; expected a positive number"),
+        (
+            {"scaler": object()},
+            TypeError,
+            r"`scaler` got object .*expected a torch\.amp\.GradScaler",
+        ),
+        (
+            {"autocast": torch.int8},
+            TypeError,
+            r"`autocast` got torch\.int8; expected a floating torch\.dtype",
+        ),
+        (
+            {"autocast": torch.float64},
+            ValueError,
+            r"`autocast` got torch\.float64; expected one of",
+        ),
     ],
     ids=lambda v: (
         ",".join(f"{k}={type(x).__name__ if k == 'scaler' else x!r}" for k, x in v.items())
@@ -432,15 +464,19 @@ def test_scheduler_of_another_optimizer() -> None:
     model, optimizer = _model_and_optimizer()
     _, other = _model_and_optimizer()
     scheduler = torch.optim.lr_scheduler.StepLR(other, step_size=1)
-    with pytest.raises(ValueError, match="scheduler was built for another optimizer"):
+    with pytest.raises(ValueError, match="`scheduler` got a scheduler built for another optimizer"):
         tb.Accumulator(model, optimizer, scheduler)
-    with pytest.raises(TypeError, match=r"scheduler must have a step\(\) method"):
+    with pytest.raises(
+        TypeError, match=r"`scheduler` got float; expected an object with a step\(\) method"
+    ):
         tb.Accumulator(model, optimizer, scheduler=0.1)
 
 
 def test_model_and_optimizer_types() -> None:
     model, optimizer = _model_and_optimizer()
-    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got function"):
+    with pytest.raises(TypeError, match=r"`model` got function; expected a torch\.nn\.Module"):
         tb.Accumulator(lambda x: x, optimizer)
-    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got list"):
+    with pytest.raises(
+        TypeError, match=r"`optimizer` got list; expected a torch\.optim\.Optimizer"
+    ):
         tb.Accumulator(model, list(model.parameters()))

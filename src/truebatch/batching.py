@@ -112,7 +112,8 @@ def batch_size(batch: Batch) -> int:
     )
 
 
-def _check_micro_batch_size(micro_batch_size: object) -> int:
+def check_micro_batch_size(micro_batch_size: object) -> int:
+    """``micro_batch_size`` if it is a positive int, else the error (the one check of it)."""
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int):
         raise TypeError(
             f"micro_batch_size must be a positive int, got {micro_batch_size!r} "
@@ -142,7 +143,7 @@ def split(batch: Batch, micro_batch_size: int | None) -> list[Batch]:
     size = batch_size(batch)
     if micro_batch_size is None:
         return [batch]
-    return [mb for mb, _ in split_sized(batch, size, _check_micro_batch_size(micro_batch_size))]
+    return [mb for mb, _ in split_sized(batch, size, check_micro_batch_size(micro_batch_size))]
 
 
 def split_sized(batch: Batch, size: int, step: int) -> list[tuple[Batch, int]]:
