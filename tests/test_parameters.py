@@ -25,6 +25,7 @@ from torch import nn
 
 import truebatch as tb
 from models import CLASSES, FEATURES, seeded, vector_batch
+from truebatch.gradients import parameters_and_buffers
 
 TOL = 1e-12
 
@@ -236,3 +237,17 @@ def test_an_optimizer_parameter_added_outside_the_model_is_refused_before_anythi
     assert all(torch.equal(a, b) for a, b in pairs)
     assert before[1]["state"].keys() == after[1]["state"].keys()
     assert acc.state_dict()["window"] == 1
+
+
+def test_one_walk_reads_the_parameters_and_buffers_in_the_order_of_torch() -> None:
+    """Tied weights, a module registered twice, a GRU and BatchNorm buffers: the walk the
+    window reads the model with gives what model.parameters() and model.buffers() give."""
+    tied = seeded(Adapted)
+    tied.adapter = nn.Sequential(nn.BatchNorm1d(10), nn.GRU(10, 10), tied.middle)
+    tied.middle.weight = tied.adapter[2].weight  # the same tensor under two names
+    tied.register_module("again", tied.first)  # the same module under two names
+    tied.register_buffer("scale", torch.ones(1))
+    for model in (tied, nn.ModuleDict({"module": tied})):
+        params, buffers = parameters_and_buffers(model)
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()]
+        assert [id(b) for b in buffers] == [id(b) for b in model.buffers()]

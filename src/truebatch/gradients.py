@@ -27,6 +27,7 @@ __all__ = [
     "ParameterSets",
     "clear_gradients",
     "clip_gradients",
+    "parameters_and_buffers",
     "present_gradients",
     "scale_gradients",
     "total_norm",
@@ -43,6 +44,7 @@ class ParameterSets:
             of its param groups: the norm, the clip and the step cover these.
         trainable: the model's parameters that require grad (only these can
             receive a gradient).
+        buffers: the model's buffers, in ``model.buffers()`` order.
         devices: the devices of the model's parameters (the first is where
             autocast runs; the RNG of each is saved with a window's start).
 
@@ -58,17 +60,18 @@ class ParameterSets:
         self.model: list[nn.Parameter] = []
         self.updated: list[nn.Parameter] = []
         self.trainable: list[nn.Parameter] = []
+        self.buffers: list[torch.Tensor] = []
         self.devices: list[torch.device] = [torch.device("cpu")]
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the parameters again; cheap when nothing changed.
+        """Read the parameters (and buffers) again; cheap when nothing changed.
 
         The optimizer's list is rebuilt (and checked against the model) only
         when the model's parameters or the optimizer's param groups changed:
         a group's identity and length, and the number of groups, tell.
         """
-        model = list(self._module.parameters())
+        model, self.buffers = parameters_and_buffers(self._module)
         groups = [(id(g["params"]), len(g["params"])) for g in self._optimizer.param_groups]
         changed = len(model) != len(self.model) or any(map(operator.is_not, model, self.model))
         if changed or groups != self._groups:
@@ -87,6 +90,29 @@ class ParameterSets:
             self.model, self.updated, self._groups = model, updated, groups
             self.devices = list(dict.fromkeys(p.device for p in model)) or [torch.device("cpu")]
         self.trainable = [p for p in self.model if p.requires_grad]
+
+
+def parameters_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """``list(model.parameters())`` and ``list(model.buffers())`` in one walk of the module
+    tree, in the same order and without duplicates: a window reads both, and the two
+    generators of ``nn.Module`` cost several times more (``benchmarks/overhead.py``)."""
+    params: dict[int, nn.Parameter] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for p in module._parameters.values():
+            if p is not None:
+                params.setdefault(id(p), p)
+        for b in module._buffers.values():
+            if b is not None:
+                buffers.setdefault(id(b), b)
+        stack.extend(m for m in reversed(module._modules.values()) if m is not None)
+    return list(params.values()), list(buffers.values())
 
 
 def clear_gradients(params: list[nn.Parameter]) -> None:

@@ -64,16 +64,23 @@ def restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
 
 
 class WindowStart:
-    """The model's buffers and the RNG of every device in use, as a window starts."""
+    """The model's buffers and the RNG of every device in use, as a window starts.
 
-    def __init__(self, model: nn.Module, devices: Sequence[torch.device]) -> None:
+    ``buffers`` are the model's (``model.buffers()``, read by the caller); they
+    are restored into the model's buffers of the moment, in the same order.
+    """
+
+    def __init__(
+        self, model: nn.Module, devices: Sequence[torch.device], buffers: list[torch.Tensor]
+    ) -> None:
         self.model = model
         self.devices = devices
-        self.buffers = clone_buffers(model)
+        self.buffers = [b.detach().clone() for b in buffers]
         self.rng = rng_state(devices)
 
     def restore(self) -> None:
-        restore_buffers(self.model, self.buffers)
+        if self.buffers:
+            restore_buffers(self.model, self.buffers)
         set_rng_state(self.rng, self.devices)
 
 
@@ -105,6 +112,8 @@ class StepRollback:
         )
         self.scale = self.growth = None
         if scaler is not None:
+            # Copies of GradScaler's own tensors: its state_dict() would read them to the
+            # host (a device sync every window); other scalers go through state_dict().
             scale, growth = (
                 getattr(scaler, "_scale", None),
                 getattr(scaler, "_growth_tracker", None),

@@ -198,9 +198,12 @@ class Window:
         self.n_items = 0.0
 
     def run(self) -> WindowTotals:
+        """Count, weight, pass, total; leaves the window's gradient in ``.grad``."""
         setup, sync, params = self.setup, self.setup.sync, self.setup.parameters
         largest = max(self.sizes, default=0)
+        # Count: every micro-batch's items, before any backward; one exchange over ranks.
         self.counts = self.exchange_counts()
+        # Weight: the N of world_size / N (run_pass); the DDP overlap starts with the last N.
         previous = None if self.share_out_of_memory else self.history.previous_count
         if previous is None and self.counts.wait().n_items == 0:
             return WindowTotals(0.0, 0.0, len(self.plan), largest)
@@ -211,6 +214,7 @@ class Window:
         # A gradient left from before the window (the user's own backward) is not part of it.
         clear_gradients(params.model)
         try:
+            # Passes, then totals.
             with WindowGuard(setup.optimizer, setup.model, sync.module), sync.window():
                 if self.share_out_of_memory:
                     self.passes_sharing_out_of_memory()
