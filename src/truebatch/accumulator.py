@@ -343,8 +343,8 @@ class Accumulator:
         reason = None if finite else f"non-finite gradient (norm {grad_norm})"
         if self.scaler is not None:
             rollback.optimizer_stage = "stepping"
-            self.scaler.step(self.optimizer)
-            rollback.optimizer_stage = "stepped"
+            self.scaler.step(self.optimizer)  # steps the optimizer only if finite
+            rollback.optimizer_stage = "stepped" if finite else "before"
             self.scaler.update()
             if not finite:
                 reason += f"; GradScaler lowered its scale to {self.scaler.get_scale():g}"

@@ -11,14 +11,14 @@ The once-per-window step then changes the scaler, the parameters and the
 optimizer state, and the scheduler with the param groups' hyperparameters:
 :class:`StepRollback` saves, before it, what is cheap to save (the scaler's
 scale and growth tracker, the scheduler's state and the groups'
-hyperparameters) and puts it
-back if the step raises. A copy of the parameters and of the optimizer's
-moments is not taken: it would cost a second copy of the optimizer's memory
-and, measured with ``benchmarks/overhead.py``'s AdamW MLP, 0.8 ms of a 22 ms
-window. Instead, what is known to fail is refused before the step (at
-construction: closure optimizers, metric schedulers; before the optimizer
-steps: a ``OneCycleLR`` past its ``total_steps``), and an exception raised
-after the optimizer began its update says so in a note.
+hyperparameters) and puts it back if the step raises. A copy of the
+parameters and of the optimizer's moments is not taken: it would cost a
+second copy of the optimizer's memory and, measured with
+``benchmarks/overhead.py``'s AdamW MLP, 0.8 ms of a 22 ms window. Instead,
+what is known to fail is refused before the step (at construction: closure
+optimizers, metric schedulers; before the window: a ``OneCycleLR`` past its
+``total_steps``), and an exception raised by or after the optimizer's update
+says so in a note.
 """
 
 from __future__ import annotations
@@ -142,6 +142,8 @@ class StepRollback:
                 self.scaler._growth_tracker.copy_(self.growth)
             else:
                 self.scaler.load_state_dict(self.scaler_state)
+        if not hasattr(error, "add_note"):  # Python < 3.11
+            return
         if self.optimizer_stage == "stepped":
             error.add_note(
                 "truebatch: raised after the optimizer's update: the parameters and the "
