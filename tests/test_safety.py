@@ -407,6 +407,11 @@ def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
             r"`micro_batch_size` got 'big'; expected a positive int, 'auto' or None",
         ),
         (
+            {"micro_batch_size": "auto", "max_micro_batch_size": 0},
+            ValueError,
+            r"`max_micro_batch_size` got 0; expected a positive int",
+        ),
+        (
             {"max_micro_batch_size": 8},
             ValueError,
             r"`max_micro_batch_size` got 8.*only applies with micro_batch_size='auto'",

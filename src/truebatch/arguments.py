@@ -112,7 +112,13 @@ def check_accumulator_micro_batch_size(size: Any, max_size: Any) -> int | Litera
         )
     if size is None or size == "auto":
         if max_size is not None:
-            check_micro_batch_size(max_size)
+            try:
+                check_micro_batch_size(max_size)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"`max_micro_batch_size` got {max_size!r}; expected a positive int. Fix: "
+                    "pass the first size 'auto' should try, or None for the whole batch."
+                ) from None
         return size
     if isinstance(size, str):
         raise ValueError(
