@@ -436,7 +436,7 @@ def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
         )
     hybrid = nn.Linear(2, 2)
     fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
-    with pytest.raises(ValueError, match="supports one 1-D mesh"):
+    with pytest.raises(ValueError, match="expected one 1-D mesh"):
         tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
 
 
@@ -499,8 +499,33 @@ def test_a_failed_window_leaves_gradients_synchronizing(one_rank_group: None, wr
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("call", [1, 2])
+def test_zero_grad_on_the_ddp_inner_module_is_reported_as_zero_grad(
+    one_rank_group: None, call: int
+) -> None:
+    """Regression (issue 15, defect 12): ``model.module.zero_grad()`` inside loss_fn was
+    reported as "backward() inside loss_fn" (or, on the first pass, not at all)."""
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(3, 1))
+    acc = tb.Accumulator(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), micro_batch_size=2)
+    calls = 0
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            model.module.zero_grad()
+        return model(x).sum()
+
+    with pytest.raises(RuntimeError, match=r"zero_grad\(\) was called inside a truebatch window"):
+        acc.step(torch.ones(6, 3), loss_fn)
+    assert "zero_grad" not in vars(ddp.module)
+    ddp.module.zero_grad()
+
+
 def test_unknown_gradient_sync_is_refused() -> None:
-    with pytest.raises(ValueError, match="gradient_sync must be 'window', 'micro_batch'"):
+    with pytest.raises(
+        ValueError, match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch'"
+    ):
         GradientSync(torch.nn.Linear(2, 2), "every_step")
 
 

@@ -2,8 +2,7 @@
 has an API entry, and every python block of every page runs and prints what the
 page says it prints.
 
-Conventions of the pages under docs/ (files named ``_readme_*.md`` are README
-fragments, not pages, and are skipped):
+Conventions of the pages under docs/:
 
 - the fenced ``python`` blocks of a page run in order in one namespace, like
   the cells of a notebook (a page may open with a setup block the others use);
@@ -40,7 +39,7 @@ import truebatch.integrations
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-PAGES = sorted(p for p in DOCS.rglob("*.md") if not p.name.startswith("_readme_"))
+PAGES = sorted(DOCS.rglob("*.md"))
 # Pages in the nav of mkdocs.yml, in order ("Title: path.md" entries).
 NAV = re.findall(r"^\s*- [^:\n]+: (\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.MULTILINE)
 NOISE = 1e-6
@@ -293,4 +292,3 @@ def test_site_builds_in_strict_mode(tmp_path):
     assert "windows_per_epoch" in api and "ceil(length / size)" in api
     assert "convert_batchnorm" in (site / "api" / "nn" / "index.html").read_text()
     assert (site / "img" / "lr_scaling.png").read_bytes().startswith(b"\x89PNG")
-    assert not list(site.rglob("_readme_*"))

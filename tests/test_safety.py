@@ -249,6 +249,40 @@ def test_stepping_zeroing_or_backward_inside_loss_fn_is_refused(misuse: str, on_
     run.model.zero_grad()
 
 
+OTHER_HANDLES: dict[str, Callable[[nn.Module], None]] = {
+    "submodule": lambda model: model.net[0].zero_grad(),
+    "submodule_to_zeros": lambda model: model.net[3].zero_grad(set_to_none=False),
+    "parameters": lambda model: [p.grad.zero_() for p in model.parameters()],
+}
+
+
+@pytest.mark.parametrize("handle", OTHER_HANDLES)
+@pytest.mark.parametrize("on_call", [2, 4])
+def test_zero_grad_on_another_handle_of_the_model_is_reported_as_zero_grad(
+    handle: str, on_call: int
+) -> None:
+    """Regression (issue 15, defect 12): a zero_grad on a submodule (or the gradients
+    zeroed by hand) inside loss_fn was reported as "backward() inside loss_fn". (On the
+    first call no gradient exists yet, so nothing is erased and nothing is reported.)"""
+    task = TASKS["mlp"]
+    run = Run.start(task)
+    before = run.snapshot()
+    calls = 0
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == on_call:
+            OTHER_HANDLES[handle](model)
+        return task.loss_sum(model, batch)
+
+    with pytest.raises(RuntimeError, match=MISUSE_MESSAGES["model.zero_grad"]):
+        run.acc.step(task.batch(12, 15), loss_fn)
+
+    run.assert_untouched(before)
+    run.good_window(seed=16)
+
+
 # ------------------------------------------------------------ bad arguments
 
 
@@ -256,32 +290,32 @@ BAD_LOSSES = {
     "not_a_scalar": (
         lambda m, b: TASKS["mlp"].loss(m, b, reduction="none"),
         TypeError,
-        r"0-dim tensor.*got shape \(3,\).*reduction='sum'",
+        r"`loss_fn` returned a tensor of shape \(3,\); expected a 0-dim.*reduction='sum'",
     ),
     "no_grad": (
         lambda m, b: TASKS["mlp"].loss_sum(m, b).detach(),
         TypeError,
-        r"does not require grad.*without \.detach\(\)",
+        r"does not require grad.*Fix:.*\.detach\(\)",
     ),
     "not_a_tensor": (
         lambda m, b: TASKS["mlp"].loss_sum(m, b).item(),
         TypeError,
-        r"must return a 0-dim tensor.*got float",
+        r"`loss_fn` returned float; expected a 0-dim tensor",
     ),
     "pair_and_count": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), 12),
         TypeError,
-        r"count=\.\.\. was also given; choose one",
+        r"count=\.\.\. was also given; expected one source of N",
     ),
     "triple": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), 12, 0),
         TypeError,
-        r"sequence of 3 items.*pair \(loss_sum, count\)",
+        r"sequence of 3 items; expected.*pair \(loss_sum, count\)",
     ),
     "negative_returned_count": (
         lambda m, b: (TASKS["mlp"].loss_sum(m, b), -1),
         ValueError,
-        r"negative count for 4 micro-batch\(es\).*0 or more",
+        r"negative count for 4 micro-batch\(es\); expected.*0 or more",
     ),
 }
 
@@ -321,9 +355,13 @@ def test_pair_for_some_micro_batches_and_bare_loss_for_others() -> None:
     ("count", "error", "words"),
     [
         (lambda b: -1, ValueError, r"negative count for micro-batches \[0, 1, 2, 3\]"),
-        (lambda b: "12", TypeError, r"count\(micro_batch\) must be an int.*got str"),
-        (lambda b: torch.ones(2), TypeError, r"1-element tensor, got shape \(2,\)"),
-        (5, TypeError, r"count must be callable.*tb\.count_samples"),
+        (lambda b: "12", TypeError, r"`count\(micro_batch\)` got str; expected an int"),
+        (
+            lambda b: torch.ones(2),
+            TypeError,
+            r"got a tensor of shape \(2,\); expected a number or a 1-element tensor",
+        ),
+        (5, TypeError, r"`count` got int; expected.*Fix: use tb\.count_samples"),
     ],
     ids=["negative", "string", "vector", "not_callable"],
 )
@@ -340,7 +378,7 @@ def test_bad_loss_fn_and_batches() -> None:
     run = Run.start(task)
     before = run.snapshot()
     x, y = task.batch(12, 21)
-    with pytest.raises(TypeError, match=r"loss_fn must be callable as loss_fn\(model, micro"):
+    with pytest.raises(TypeError, match=r"`loss_fn` got str; expected a function"):
         run.acc.step((x, y), "cross_entropy")
     with pytest.raises(ValueError, match=r"batch\[0\]: 12, batch\[1\]: 11"):
         run.acc.step((x, y[:11]), task.loss_sum)
@@ -361,16 +399,49 @@ def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
     [
         ({"micro_batch_size": 0}, ValueError, r"micro_batch_size must be a positive int.*got 0"),
         ({"micro_batch_size": -2}, ValueError, r"micro_batch_size must be a positive int"),
-        ({"micro_batch_size": 2.5}, TypeError, r"micro_batch_size must be.*got float"),
-        ({"micro_batch_size": True}, TypeError, r"micro_batch_size must be.*got bool"),
-        ({"micro_batch_size": "big"}, ValueError, r"'auto' or None, got 'big'"),
-        ({"max_micro_batch_size": 8}, ValueError, r"only applies with micro_batch_size='auto'"),
-        ({"max_grad_norm": 0}, ValueError, r"max_grad_norm must be a positive number.*None"),
-        ({"max_grad_norm": -1.0}, ValueError, r"max_grad_norm must be a positive number"),
-        ({"max_grad_norm": "1"}, ValueError, r"max_grad_norm must be a positive number"),
-        ({"scaler": object()}, TypeError, r"scaler must be a torch\.amp\.GradScaler"),
-        ({"autocast": torch.int8}, TypeError, r"autocast must be a floating torch\.dtype"),
-        ({"autocast": torch.float64}, ValueError, r"autocast must be one of"),
+        ({"micro_batch_size": 2.5}, TypeError, r"micro_batch_size must be a positive int.*float"),
+        ({"micro_batch_size": True}, TypeError, r"micro_batch_size must be a positive int.*bool"),
+        (
+            {"micro_batch_size": "big"},
+            ValueError,
+            r"`micro_batch_size` got 'big'; expected a positive int, 'auto' or None",
+        ),
+        (
+            {"micro_batch_size": "auto", "max_micro_batch_size": 0},
+            ValueError,
+            r"`max_micro_batch_size` got 0; expected a positive int",
+        ),
+        (
+            {"max_micro_batch_size": 8},
+            ValueError,
+            r"`max_micro_batch_size` got 8.*only applies with micro_batch_size='auto'",
+        ),
+        (
+            {"max_grad_norm": 0},
+            ValueError,
+            r"`max_grad_norm` got 0; expected a positive number or None",
+        ),
+        (
+            {"max_grad_norm": -1.0},
+            ValueError,
+            r"`max_grad_norm` got .*; expected a positive number",
+        ),
+        ({"max_grad_norm": "1"}, ValueError, r"`max_grad_norm` got .*; expected a positive number"),
+        (
+            {"scaler": object()},
+            TypeError,
+            r"`scaler` got object .*expected a torch\.amp\.GradScaler",
+        ),
+        (
+            {"autocast": torch.int8},
+            TypeError,
+            r"`autocast` got torch\.int8; expected a floating torch\.dtype",
+        ),
+        (
+            {"autocast": torch.float64},
+            ValueError,
+            r"`autocast` got torch\.float64; expected one of",
+        ),
     ],
     ids=lambda v: (
         ",".join(f"{k}={type(x).__name__ if k == 'scaler' else x!r}" for k, x in v.items())
@@ -388,9 +459,9 @@ def test_optimizer_over_parameters_not_in_the_model() -> None:
     model, _ = _model_and_optimizer()
     other = seeded(TASKS["mlp"].model)
     optimizer = torch.optim.SGD([*model.parameters(), next(other.parameters())], lr=0.1)
-    with pytest.raises(ValueError, match=r"1 parameter\(s\) that are not parameters of model"):
+    with pytest.raises(ValueError, match=r"1 parameter\(s\) that are not parameters of `model`"):
         tb.Accumulator(model, optimizer)
-    with pytest.raises(ValueError, match="not parameters of model"):
+    with pytest.raises(ValueError, match="not parameters of `model`"):
         tb.Accumulator(model, torch.optim.SGD(other.parameters(), lr=0.1))
 
 
@@ -398,15 +469,19 @@ def test_scheduler_of_another_optimizer() -> None:
     model, optimizer = _model_and_optimizer()
     _, other = _model_and_optimizer()
     scheduler = torch.optim.lr_scheduler.StepLR(other, step_size=1)
-    with pytest.raises(ValueError, match="scheduler was built for another optimizer"):
+    with pytest.raises(ValueError, match="`scheduler` got a scheduler built for another optimizer"):
         tb.Accumulator(model, optimizer, scheduler)
-    with pytest.raises(TypeError, match=r"scheduler must have a step\(\) method"):
+    with pytest.raises(
+        TypeError, match=r"`scheduler` got float; expected an object with a step\(\) method"
+    ):
         tb.Accumulator(model, optimizer, scheduler=0.1)
 
 
 def test_model_and_optimizer_types() -> None:
     model, optimizer = _model_and_optimizer()
-    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got function"):
+    with pytest.raises(TypeError, match=r"`model` got function; expected a torch\.nn\.Module"):
         tb.Accumulator(lambda x: x, optimizer)
-    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got list"):
+    with pytest.raises(
+        TypeError, match=r"`optimizer` got list; expected a torch\.optim\.Optimizer"
+    ):
         tb.Accumulator(model, list(model.parameters()))

@@ -197,17 +197,19 @@ def sgd_accumulator(
 
 def test_missing_keys_are_named() -> None:
     acc = sgd_accumulator()
-    with pytest.raises(KeyError, match=r"\['optimizer', 'rng'\] are missing.*state_dict\(\)"):
+    with pytest.raises(
+        KeyError, match=r"`state` got no keys \['optimizer', 'rng'\]; expected.*state_dict\(\)"
+    ):
         acc.load_state_dict({"window": 3})
 
 
 @pytest.mark.parametrize(
     ("saved", "loading", "words"),
     [
-        ({"scheduler": True}, {}, "has a scheduler but this Accumulator has none"),
-        ({}, {"scheduler": True}, "has no scheduler but this Accumulator has one"),
-        ({"scaler": True}, {}, "has a scaler but this Accumulator has none"),
-        ({}, {"scaler": True}, "has no scaler but this Accumulator has one"),
+        ({"scheduler": True}, {}, "got a scheduler; expected none"),
+        ({}, {"scheduler": True}, "got no scheduler; expected one"),
+        ({"scaler": True}, {}, "got a scaler; expected none"),
+        ({}, {"scaler": True}, "got no scaler; expected one"),
     ],
     ids=["saved_scheduler", "loading_scheduler", "saved_scaler", "loading_scaler"],
 )
@@ -221,7 +223,7 @@ def test_a_state_from_an_accumulator_built_differently_is_refused_untouched(
         acc.step(TASK.batch(8, seed), TASK.loss_sum)
     state, before = source.state_dict(), loaded(serialized(target.state_dict()))
 
-    with pytest.raises(ValueError, match=f"{words}; construct it the same way"):
+    with pytest.raises(ValueError, match=f"{words}.*Fix: construct it the same way"):
         target.load_state_dict(state)
 
     assert_bitwise_equal(target.state_dict(), before)

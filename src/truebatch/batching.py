@@ -49,6 +49,7 @@ __all__ = [
     "Counter",
     "batch_size",
     "batch_unit",
+    "check_micro_batch_size",
     "count_documents",
     "count_samples",
     "count_tokens",
@@ -66,7 +67,8 @@ __all__ = [
 ]
 
 
-def _check_micro_batch_size(micro_batch_size: object) -> int:
+def check_micro_batch_size(micro_batch_size: object) -> int:
+    """``micro_batch_size`` if it is a positive int, else the error (the one check of it)."""
     if (
         isinstance(micro_batch_size, bool)
         or not isinstance(micro_batch_size, int)
@@ -124,7 +126,7 @@ def split(
     """
     size = batch_size(batch)
     if micro_batch_size is not None:
-        micro_batch_size = _check_micro_batch_size(micro_batch_size)
+        micro_batch_size = check_micro_batch_size(micro_batch_size)
     plan = split_window(
         [batch], [size], micro_batch_size=micro_batch_size, max_tokens=max_tokens, tokens=tokens
     )

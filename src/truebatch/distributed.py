@@ -11,7 +11,8 @@ rank, which is what keeps uneven data from hanging:
 1. one ``all_gather`` of a few numbers per rank (item count, number of passes,
    samples, flags), started as the window starts; under DDP, from the second
    window on, it travels while the passes compute and is waited for just before
-   this rank's last pass (see ``Accumulator._passes``), else before the first;
+   this rank's last pass (see ``truebatch.window.Window.passes``), else before
+   the first;
 2. the gradient synchronization of the wrapper: once, on the last pass, when
    gradients are synchronized per window (DDP's default), or on every pass
    (FSDP2's default); every rank runs the same number of passes;
@@ -76,10 +77,10 @@ def _data_parallel_group(model: nn.Module, kind: str) -> dist.ProcessGroup | Non
     meshes = {p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")}
     if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
         raise ValueError(
-            f"the FSDP2 model's parameters live on {len(meshes)} device mesh(es) of dimensions "
-            f"{sorted(m.ndim for m in meshes)}; truebatch counts items over the ranks that "
-            "average gradients and supports one 1-D mesh (plain fully_shard): shard with "
-            "fully_shard(model, mesh=init_device_mesh(device, (world_size,)))"
+            f"`model` got FSDP2 parameters on {len(meshes)} device mesh(es) of dimensions "
+            f"{sorted(m.ndim for m in meshes)}; expected one 1-D mesh (plain fully_shard): "
+            "truebatch counts items over the ranks that average gradients. Fix: shard with "
+            "fully_shard(model, mesh=init_device_mesh(device, (world_size,)))."
         )
     return next(iter(meshes)).get_group()
 
@@ -106,7 +107,10 @@ class GradientSync:
 
     def __init__(self, model: nn.Module, mode: SyncMode | None = None) -> None:
         if mode not in (None, "window", "micro_batch"):
-            raise ValueError(f"gradient_sync must be 'window', 'micro_batch' or None, got {mode!r}")
+            raise ValueError(
+                f"`gradient_sync` got {mode!r}; expected 'window', 'micro_batch' or None. Fix: "
+                "pass None for the wrapper's default."
+            )
         self.kind = _kind(model)
         self.model = model
         self.group = _data_parallel_group(model, self.kind)

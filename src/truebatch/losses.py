@@ -1,0 +1,192 @@
+"""What ``loss_fn`` and ``count`` return: checked, and summed over the window and ranks.
+
+``loss_fn(model, micro_batch)`` returns the loss SUM of the micro-batch's items
+(a 0-dim tensor that requires grad), or a pair ``(loss_sum, count)``; the
+window's loss is ``sum of loss sums / N``. ``count(micro_batch)`` gives the
+micro-batch's item count before any backward. Both are validated here, once,
+for the Accumulator and the checker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from truebatch.batching import Batch, Counter, count_samples
+from truebatch.distributed import GradientSync
+
+__all__ = [
+    "LossFn",
+    "LossTotals",
+    "as_count",
+    "check_loss",
+    "check_loss_fn_and_count",
+    "local_count",
+]
+
+LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Any]"]
+
+
+def check_loss_fn_and_count(loss_fn: Any, count: Any) -> None:
+    """Raise ``TypeError`` unless ``loss_fn`` is callable and ``count`` is callable or None."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"`loss_fn` got {type(loss_fn).__name__}; expected a function (loss_fn must be "
+            "callable as loss_fn(model, micro_batch) -> loss_sum). Fix: pass a function that "
+            "returns the SUM of the micro-batch's item losses."
+        )
+    if count is not None and not callable(count):
+        raise TypeError(
+            f"`count` got {type(count).__name__}; expected None or a function (count must be "
+            "callable as count(micro_batch) -> int or tensor). Fix: use tb.count_samples or "
+            "tb.count_tokens(...)."
+        )
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """``loss`` if it is a 0-dim tensor that requires grad, else ``TypeError`` with the fix."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"`loss_fn` returned {type(loss).__name__}; expected a 0-dim tensor (the SUM of "
+            "per-item losses). Fix: return the tensor itself, not .item() or a list."
+        )
+    if loss.dim() != 0:
+        raise TypeError(
+            f"`loss_fn` returned a tensor of shape {tuple(loss.shape)}; expected a 0-dim "
+            "tensor (the SUM of per-item losses). Fix: return per_item_losses.sum() or use "
+            "reduction='sum'."
+        )
+    if not loss.requires_grad:
+        raise TypeError(
+            "`loss_fn` returned a tensor that does not require grad; expected the loss "
+            "computed from the model's output. Fix: compute it without torch.no_grad(), "
+            ".detach() or .item(), and from parameters that require grad."
+        )
+    return loss
+
+
+def as_count(value: Any, what: str) -> torch.Tensor:
+    """An item count as a 0-dim float64 tensor; ``what`` names its source in errors."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(
+                f"`{what}` got a tensor of shape {tuple(value.shape)}; expected a number or a "
+                "1-element tensor. Fix: return the item count, e.g. mask.sum()."
+            )
+        return value.detach().reshape(()).to(torch.float64)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(
+        f"`{what}` got {type(value).__name__}; expected an int, a float or a 1-element "
+        "tensor. Fix: return the number of items."
+    )
+
+
+def local_count(plan: list[tuple[Batch, int]], count: Counter | None) -> float:
+    """This rank's item count: the sum of ``count(micro_batch)``, by default the samples.
+
+    Counting samples needs no call: the plan holds every micro-batch's size.
+    """
+    if count is None or count is count_samples:
+        return float(sum(size for _, size in plan))
+    if not plan:
+        return 0.0
+    values = torch.stack([as_count(count(mb), "count(micro_batch)").cpu() for mb, _ in plan])
+    negative = torch.nonzero(values < 0).flatten().tolist()
+    if negative:
+        raise ValueError(
+            f"`count(micro_batch)` returned a negative count for micro-batches {negative}; "
+            "expected a number of items (samples, tokens), 0 or more. Fix: count the items "
+            "the loss sums over."
+        )
+    return float(values.sum())
+
+
+class LossTotals:
+    """The window's loss sums, and the counts ``loss_fn`` returns if it returns any.
+
+    :meth:`add` checks each pass's output; :meth:`start` begins summing the
+    totals over ranks (just before the window's last backward, so the small
+    collective travels while that backward computes); :meth:`finish` waits.
+    Returned counts are checked once, on their sums, so no pass waits for the
+    device and every rank raises together.
+
+    Attributes:
+        returns_pairs: whether ``loss_fn`` returns ``(loss_sum, count)``;
+            ``None`` until the first pass.
+    """
+
+    def __init__(self, sync: GradientSync, *, count_given: bool, device: torch.device) -> None:
+        self.sync = sync
+        self.count_given = count_given
+        self.device = device
+        self.returns_pairs: bool | None = None
+        self.losses: list[torch.Tensor] = []
+        self.counts: list[torch.Tensor] = []
+        self._wait: Callable[[], list[float]] | None = None
+
+    def add(self, output: Any) -> torch.Tensor:
+        """Record one pass's ``loss_fn`` output; returns its loss sum."""
+        pair = isinstance(output, tuple | list)
+        if self.returns_pairs is None:
+            self.returns_pairs = pair
+        if pair != self.returns_pairs:
+            raise TypeError(
+                "`loss_fn` returned a (loss_sum, count) pair for some micro-batches and a bare "
+                "loss for others; expected the same kind every time. Fix: return the same "
+                "kind from every micro-batch."
+            )
+        if pair:
+            if self.count_given:
+                raise TypeError(
+                    "`loss_fn` returned (loss_sum, count) while count=... was also given; "
+                    "expected one source of N, so choose one. Fix: drop count=... to normalize "
+                    "by the counts loss_fn returns, or return the loss sum alone."
+                )
+            if len(output) != 2:
+                raise TypeError(
+                    f"`loss_fn` returned a sequence of {len(output)} items; expected the loss "
+                    "sum alone or a pair (loss_sum, count). Fix: return one of the two."
+                )
+            output, count = output
+            self.counts.append(as_count(count, "the count returned by loss_fn").to(self.device))
+        loss = check_loss(output)
+        self.losses.append(loss)  # as returned: start() stacks them without autograd
+        return loss
+
+    def start(self) -> None:
+        """Start summing (loss sum, returned count, negative counts, counts returned?)."""
+        if self._wait is not None:
+            return
+        with torch.no_grad():
+            losses = torch.stack(self.losses) if self.losses else None
+            if losses is not None and not (self.counts or self.sync.distributed):
+                # One rank, no returned count: the losses alone, added up when finished.
+                self._wait = lambda: [math.fsum(losses.tolist()), 0.0, 0.0, 0.0]
+                return
+            values = torch.zeros(4, dtype=torch.float64, device=self.device)
+            if losses is not None:
+                values[0] = losses.sum(dtype=torch.float64)
+            if self.counts:
+                counts = torch.stack(self.counts)
+                values[1:] = torch.stack(
+                    [counts.sum(), (counts < 0).sum(dtype=torch.float64), counts.new_ones(())]
+                )
+        self._wait = self.sync.all_reduce(values)
+
+    def finish(self) -> tuple[float, float | None]:
+        """Over all ranks: the loss sum, and the returned count (``None``: none returned)."""
+        self.start()
+        assert self._wait is not None
+        loss, count, negative, returned = self._wait()
+        if negative:
+            raise ValueError(
+                f"`loss_fn` returned a negative count for {int(negative)} micro-batch(es); "
+                "expected a number of items (samples, tokens), 0 or more. Fix: return "
+                "(loss_sum, n_items)."
+            )
+        return loss, count if returned > 0 else None

@@ -1,0 +1,389 @@
+"""One window: count the items, weight every backward, run the passes, total the losses.
+
+For a loss that is a sum over items, divided by the item count N of the whole
+effective batch (over all data-parallel ranks),
+
+    grad = sum over passes j of  weight * d(loss_sum_j) / d(params),
+    weight = world_size / N
+
+(DDP and FSDP2 average gradients over ranks; world_size undoes that). N is
+counted from the data before the first backward and exchanged once over the
+ranks, so every backward is weighted as it runs and nothing is divided
+afterwards. Two branches weight the passes with an assumed N and correct the
+gradient once (:meth:`Window.correct_count`) when the true N arrives:
+
+- under DDP the passes start with the previous window's N while the exchange
+  travels (why: ``benchmarks/ddp.py``; tested by
+  ``test_item_count_travels_while_the_passes_compute_under_ddp``);
+- when ``loss_fn`` returns ``(loss_sum, count)``, N is known only from the
+  loss totals after the last pass: the passes assume N = 1.
+
+Under torch.distributed every rank runs the same number of passes: a rank
+with fewer micro-batches replays a zero-weight pass. ``micro_batch_size="auto"``
+under torch.distributed runs :meth:`Window.passes_sharing_out_of_memory`, so
+that an out-of-memory error on one rank makes every rank retry
+(``test_auto_retries_every_rank_at_the_same_size``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from truebatch import _context
+from truebatch.batching import Batch, Counter, map_tensors, split_sized
+from truebatch.distributed import GradientSync
+from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
+from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
+from truebatch.losses import LossFn, LossTotals, local_count
+from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
+
+__all__ = [
+    "OutOfMemoryError",
+    "OutOfMemoryOnSomeRank",
+    "Window",
+    "WindowHistory",
+    "WindowSetup",
+    "WindowTotals",
+    "plan_window",
+]
+
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+Plan = list[tuple[Batch, int]]
+_NO_CONTEXT = nullcontext()  # reusable, and cheaper than a new one per micro-batch
+
+
+@dataclass(frozen=True)
+class WindowTotals:
+    """What :meth:`Accumulator.accumulate` returns; the window's gradient is in ``.grad``.
+
+    Attributes:
+        loss_sum: sum of the loss sums over all micro-batches and ranks.
+        count: N, the window's item count over all ranks.
+        micro_batches: micro-batches run on this rank.
+        micro_batch_size: largest micro-batch run on this rank.
+    """
+
+    loss_sum: float
+    count: float
+    micro_batches: int
+    micro_batch_size: int
+
+
+@dataclass(frozen=True)
+class WindowSetup:
+    """What every window of one Accumulator runs with."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sync: GradientSync
+    parameters: ParameterSets
+    scaler: Any
+    autocast: torch.dtype | None
+    accumulate_dtype: torch.dtype | None
+
+    def autocast_context(self) -> AbstractContextManager[Any]:
+        if self.autocast is None:
+            return _NO_CONTEXT
+        return torch.autocast(device_type=self.parameters.devices[0].type, dtype=self.autocast)
+
+
+@dataclass
+class WindowHistory:
+    """What one window leaves the next.
+
+    Attributes:
+        index: windows completed (split-invariant layers draw by it).
+        previous_count: under DDP, the last window's N, which the next one's
+            passes start with; ``None`` where that cannot be corrected later.
+        replay_batch: two samples of a recent micro-batch, for zero-weight
+            passes (torch.distributed only).
+    """
+
+    index: int = 0
+    previous_count: float | None = None
+    replay_batch: Batch | None = None
+
+
+class OutOfMemoryOnSomeRank(Exception):
+    """Some rank ran out of memory: every rank redoes the window smaller.
+
+    ``size`` is the smallest micro-batch size that failed on any rank; every
+    rank retries at half of it, so all ranks keep one shared size.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"a rank ran out of memory at micro-batch size {size}")
+        self.size = size
+
+
+def plan_window(pieces: list[Batch], sizes: list[int], micro_batch_size: int | None) -> Plan:
+    """Every piece (of ``sizes`` samples) split by ``micro_batch_size``, each with its size."""
+    if micro_batch_size is None:
+        return list(zip(pieces, sizes, strict=True))
+    return [
+        pair
+        for piece, size in zip(pieces, sizes, strict=True)
+        for pair in split_sized(piece, size, micro_batch_size)
+    ]
+
+
+class GlobalCounts:
+    """The window's numbers over all ranks, from one gather of a row per rank
+    ``[item count, passes, samples, can replay]``; waited for on first need."""
+
+    n_items: float  # N; set by wait(), so reading one before is an error, not a silent 0
+    passes: int  # of the busiest rank
+    rank_offset: int  # samples on lower ranks
+    all_can_replay: bool
+
+    def __init__(self, wait: Callable[[], list[list[float]]], rank: int) -> None:
+        self._wait: Callable[[], list[list[float]]] | None = wait
+        self._rank = rank
+
+    def wait(self) -> GlobalCounts:
+        if self._wait is None:
+            return self
+        table, self._wait = self._wait(), None
+        self.n_items = sum(row[0] for row in table)
+        self.passes = int(max(row[1] for row in table))
+        self.rank_offset = int(sum(row[2] for row in table[: self._rank]))
+        self.all_can_replay = all(row[3] for row in table)
+        stranded = [r for r, row in enumerate(table) if row[1] < self.passes and row[3] == 0]
+        if stranded and self.n_items > 0:
+            raise RuntimeError(
+                f"ranks {stranded} have no data in their first window and cannot take part in "
+                "the window's collectives. Fix: give every rank at least one sample in its "
+                "first window."
+            )
+        return self
+
+    def offset_of_rank(self) -> int:
+        return self.wait().rank_offset
+
+
+class Window:
+    """The state of one window and its passes: the plan, the counts, the weight, the
+    loss totals and the gradient sums. :meth:`run` once."""
+
+    def __init__(
+        self,
+        setup: WindowSetup,
+        history: WindowHistory,
+        plan: Plan,
+        loss_fn: LossFn,
+        count: Counter | None,
+        *,
+        share_out_of_memory: bool = False,
+    ) -> None:
+        self.setup, self.history, self.plan = setup, history, plan
+        self.loss_fn, self.count = loss_fn, count
+        self.share_out_of_memory = share_out_of_memory
+        self.sizes = [size for _, size in plan]
+        device = setup.parameters.devices[0]
+        self.totals = LossTotals(setup.sync, count_given=count is not None, device=device)
+        self.sums = GradientSums(
+            setup.parameters.trainable,
+            setup.accumulate_dtype,
+            round_before_sync=setup.sync.distributed,
+        )
+        # The N every backward is weighted by: the window's, or an assumed one until it
+        # arrives (the previous window's under DDP, 1 when loss_fn returns counts).
+        self.n_items = 0.0
+
+    def run(self) -> WindowTotals:
+        """Count, weight, pass, total; leaves the window's gradient in ``.grad``."""
+        setup, sync, params = self.setup, self.setup.sync, self.setup.parameters
+        largest = max(self.sizes, default=0)
+        # Count: every micro-batch's items, before any backward; one exchange over ranks.
+        self.counts = self.exchange_counts()
+        # Weight: the N of world_size / N (run_pass); the DDP overlap starts with the last N.
+        previous = None if self.share_out_of_memory else self.history.previous_count
+        if previous is None and self.counts.wait().n_items == 0:
+            return WindowTotals(0.0, 0.0, len(self.plan), largest)
+        self.n_items = previous or self.counts.n_items
+        if sync.distributed and self.plan:
+            # Taken anew every window: no larger than this window's micro-batches ("auto").
+            self.history.replay_batch = map_tensors(self.plan[0][0], lambda t: t[:2].clone())
+        # A gradient left from before the window (the user's own backward) is not part of it.
+        clear_gradients(params.model)
+        try:
+            # Passes, then totals.
+            with WindowGuard(setup.optimizer, setup.model, sync.module), sync.window():
+                if self.share_out_of_memory:
+                    self.passes_sharing_out_of_memory()
+                else:
+                    self.passes(started_with_previous_count=previous is not None)
+                loss_sum, returned_count = self.totals.finish()
+                if returned_count:
+                    # loss_fn returned the counts: every rank's passes assumed N = 1 (even a
+                    # rank that only replayed). Divide the wide sums before they are
+                    # rounded: one rounding per window.
+                    self.n_items = 1.0
+                    self.correct_count(returned_count)
+                self.sums.restore()
+        except BaseException:
+            self.sums.discard()
+            clear_gradients(params.model)
+            raise
+        self.remember_count()
+        n_items = self.counts.n_items if returned_count is None else returned_count
+        return WindowTotals(loss_sum, n_items, len(self.plan), largest)
+
+    def exchange_counts(self) -> GlobalCounts:
+        """Count this rank's items (before any backward) and start the window's one exchange:
+        item count, passes, samples, and whether this rank can replay a micro-batch."""
+        can_replay = self.history.replay_batch is not None or bool(self.sizes)
+        # Python numbers: a few tensor ops per window would cost more than the rest.
+        row = [local_count(self.plan, self.count), len(self.sizes), sum(self.sizes), can_replay]
+        sync = self.setup.sync
+        return GlobalCounts(sync.exchange([float(v) for v in row]), sync.rank)
+
+    def passes(self, *, started_with_previous_count: bool) -> None:
+        """This rank's passes, then zero-weight replays up to the busiest rank's number.
+
+        The gradient synchronizes on the window's last pass (on every pass in
+        ``"micro_batch"`` mode). Started with the previous window's N, the
+        passes do not wait for the exchange: it is waited for just before this
+        rank's last pass, the first that must know the number of passes
+        (whether it synchronizes); until then this rank's own number is a safe
+        stand-in, as no earlier pass can be the window's last.
+        """
+        local = len(self.plan)
+        if started_with_previous_count:
+            settle_at, passes = max(local - 1, 0), local
+        else:
+            settle_at, passes = -1, self.counts.passes
+        offset = 0
+        for index in itertools.count():
+            if index == settle_at:
+                passes = self.settle_previous_count()
+            if index >= passes:
+                break
+            synchronize = self.setup.sync.synchronizes(index, passes)
+            last = index == passes - 1
+            self.sums.before_pass(synchronize=synchronize)
+            if index < local:
+                micro_batch, size = self.plan[index]
+                self.run_pass(micro_batch, offset, synchronize=synchronize, last=last)
+                offset += size
+            else:
+                self.replay(synchronize=synchronize, last=last)
+            self.sums.after_pass(synchronize=synchronize)
+
+    def run_pass(self, micro_batch: Batch, offset: int, *, synchronize: bool, last: bool) -> None:
+        """Forward and backward of the micro-batch whose first sample is ``offset`` on this
+        rank; the reduction of the loss totals starts before the backward of the ``last``."""
+        setup = self.setup
+        trainable = setup.parameters.trainable
+        before = gradients_seen(trainable)
+        setup.sync.prepare(synchronize)
+        where = _context.micro_batch(self.history.index, offset, self.counts.offset_of_rank)
+        with where, setup.autocast_context():
+            output = self.loss_fn(setup.model, micro_batch)
+        check_gradients_unchanged(trainable, before)
+        loss_sum = self.totals.add(output)
+        if self.totals.returns_pairs:
+            self.n_items = 1.0  # the counts arrive with the totals: correct_count then
+        if last:
+            self.totals.start()
+        weight = setup.sync.world_size / self.n_items
+        scaled = loss_sum * weight
+        if setup.scaler is not None:
+            scaled = setup.scaler.scale(scaled)
+        scaled.backward()
+
+    def correct_count(self, n_items: float) -> None:
+        """The passes so far were weighted with an assumed N; make the gradient so far
+        (and the passes to come) weighted by ``world_size / n_items``: one multiplication."""
+        factor = self.n_items / n_items
+        self.sums.scale(factor)
+        scale_gradients(self.setup.parameters.model, factor)
+        self.n_items = n_items
+
+    def settle_previous_count(self) -> int:
+        """DDP overlap: wait for the exchange; correct the passes if N differs from the
+        previous window's. Returns the number of passes of the window."""
+        counts = self.counts.wait()
+        pairs = self.totals.returns_pairs  # then N comes with the totals, after the passes
+        if counts.n_items > 0 and counts.n_items != self.n_items and not pairs:
+            self.correct_count(counts.n_items)
+        return counts.passes
+
+    def remember_count(self) -> None:
+        """Every rank read the same table, so every rank makes the same choice: only a
+        gradient that stays local until the last pass can be corrected, and not in
+        float16, where a gradient weighted by a much smaller N could overflow."""
+        counts, sync = self.counts, self.setup.sync
+        correctable = (
+            sync.gradient_stays_local
+            and counts.n_items > 0
+            and counts.all_can_replay
+            and all(p.dtype != torch.float16 for p in self.setup.parameters.trainable)
+        )
+        self.history.previous_count = counts.n_items if correctable else None
+
+    def passes_sharing_out_of_memory(self) -> None:
+        """``"auto"`` under torch.distributed: no real pass synchronizes.
+
+        A zero-weight pass first makes the wrapper's forward-time collectives
+        (DDP's first forward after a synchronizing one broadcasts buffers), so a
+        pass that runs out of memory before reaching the model cannot leave one
+        unmatched. An out-of-memory error stops this rank's passes, every rank
+        learns of it through one small exchange (all retry smaller), and only
+        then does a zero-weight pass synchronize the gradients.
+        """
+        self.replay(synchronize=False, last=False)
+        out_of_memory, offset = False, 0
+        for micro_batch, size in self.plan:
+            try:
+                self.run_pass(micro_batch, offset, synchronize=False, last=False)
+            except OutOfMemoryError:
+                out_of_memory = True
+                break
+            self.sums.stash()
+            offset += size
+        largest = max(self.sizes, default=0)
+        table = self.setup.sync.exchange([float(out_of_memory), float(largest)])()
+        failed = [size for ran_out, size in table if ran_out]
+        if failed:
+            raise OutOfMemoryOnSomeRank(int(min(failed)))
+        self.sums.restore()
+        self.replay(synchronize=True, last=True)
+
+    def replay(self, *, synchronize: bool, last: bool) -> None:
+        """A pass that adds exactly zero gradient, to keep the ranks' collectives in step.
+
+        It replays the history's two samples with weight 0; buffers (BatchNorm
+        statistics) and the RNG are restored afterwards, so the replay leaves
+        no trace. Buffers are saved as the wrapped module starts, after DDP's
+        broadcast, which the replay must keep. When this is the window's last
+        pass, the reduction of the loss totals starts before its backward.
+        """
+        setup = self.setup
+        devices = setup.parameters.devices
+        rng, saved = rng_state(devices), [clone_buffers(setup.model)]
+
+        def save_buffers(*_: Any) -> None:
+            if len(saved) == 1:
+                saved.append(clone_buffers(setup.model))
+
+        handle = setup.sync.module.register_forward_pre_hook(save_buffers)
+        try:
+            setup.sync.prepare(synchronize)
+            with _context.micro_batch(self.history.index, 0), setup.autocast_context():
+                output = self.loss_fn(setup.model, self.history.replay_batch)
+            loss = output[0] if isinstance(output, tuple | list) else output
+            if last:
+                self.totals.start()
+            (loss * 0.0).backward()
+        finally:
+            handle.remove()
+        restore_buffers(setup.model, saved[-1])
+        set_rng_state(rng, devices)
