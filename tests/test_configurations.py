@@ -107,6 +107,7 @@ class Config:
     # (window, pass, "error" | "interrupt" | "optimizer"): "optimizer" fails in the
     # optimizer's step, after it changed the parameters.
     failure: tuple[int, int, str] | None
+    atomic_step: bool
     seed: int
 
 
@@ -155,6 +156,7 @@ def configs(draw: st.DrawFn) -> Config:
                 st.sampled_from(["error", "interrupt", "optimizer"]),
             )
         ),
+        atomic_step=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -512,6 +514,7 @@ def run(config: Config) -> None:
             micro_batch_size=config.micro_batch_size,
             max_grad_norm=config.clip,
             scaler=ours.scaler,
+            atomic_step=config.atomic_step,
         )
     except Exception as error:  # a refusal at construction: truebatch's, and no trace
         assert raised_by_truebatch(error), f"not a truebatch error: {error!r}"
@@ -548,6 +551,13 @@ def run(config: Config) -> None:
             result = run_window(full if mode == "step" else pieces, loss_fn)
         except (Injected, KeyboardInterrupt) as error:
             changed = differences(state_before, ours.snapshot())
+            if loss_fn.optimizer_fails and not config.atomic_step:
+                # Without atomic_step, an exception after the update leaves the update (the
+                # parameters and the optimizer's state) and says so; nothing else changes.
+                assert any("parameters" in n for n in getattr(error, "__notes__", [])), error
+                changed = [
+                    c for c in changed if not c.startswith(("['parameters']", "['optimizer']"))
+                ]
             assert changed == [], f"{type(error).__name__} at pass {loss_fn.passes} left {changed}"
             continue
         except Exception as error:
@@ -646,6 +656,9 @@ CASES: dict[str, dict[str, Any]] = {
     "error_with_ghost_bn": dict(ghost_bn=True, failure=(0, 1, "error")),
     "interrupt_with_ghost_bn": dict(ghost_bn=True, failure=(1, 2, "interrupt")),
     "optimizer_step_fails": dict(optimizer="adam", failure=(1, 0, "optimizer")),
+    "optimizer_step_fails_atomic": dict(
+        optimizer="adam", failure=(1, 0, "optimizer"), atomic_step=True
+    ),
     "error_after_random_draws": dict(draws_random=True, failure=(0, 2, "error")),
     "checkpointed_dropout": dict(dropout=True, checkpoint="non_reentrant"),
     "checkpointed_dropout_reentrant": dict(dropout=True, checkpoint="reentrant"),
@@ -679,6 +692,7 @@ def test_named_configuration(changes: dict[str, Any]) -> None:
         windows=(("window", (4, 2)), ("step", (6,)), ("window", ())),
         micro_batch_size=2,
         failure=None,
+        atomic_step=False,
         seed=0,
     )
     run(dataclasses.replace(base, **changes))

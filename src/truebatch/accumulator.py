@@ -41,6 +41,7 @@ from truebatch.window import Window, WindowHistory, WindowSetup, WindowTotals, p
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
+
 @dataclass(frozen=True)
 class StepResult:
     """What one window did.
@@ -93,6 +94,13 @@ class Accumulator:
         max_micro_batch_size: first size ``"auto"`` tries.
         gradient_sync: ``"window"`` or ``"micro_batch"``: when a data-parallel
             wrapper synchronizes gradients (see :class:`GradientSync`).
+        atomic_step: copy the parameters the optimizer updates and its state
+            before every step, so that an exception raised by the optimizer or
+            the scheduler after the update leaves them as before the window too.
+            Costs one more copy of both in memory during the step and the time
+            to write it; without it, such an exception leaves the update in
+            place (and says so in a note on the exception) while gradients,
+            buffers, RNG, scheduler and scaler go back.
 
     Examples:
         >>> acc = Accumulator(model, optimizer, micro_batch_size=16)
@@ -119,6 +127,7 @@ class Accumulator:
         skip_nonfinite: bool = True,
         max_micro_batch_size: int | None = None,
         gradient_sync: SyncMode | None = None,
+        atomic_step: bool = False,
     ) -> None:
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
@@ -133,6 +142,7 @@ class Accumulator:
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
         self.skip_nonfinite = skip_nonfinite
+        self.atomic_step = atomic_step
         self.sync = GradientSync(model, gradient_sync)
         if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
             raise ValueError(
@@ -320,7 +330,12 @@ class Accumulator:
         if window.count == 0:
             clear_gradients(params.model)
             return self._result(window, math.nan, "the window holds no items (N == 0)")
-        rollback = StepRollback(self.optimizer, self.scheduler, self.scaler)
+        rollback = StepRollback(
+            self.optimizer,
+            self.scheduler,
+            self.scaler,
+            updated=params.updated if self.atomic_step else None,
+        )
         try:
             reason, grad_norm = self._step_once(rollback)
         except BaseException as error:

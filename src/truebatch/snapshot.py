@@ -85,7 +85,11 @@ class WindowStart:
 
 
 class StepRollback:
-    """The state the step may change that is cheap to save; :meth:`restore` puts it back.
+    """The state the step may change; :meth:`restore` puts it back.
+
+    The parameters and the optimizer's state are saved only with
+    ``Accumulator(atomic_step=True)`` (``updated``): they are as large as the
+    model, and a hand-written loop keeps no copy either.
 
     Saved only for what is there: the scheduler's state and the groups'
     hyperparameters when there is a scheduler, the scale and growth tracker
@@ -97,8 +101,21 @@ class StepRollback:
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         scaler: Any,
+        *,
+        updated: Sequence[nn.Parameter] | None = None,
     ) -> None:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        # atomic_step=True: the parameters the optimizer updates and its per-parameter
+        # state, copied (one more copy of both in memory, for the step only).
+        self.updated = updated
+        if updated is not None:
+            with torch.no_grad():
+                self.values = torch._foreach_mul(list(updated), 1) if updated else []
+            self.moments = {
+                p: {k: _copied(v) for k, v in optimizer.state[p].items()}
+                for p in updated
+                if p in optimizer.state
+            }
         # "before", "stepping" (inside optimizer.step) or "stepped": what a failure left.
         self.optimizer_stage = "before"
         self.scheduler_state = scheduler.state_dict() if scheduler is not None else None
@@ -125,6 +142,16 @@ class StepRollback:
 
     def restore(self, error: BaseException) -> None:
         """Undo what can be undone; note on ``error`` what cannot."""
+        if self.updated is not None:
+            with torch.no_grad():
+                if self.updated:
+                    torch._foreach_copy_(list(self.updated), self.values)
+            for p in self.updated:
+                if p in self.moments:
+                    self.optimizer.state[p] = self.moments[p]
+                else:
+                    self.optimizer.state.pop(p, None)
+            self.optimizer_stage = "before"
         if self.scheduler is not None:
             self.scheduler.load_state_dict(self.scheduler_state)
             for group, saved in zip(
