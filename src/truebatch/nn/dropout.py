@@ -13,8 +13,10 @@ ops on the input's device; no random state is read or advanced.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -22,7 +24,7 @@ from torch import nn
 
 from truebatch import _context
 
-__all__ = ["SplitInvariantDropout"]
+__all__ = ["SplitInvariantDropout", "keep_mask"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: odd, so counter * _GOLDEN is a bijection
@@ -69,7 +71,40 @@ def _stream_key(seed: int, window: int, layer_id: int) -> int:
     return key
 
 
-def _keep_mask(
+def _stream_start(offset: int, pairs: int, seed: int, window: int, layer_id: int) -> int:
+    """``offset * pairs * GOLDEN + K`` as an int64: hash input of the first pair of ``offset``."""
+    return _signed(offset * pairs * _GOLDEN + _stream_key(seed, window, layer_id))
+
+
+@torch.compiler.disable
+def _stream_start_tensor(
+    offset: int, pairs: int, seed: int, window: int, layer_id: int, device: torch.device | None
+) -> torch.Tensor:
+    """:func:`_stream_start` as a 0-d tensor, computed outside any compiled graph.
+
+    Under ``torch.compile`` the offset and the window may be symbolic; the
+    64-bit Python arithmetic of the key must then run eagerly on their values
+    (it cannot be traced), and the graph receives the result as a tensor input,
+    so a new offset or window neither recompiles nor specializes the graph.
+    """
+    start = _stream_start(offset, pairs, seed, window, layer_id)
+    return torch.tensor(start, dtype=torch.int64, device=device)
+
+
+def _hashed_keep(
+    samples: int,
+    pairs: int,
+    start: int | torch.Tensor,
+    keep_count: int,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """``(samples, 2 * pairs)`` keep decisions of the counters ``start + j * GOLDEN``."""
+    z = torch.arange(samples * pairs, dtype=torch.int64, device=device)
+    _mix64_(z.mul_(_signed(_GOLDEN)).add_(start))
+    return (z.view(torch.int32) < keep_count - 2**31).view(samples, 2 * pairs)
+
+
+def keep_mask(
     samples: int,
     elements: int,
     p: float,
@@ -83,7 +118,7 @@ def _keep_mask(
     """Boolean keep mask of shape ``(samples, elements)``; True with probability ``1 - p``.
 
     Row ``i`` belongs to the sample with global index ``s = offset + i``. With
-    ``K = _stream_key(seed, window, layer_id)`` and ``P = ceil(elements / 2)``,
+    ``K = splitmix64 key of (seed, window, layer_id)`` and ``P = ceil(elements / 2)``,
     one 64-bit word is hashed per pair of elements::
 
         h = splitmix64_finalizer((s * P + e // 2) * 0x9E3779B97F4A7C15 + K)   (mod 2**64)
@@ -91,21 +126,63 @@ def _keep_mask(
     element ``e`` reads the 32-bit half ``e % 2`` of ``h`` (low half first), as a
     signed int32 ``u``, and is kept iff ``u < round((1 - p) * 2**32) - 2**31``.
     Every factor is exact integer arithmetic, so the mask depends only on these
-    inputs: not on the device, the global RNG, or how samples are batched.
+    inputs: not on the device, the global RNG, or how samples are batched. It is
+    the mask of :class:`SplitInvariantDropout` on a ``(samples, elements)`` input.
+
+    Works under ``torch.compile``: the key is computed outside the graph and
+    enters it as a tensor (a graph break, no recompilation per offset).
+
+    Args:
+        samples: number of rows (samples of this micro-batch).
+        elements: keep decisions per sample.
+        p: drop probability in [0, 1].
+        seed, window, layer_id: select the stream (any Python ints; reduced mod 2**64).
+        offset: global index of the first row's sample in the effective batch.
+        device: where the mask is built.
+
+    Returns:
+        A bool tensor ``(samples, elements)``.
+
+    Raises:
+        ValueError: ``p`` is not in [0, 1].
 
     Example::
 
-        >>> _keep_mask(4, 10, 0.5, seed=0, window=0, layer_id=0).shape
+        >>> keep_mask(4, 10, 0.5, seed=0, window=0, layer_id=0).shape
         torch.Size([4, 10])
     """
+    p = check_probability(p)
+    if torch.compiler.is_compiling():
+        target = None if device is None else torch.device(device)
+        return _keep(
+            samples,
+            elements,
+            p,
+            lambda pairs: _stream_start_tensor(offset, pairs, seed, window, layer_id, target),
+            device,
+        )
+    return _keep(
+        samples,
+        elements,
+        p,
+        lambda pairs: _stream_start(offset, pairs, seed, window, layer_id),
+        device,
+    )
+
+
+def _keep(
+    samples: int,
+    elements: int,
+    p: float,
+    start: Callable[[int], int | torch.Tensor],
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """The mask of :func:`keep_mask`, given ``start(pairs)``, the first counter's hash input."""
     pairs = (elements + 1) // 2
     keep_count = round((1.0 - p) * 2**32)  # out of 2**32 equally likely halves
     if keep_count >= 2**32 or samples * pairs == 0:
         return torch.ones(samples, elements, dtype=torch.bool, device=device)
-    start = _signed(offset * pairs * _GOLDEN + _stream_key(seed, window, layer_id))
-    z = torch.arange(samples * pairs, dtype=torch.int64, device=device)
-    _mix64_(z.mul_(_signed(_GOLDEN)).add_(start))
-    keep = (z.view(torch.int32) < keep_count - 2**31).view(samples, 2 * pairs)
+    keep = _hashed_keep(samples, pairs, start(pairs), keep_count, device)
     return keep if 2 * pairs == elements else keep[:, :elements]
 
 
@@ -113,15 +190,23 @@ def check_probability(p: object) -> float:
     """Return ``p`` as a float if it is a probability in [0, 1], else raise with the fix."""
     if isinstance(p, bool) or not isinstance(p, Real):
         raise TypeError(
-            f"p must be a number, got {type(p).__name__} {p!r} — pass the drop "
-            "probability, e.g. p=0.1"
+            f"`p` got {type(p).__name__} {p!r}; expected a number. Fix: pass the drop "
+            "probability, e.g. p=0.1."
         )
     if not 0.0 <= float(p) <= 1.0:
         raise ValueError(
-            f"p must be a probability in [0, 1], got p={p} — pass the probability of "
-            "dropping an element, e.g. p=0.1"
+            f"`p` got {p}; expected a probability in [0, 1]. Fix: pass the probability of "
+            "dropping an element, e.g. p=0.1."
         )
     return float(p)
+
+
+@torch.compiler.disable
+def _layer_start_tensor(
+    layer: SplitInvariantDropout, pairs: int, *, device: torch.device
+) -> torch.Tensor:
+    """``layer._start(pairs)`` run eagerly, as a tensor (see :func:`_stream_start_tensor`)."""
+    return torch.tensor(layer._start(pairs), dtype=torch.int64, device=device)
 
 
 class SplitInvariantDropout(nn.Module):
@@ -136,7 +221,10 @@ class SplitInvariantDropout(nn.Module):
     supplies two 32-bit halves, one per element of the pair, and an element is
     kept iff its half (as a signed int32) is below ``round((1 - p) * 2**32) - 2**31``.
     It is computed with int64 tensor ops on the input's device; the global RNG
-    is neither read nor advanced.
+    is neither read nor advanced. Under ``torch.compile`` the layer reads the
+    micro-batch context outside the graph (one graph break) and hashes inside it:
+    compiled and eager masks are identical, and a new offset or window does not
+    recompile. :func:`keep_mask` is the same mask as a function.
 
     - Inside a :class:`truebatch.Accumulator`, ``window`` is the index of the
       window (optimizer step) and ``offset`` the global index of the micro-batch's
@@ -200,26 +288,24 @@ class SplitInvariantDropout(nn.Module):
         self._check_input(input)
         if self.p == 1.0:
             return input * 0.0
+        shape = input.shape[:2] if self.channelwise else input.shape
+        if torch.compiler.is_compiling():
+            start = functools.partial(_layer_start_tensor, self, device=input.device)
+        else:
+            start = self._start
+        keep = _keep(input.shape[0], math.prod(shape[1:]), self.p, start, input.device)
+        keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
+        return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def _start(self, pairs: int) -> int:
+        """Hash input of this call's first counter: reads the micro-batch context."""
         context = _context.current()
         if context is None:
             self._refuse_recomputation()
             window, offset, self._calls = self._calls, 0, self._calls + 1
         else:
             window, offset = context.window, context.offset
-        samples = input.shape[0]
-        shape = input.shape[:2] if self.channelwise else input.shape
-        keep = _keep_mask(
-            samples,
-            math.prod(shape[1:]),
-            self.p,
-            seed=self.seed,
-            window=window,
-            layer_id=self.layer_id,
-            offset=offset,
-            device=input.device,
-        )
-        keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
-        return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+        return _stream_start(offset, pairs, self.seed, window, self.layer_id)
 
     def _refuse_recomputation(self) -> None:
         # Activation checkpointing re-runs the forward inside backward, where the
@@ -239,7 +325,7 @@ class SplitInvariantDropout(nn.Module):
         if input.dim() < needed:
             layout = "(N, C, ...)" if self.channelwise else "(N, ...)"
             raise ValueError(
-                f"SplitInvariantDropout(channelwise={self.channelwise}) got an input of shape "
-                f"{tuple(input.shape)} — expected {layout} with the samples along dim 0 — "
-                "add the batch dim (e.g. input.unsqueeze(0))"
+                f"`input` got shape {tuple(input.shape)}; expected {layout} with the samples "
+                f"along dim 0 (SplitInvariantDropout(channelwise={self.channelwise})). "
+                "Fix: add the batch dim, e.g. input.unsqueeze(0)."
             )
