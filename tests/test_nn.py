@@ -227,11 +227,26 @@ def test_ghost_batch_size_must_be_positive(bad: int) -> None:
         tnn.GhostBatchNorm2d(4, 2.0)  # type: ignore[arg-type]
 
 
-def test_state_dict_and_isinstance_match_batchnorm() -> None:
+def test_state_dict_matches_batchnorm() -> None:
     layer, native = make_pair("2d", 4)
-    assert isinstance(layer, nn.BatchNorm2d)
+    assert isinstance(layer, nn.modules.batchnorm._NormBase)
     assert list(layer.state_dict()) == list(native.state_dict())
     layer.load_state_dict(nn.BatchNorm2d(5, dtype=DTYPE).state_dict())  # strict
+    native.load_state_dict(layer.state_dict())
+
+
+def test_ghost_layers_survive_convert_sync_batchnorm() -> None:
+    """convert_sync_batchnorm swaps every _BatchNorm; it used to undo convert_batchnorm."""
+    model = tnn.convert_batchnorm(ConvNet(dropout=0.0).to(DTYPE), ghost_batch_size=4)
+    model.features.append(nn.BatchNorm2d(4, dtype=DTYPE))  # a native one, converted
+    ghosts = [m for m in model.modules() if isinstance(m, ghost_module.GhostBatchNormBase)]
+    assert len(ghosts) == 3
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert [m for m in synced.modules() if isinstance(m, ghost_module.GhostBatchNormBase)] == ghosts
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == 1
+    assert isinstance(synced.features[-1], nn.SyncBatchNorm)
+    frozen = tnn.freeze_batchnorm(synced)  # ghost layers still count as BatchNorm here
+    assert all(not m.training for m in ghosts) and not frozen.features[-1].training
 
 
 def test_non_contiguous_and_channels_last_inputs(layout: str) -> None:
@@ -746,5 +761,5 @@ def test_accumulator_with_unequal_micro_batches_matches_full_batch() -> None:
 def test_accumulator_refuses_micro_batches_that_split_a_ghost_batch() -> None:
     model = converted_convnet()
     acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=6)
-    with pytest.raises(ValueError, match=r"starts at sample 6.*multiple of 4"):
+    with pytest.raises(ValueError, match=r"got sample 6.*multiple of ghost_batch_size=4"):
         acc.step(image_batches([12])[0], summed_loss)

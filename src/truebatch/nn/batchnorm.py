@@ -21,13 +21,13 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from truebatch import _context
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
 
 # Ghost batches with at least this many elements are normalized one kernel call
 # each, directly on the input; smaller ones are gathered into one call (one copy
@@ -43,13 +43,13 @@ def check_ghost_batch_size(ghost_batch_size: Any) -> int:
     """Return ``ghost_batch_size`` if it is a positive int, else raise with the fix."""
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
         raise TypeError(
-            f"ghost_batch_size must be an int, got {type(ghost_batch_size).__name__} "
-            f"{ghost_batch_size!r} — pass the number of samples per ghost batch, e.g. 32"
+            f"`ghost_batch_size` got {type(ghost_batch_size).__name__} {ghost_batch_size!r}; "
+            "expected an int. Fix: pass the number of samples per ghost batch, e.g. 32."
         )
     if ghost_batch_size < 1:
         raise ValueError(
-            f"ghost_batch_size must be >= 1, got {ghost_batch_size} — pass the number of "
-            "samples per ghost batch, e.g. 32"
+            f"`ghost_batch_size` got {ghost_batch_size}; expected an int >= 1. Fix: pass the "
+            "number of samples per ghost batch, e.g. 32."
         )
     return ghost_batch_size
 
@@ -269,8 +269,16 @@ def _running_average_weights(
     return tracked_before / total, [1.0 / total] * chunks
 
 
-class _GhostBatchNorm(_BatchNorm):
-    """Shared implementation of :class:`GhostBatchNorm1d`, ``2d`` and ``3d``."""
+class GhostBatchNormBase(_NormBase):
+    """Shared implementation of :class:`GhostBatchNorm1d`, ``2d`` and ``3d``.
+
+    A ``_NormBase`` (the base torch gives BatchNorm and InstanceNorm: parameters,
+    buffers, state-dict keys and loading) but not a ``_BatchNorm``, so that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, which swaps every ``_BatchNorm``,
+    leaves ghost layers alone: their statistics never need other ranks.
+    """
+
+    _input_dims: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -282,9 +290,18 @@ class _GhostBatchNorm(_BatchNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
         )
         self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
 
@@ -296,10 +313,28 @@ class _GhostBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._input_dims:
+            expected = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(
+                f"`input` got a {input.dim()}D tensor; expected {expected} input "
+                f"({type(self).__name__}). Fix: pass (N, C, ...) with the samples along dim 0."
+            )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not (self.training or (self.running_mean is None and self.running_var is None)):
-            return super().forward(input)  # running statistics: exactly BatchNorm eval
+            # Running statistics: exactly BatchNorm eval.
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
         self._check_ghost_batches(input)
         out, mean, var = _GhostBatchNormFunction.apply(
             input, self.weight, self.bias, self.ghost_batch_size, self.eps
@@ -312,26 +347,24 @@ class _GhostBatchNorm(_BatchNorm):
         name, ghost = type(self).__name__, self.ghost_batch_size
         if input.shape[1] != self.num_features:
             raise ValueError(
-                f"{name}: input has {input.shape[1]} channels (dim 1), expected "
-                f"num_features={self.num_features} — check the layer before this one"
+                f"`input` got {input.shape[1]} channels (dim 1); expected "
+                f"num_features={self.num_features} ({name}). Fix: check the layer before it."
             )
         context = _context.current()
         if context is not None and context.offset % ghost:
             raise ValueError(
-                f"{name}: this micro-batch starts at sample {context.offset} of the effective "
-                f"batch, which is not a multiple of ghost_batch_size={ghost}, so a ghost batch "
-                f"would straddle two micro-batches — expected every micro-batch but the last to "
-                f"hold a multiple of {ghost} samples — set micro_batch_size to a multiple of "
-                f"{ghost}"
+                f"micro-batch start got sample {context.offset}; expected a multiple of "
+                f"ghost_batch_size={ghost} ({name}: a ghost batch would straddle two "
+                f"micro-batches). Fix: set micro_batch_size to a multiple of {ghost}."
             )
         per_sample = math.prod(input.shape[2:])
         last = input.shape[0] % ghost or ghost
         if per_sample == 1 and 1 in (ghost, last) and input.shape[0] > 0:
             raise ValueError(
-                f"{name}: a ghost batch of 1 sample has 1 value per channel, so its variance "
-                f"is undefined (batch of {input.shape[0]}, ghost_batch_size={ghost}) — "
-                "expected more than 1 value per channel in every ghost batch — use "
-                "ghost_batch_size >= 2 and a batch size that does not leave 1 sample over"
+                f"`input` got a ghost batch of 1 sample with 1 value per channel (batch of "
+                f"{input.shape[0]}, ghost_batch_size={ghost}); expected more than 1 value per "
+                f"channel, for a variance ({name}). Fix: use ghost_batch_size >= 2 and a batch "
+                "size that leaves no single sample over."
             )
 
     @torch.no_grad()
@@ -375,7 +408,11 @@ _STATISTICS_DOC = """
     a multiple of ``ghost_batch_size`` raises ``ValueError``.
 
     State-dict keys, constructor arguments and the eval path are those of
-    :class:`torch.nn.{bn}`, and ``isinstance(layer, torch.nn.{bn})`` holds.
+    :class:`torch.nn.{bn}`. The layer is a ``torch.nn.modules.batchnorm._NormBase``
+    (like BatchNorm and InstanceNorm) but *not* an ``nn.{bn}``: this keeps
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` from turning it back into a
+    SyncBatchNorm (it swaps every ``_BatchNorm``). Test for ghost layers with
+    ``isinstance(layer, truebatch.nn.batchnorm.GhostBatchNormBase)``.
     Supports first-order gradients only (no double backward).
 
     Example::
@@ -385,24 +422,26 @@ _STATISTICS_DOC = """
 """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+class GhostBatchNorm1d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm1d over ghost batches of ``ghost_batch_size`` samples; "
         "input ``(N, C)`` or ``(N, C, L)``.\n"
         + _STATISTICS_DOC.format(bn="BatchNorm1d", name="GhostBatchNorm1d", example="256, 64")
     )
+    _input_dims = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+class GhostBatchNorm2d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm2d over ghost batches of ``ghost_batch_size`` samples; input ``(N, C, H, W)``.\n"
         + _STATISTICS_DOC.format(
             bn="BatchNorm2d", name="GhostBatchNorm2d", example="256, 64, 16, 16"
         )
     )
+    _input_dims = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+class GhostBatchNorm3d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm3d over ghost batches of ``ghost_batch_size`` samples; "
         "input ``(N, C, D, H, W)``.\n"
@@ -410,3 +449,4 @@ class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
             bn="BatchNorm3d", name="GhostBatchNorm3d", example="256, 64, 4, 8, 8"
         )
     )
+    _input_dims = (5,)

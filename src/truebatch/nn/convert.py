@@ -16,7 +16,7 @@ from truebatch.nn.batchnorm import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
-    _GhostBatchNorm,
+    GhostBatchNormBase,
     check_ghost_batch_size,
 )
 from truebatch.nn.dropout import SplitInvariantDropout
@@ -28,11 +28,13 @@ __all__ = [
     "unfreeze_batchnorm",
 ]
 
-_GHOST_OF: dict[type[nn.Module], type[_GhostBatchNorm]] = {
+_GHOST_OF: dict[type[nn.Module], type[GhostBatchNormBase]] = {
     nn.BatchNorm1d: GhostBatchNorm1d,
     nn.BatchNorm2d: GhostBatchNorm2d,
     nn.BatchNorm3d: GhostBatchNorm3d,
 }
+# BatchNorm layers in the sense of freeze_batchnorm: torch's and the ghost ones.
+_BATCHNORMS = (_BatchNorm, GhostBatchNormBase)
 _CHANNELWISE_OF: dict[type[nn.Module], bool] = {
     nn.Dropout: False,
     nn.Dropout1d: True,
@@ -85,12 +87,15 @@ def convert_batchnorm(model: nn.Module, ghost_batch_size: int) -> nn.Module:
     follow. Other hooks registered on the old layer are not carried over.
     Existing ghost layers are left as they are.
 
+    Ghost layers are not ``_BatchNorm`` instances, so a later
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves them alone (ghost batches
+    need no statistics from other ranks) and converts only the BatchNorm layers
+    still there.
+
     Raises ``TypeError`` for ``nn.SyncBatchNorm`` (its input rank is unknown;
-    convert before ``nn.SyncBatchNorm.convert_sync_batchnorm`` instead — ghost
-    batches need no synchronization, and note that ``convert_sync_batchnorm``
-    would turn ghost layers back into SyncBatchNorm), for lazy BatchNorm that
-    has not run yet, and for other BatchNorm subclasses, whose extra behaviour
-    a swap would silently drop.
+    convert before ``nn.SyncBatchNorm.convert_sync_batchnorm`` instead), for lazy
+    BatchNorm that has not run yet, and for other BatchNorm subclasses, whose
+    extra behaviour a swap would silently drop.
 
     Example::
 
@@ -102,13 +107,13 @@ def convert_batchnorm(model: nn.Module, ghost_batch_size: int) -> nn.Module:
     check_ghost_batch_size(ghost_batch_size)
 
     def ghost(path: str, module: nn.Module) -> nn.Module | None:
-        if isinstance(module, _GhostBatchNorm) or not isinstance(module, _BatchNorm):
+        if not isinstance(module, _BatchNorm):
             return None
         if type(module) not in _GHOST_OF:
             raise TypeError(
-                f"convert_batchnorm: {_where(path)} is a {type(module).__name__}, which has no "
-                "ghost version — expected nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d — "
-                + _conversion_hint(module)
+                f"`model` got {_where(path)} of type {type(module).__name__}; expected "
+                "nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d, which have a ghost version "
+                f"(convert_batchnorm). Fix: {_conversion_hint(module)}."
             )
         return _ghost_from(module, ghost_batch_size)
 
@@ -122,11 +127,11 @@ def _conversion_hint(module: nn.Module) -> str:
             "convert_sync_batchnorm (ghost batches need no cross-rank statistics)"
         )
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
-        return "run one forward pass first so that the lazy layer becomes a plain BatchNorm"
+        return "run one forward pass first, so that the lazy layer becomes a plain BatchNorm"
     return "replace it by a plain BatchNorm or by a GhostBatchNorm yourself"
 
 
-def _ghost_from(old: _BatchNorm, ghost_batch_size: int) -> _GhostBatchNorm:
+def _ghost_from(old: _BatchNorm, ghost_batch_size: int) -> GhostBatchNormBase:
     new = _GHOST_OF[type(old)](
         old.num_features,
         ghost_batch_size,
@@ -185,9 +190,10 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
             return None
         if type(module) not in _CHANNELWISE_OF:
             raise TypeError(
-                f"convert_dropout: {_where(path)} is a {type(module).__name__}, which has no "
-                "split-invariant version — expected nn.Dropout, nn.Dropout1d, nn.Dropout2d or "
-                "nn.Dropout3d — replace it by one of these or remove it"
+                f"`model` got {_where(path)} of type {type(module).__name__}; expected "
+                "nn.Dropout, nn.Dropout1d, nn.Dropout2d or nn.Dropout3d, which have a "
+                "split-invariant version (convert_dropout). Fix: replace it by one of these or "
+                "remove it."
             )
         new = SplitInvariantDropout(
             module.p,  # type: ignore[arg-type]
@@ -236,13 +242,14 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> model = truebatch.nn.freeze_batchnorm(model)
         >>> model.train()  # BatchNorm layers stay in eval statistics
     """
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     for path, layer in layers:
         if layer.running_mean is None or layer.running_var is None:
             raise ValueError(
-                f"freeze_batchnorm: {_where(path)} ({type(layer).__name__}) has no running "
-                "statistics (track_running_stats=False) — expected every BatchNorm to track "
-                "them — construct it with track_running_stats=True, or use GroupNorm"
+                f"`model` got {_where(path)} ({type(layer).__name__}) without running "
+                "statistics (track_running_stats=False); expected every BatchNorm to track them "
+                "(freeze_batchnorm). Fix: construct it with track_running_stats=True, or use "
+                "GroupNorm."
             )
     for _, layer in layers:
         _freeze(layer)
@@ -259,7 +266,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> model = truebatch.nn.unfreeze_batchnorm(model)
     """
     for layer in model.modules():
-        if isinstance(layer, _BatchNorm):
+        if isinstance(layer, _BATCHNORMS):
             hooks = layer._forward_pre_hooks
             for key in [k for k, hook in hooks.items() if hook is _use_running_statistics]:
                 del hooks[key]
