@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -417,6 +418,79 @@ def test_convert_dropout_types_numbering_and_flags() -> None:
 def test_convert_dropout_rejects_alpha_dropout() -> None:
     with pytest.raises(TypeError, match=r"AlphaDropout.*nn\.Dropout"):
         tnn.convert_dropout(nn.Sequential(nn.AlphaDropout(0.1)))
+
+
+def tiny_transformers() -> dict[str, nn.Module]:
+    """BERT and GPT-2 from small configs: their attention modules hold an nn.Dropout that
+    they never call (the attention reads its p for F.dropout / SDPA's dropout_p)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    bert = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+        )
+    )
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=40,
+            n_embd=16,
+            n_layer=2,
+            n_head=2,
+            n_positions=16,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    return {"bert": bert, "gpt2": gpt2}
+
+
+UNCALLED = {
+    "bert": ["encoder.layer.0.attention.self.dropout", "encoder.layer.1.attention.self.dropout"],
+    "gpt2": ["transformer.h.0.attn.attn_dropout", "transformer.h.1.attn.attn_dropout"],
+}
+
+
+def converted_dropout_warnings(model: nn.Module, **kwargs: object) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model(torch.randint(0, 40, (2, 6)), **kwargs)
+    return [str(w.message) for w in record if "converted dropout" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_convert_dropout_warns_about_modules_their_parent_never_calls(name: str) -> None:
+    model = tnn.convert_dropout(tiny_transformers()[name].train())
+    copied = copy.deepcopy(model)
+    messages = converted_dropout_warnings(model)
+    assert [m.split("'")[1] for m in messages] == UNCALLED[name]
+    assert all("Fix: set that probability to 0" in m for m in messages)
+    assert converted_dropout_warnings(model) == []  # once: the watch is gone
+    assert len(converted_dropout_warnings(copied)) == 2  # a copy carries its own watch
+    restored = pickle.loads(pickle.dumps(tnn.convert_dropout(tiny_transformers()[name])))
+    assert len(converted_dropout_warnings(restored)) == 2
+
+
+def test_convert_dropout_watch_is_quiet_when_dropout_runs_or_cannot() -> None:
+    model = tnn.convert_dropout(tiny_transformers()["bert"])
+    model.eval()
+    assert converted_dropout_warnings(model) == []  # eval mode: nothing to judge yet
+    model.train()
+    for layer in model.encoder.layer:
+        layer.attention.self.truebatch_attention = object()  # made split-invariant elsewhere
+    assert converted_dropout_warnings(model) == []
+    plain = tnn.convert_dropout(ConvNet().to(DTYPE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain(randn(4, 2, 4, 4))
+    zero = tnn.convert_dropout(tiny_transformers()["bert"])
+    for layer in zero.encoder.layer:
+        layer.attention.self.dropout.p = 0.0
+    assert converted_dropout_warnings(zero) == []
 
 
 # --------------------------------------------------------------------------- dropout

@@ -7,6 +7,7 @@ always use the return value: ``model = convert_batchnorm(model, 32)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -166,7 +167,11 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
     Raises ``TypeError`` for ``nn.AlphaDropout`` / ``nn.FeatureAlphaDropout``
     and other dropout subclasses, which have no split-invariant version.
     Dropout called functionally (``F.dropout``, attention dropout inside
-    ``nn.MultiheadAttention``) is not a module and is not converted.
+    ``nn.MultiheadAttention``) is not a module and is not converted. Hugging
+    Face attention modules hold an ``nn.Dropout`` but only read its ``p`` for a
+    functional dropout: a swapped layer that does not run during the first
+    train-mode forward of its parent makes that forward warn (``UserWarning``,
+    once per layer) with the fix; after that first forward the watch is gone.
 
     Example::
 
@@ -203,7 +208,65 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
         )
         return new.train(module.training)
 
-    return _swap_modules(model, split_invariant)
+    swapped = {id(m) for m in dropouts if not isinstance(m, SplitInvariantDropout)}
+    parents = [
+        (path, parent, name)
+        for path, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if id(child) in swapped
+    ]
+    model = _swap_modules(model, split_invariant)
+    for path, parent, name in parents:
+        _UnusedDropoutWatch(path, name).attach(parent)
+    return model
+
+
+class _UnusedDropoutWatch:
+    """Warns once if a swapped dropout does not run during its parent's first train forward.
+
+    A forward pre-hook on the dropout notes that it ran; a forward hook on the
+    parent judges after the parent's forward, then removes both hooks. Hooks
+    are this object's bound methods, so ``copy.deepcopy`` and pickling of the
+    model carry a watch that refers to the copied modules.
+    """
+
+    def __init__(self, parent_path: str, name: str) -> None:
+        self.parent_path, self.name, self.ran = parent_path, name, False
+        self.keys: tuple[int, int] = (-1, -1)
+
+    def attach(self, parent: nn.Module) -> None:
+        child = parent.get_submodule(self.name)
+        self.keys = (
+            child.register_forward_pre_hook(self.child_ran).id,
+            parent.register_forward_hook(self.parent_done).id,
+        )
+
+    def child_ran(self, _child: nn.Module, _args: object) -> None:
+        self.ran = True
+
+    def parent_done(self, parent: nn.Module, _args: object, _output: object) -> None:
+        child = parent._modules.get(self.name)
+        if not parent.training or child is None:
+            return
+        child._forward_pre_hooks.pop(self.keys[0], None)
+        parent._forward_hooks.pop(self.keys[1], None)
+        # truebatch.integrations.transformers.convert_attention_dropout marks attention
+        # modules whose functional dropout it made split-invariant.
+        handled = hasattr(parent, "truebatch_attention")
+        if self.ran or handled or not child.training or getattr(child, "p", 0.0) == 0.0:
+            return
+        path = f"{self.parent_path}.{self.name}" if self.parent_path else self.name
+        warnings.warn(
+            f"`model` got module '{path}', a converted dropout that did not run during a "
+            f"train-mode forward of {_where(self.parent_path)}; expected it to run. If the "
+            "parent applies dropout functionally with its p (F.dropout or "
+            "scaled_dot_product_attention(dropout_p=...), as Hugging Face attention does), that "
+            "dropout is not split-invariant. Fix: set that probability to 0 (e.g. "
+            "config.attention_probs_dropout_prob=0.0), or call truebatch.integrations."
+            "transformers.convert_attention_dropout(model).",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _use_running_statistics(module: nn.Module, _args: object) -> None:
