@@ -30,13 +30,13 @@ from truebatch import _context
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
 
 # Ghost batches with at least this many elements are normalized one kernel call
-# each, directly on the input; smaller ones are gathered into one call (one copy
-# of the input) because per-call overhead would dominate. Measured on CPU: the
-# two costs cross between 16k and 128k elements per ghost batch.
+# each, directly on the input; smaller ones are normalized together in one call
+# on a copy of the input, because per-call overhead would dominate. Measured on
+# CPU: the two costs cross between 16k and 128k elements per ghost batch.
 _DIRECT_CHUNK_NUMEL = 65536
 
-# (first sample, number of ghost batches, samples per ghost batch)
-_Block = tuple[int, int, int]
+# (first sample, number of ghost batches, samples per ghost batch, through GroupNorm)
+_Block = tuple[int, int, int, bool]
 
 
 def check_ghost_batch_size(ghost_batch_size: Any) -> int:
@@ -54,14 +54,65 @@ def check_ghost_batch_size(ghost_batch_size: Any) -> int:
     return ghost_batch_size
 
 
-def _blocks(batch: int, ghost: int, sample_numel: int) -> list[_Block]:
-    """Group the ghost batches of a batch into kernel calls, in data order."""
+def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
+    """Group the ghost batches of ``x`` into kernel calls, in data order.
+
+    Several small ghost batches go into one call: GroupNorm on ``(G, C, g, L)``
+    (each channel a group) when samples have several values per channel and
+    ``x`` is contiguous; otherwise BatchNorm on the gathered ``(g, G*C, L)``,
+    which is faster when ``L = 1`` (``benchmarks/layers.py`` measures both).
+    """
+    batch, sample_numel = x.shape[0], math.prod(x.shape[1:])
     full, rest = divmod(batch, ghost)
     per_call = 1 if ghost * sample_numel >= _DIRECT_CHUNK_NUMEL else max(full, 1)
-    blocks = [(j * ghost, min(per_call, full - j), ghost) for j in range(0, full, per_call)]
+    grouped = per_call > 1 and sample_numel > x.shape[1] and x.is_contiguous()
+    blocks = [
+        (j * ghost, min(per_call, full - j), ghost, grouped) for j in range(0, full, per_call)
+    ]
     if rest:
-        blocks.append((full * ghost, 1, rest))
+        blocks.append((full * ghost, 1, rest, False))
     return blocks
+
+
+def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``: GroupNorm's groups are
+    the (ghost batch, channel) pairs."""
+    size, channels = x.shape[0] // chunks, x.shape[1]
+    return x.reshape(chunks, size, channels, -1).transpose(1, 2).contiguous()
+
+
+def _ungroup(source: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """Inverse of :func:`_grouped`: write ``source`` into ``out`` (contiguous)."""
+    size, channels = out.shape[0] // chunks, out.shape[1]
+    out.view(chunks, size, channels, -1).copy_(source.transpose(1, 2))
+
+
+def _normalize_grouped(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_normalize_block` through GroupNorm: same statistics, one call, no tiling.
+
+    GroupNorm returns ``1 / sqrt(var + eps)``; the unbiased variance for the
+    running statistics is ``(rstd**-2 - eps) * n / (n - 1)`` over the ``n``
+    values of a (ghost batch, channel).
+    """
+    grouped = _grouped(x, chunks)
+    _, channels, size, length = grouped.shape
+    y, save_mean, save_rstd = torch.native_group_norm(
+        grouped, weight, bias, chunks, channels, size * length, channels, eps
+    )
+    _ungroup(y, out, chunks)
+    n = size * length
+    mean.copy_(save_mean)
+    var.copy_(save_rstd.double().pow(-2).sub_(eps).clamp_(min=0).mul_(n / (n - 1)))
+    return save_mean.view(-1), save_rstd.view(-1)
 
 
 def _gather(x: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -187,8 +238,8 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = _dense(x)
-        blocks = _blocks(x.shape[0], ghost, math.prod(x.shape[1:]))
-        total = sum(chunks for _, chunks, _ in blocks)
+        blocks = _blocks(x, ghost)
+        total = sum(block[1] for block in blocks)
         stat_dtype = weight.dtype if weight is not None else x.dtype
         out = torch.empty_like(x)
         # Zero-initialized because BatchNorm blends them with weight 0 (0 * garbage may be NaN).
@@ -196,10 +247,11 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         var = torch.zeros_like(mean)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         row = 0
-        for start, chunks, size in blocks:
+        for start, chunks, size, grouped in blocks:
             stop, rows = start + chunks * size, slice(row, row + chunks)
+            normalize = _normalize_grouped if grouped else _normalize_block
             saved.append(
-                _normalize_block(
+                normalize(
                     x[start:stop], weight, bias, chunks, mean[rows], var[rows], eps, out[start:stop]
                 )
             )
@@ -222,8 +274,29 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         grad_weight: torch.Tensor | None = None
         grad_bias: torch.Tensor | None = None
         channels, first = x.shape[1], 0
-        for start, chunks, size in ctx.blocks:
+        for start, chunks, size, grouped in ctx.blocks:
             stop, params = start + chunks * size, slice(first, first + chunks * channels)
+            first += chunks * channels
+            if grouped:
+                x_grouped = _grouped(x[start:stop], chunks)
+                _, _, rows, length = x_grouped.shape
+                gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                    _grouped(grad_out[start:stop], chunks),
+                    x_grouped,
+                    save_mean[params].view(chunks, channels),
+                    save_invstd[params].view(chunks, channels),
+                    weight,
+                    chunks,
+                    channels,
+                    rows * length,
+                    channels,
+                    mask,
+                )
+                if grad_x is not None:
+                    _ungroup(gx, grad_x[start:stop], chunks)
+                grad_weight = _add(grad_weight, gw) if mask[1] else None
+                grad_bias = _add(grad_bias, gb) if mask[2] else None
+                continue
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 _gather(grad_out[start:stop], chunks),
                 _gather(x[start:stop], chunks),
@@ -242,7 +315,6 @@ class _GhostBatchNormFunction(torch.autograd.Function):
                 grad_weight = _add(grad_weight, gw.view(chunks, -1).sum(0))
             if mask[2]:
                 grad_bias = _add(grad_bias, gb.view(chunks, -1).sum(0))
-            first += chunks * channels
         return grad_x, grad_weight, grad_bias, None, None
 
 
