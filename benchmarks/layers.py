@@ -80,6 +80,7 @@ def cells(dtypes: list[torch.dtype], *, compiled: bool) -> Iterator[Cell]:
                 ours: nn.Module = tnn.SplitInvariantDropout(0.1, channelwise=channelwise)
                 theirs = native()
                 if mode == "compiled":
+                    torch._dynamo.reset()  # each cell compiles afresh, within the recompile limit
                     ours, theirs = torch.compile(ours), torch.compile(theirs)
                 yield Cell(
                     "SplitInvariantDropout",

@@ -7,6 +7,7 @@ in float64 at 1e-12 (relative, per tensor), as in the library's contract.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import pickle
@@ -662,18 +663,196 @@ def test_dropout_eval_and_extreme_probabilities() -> None:
     assert torch.equal(tnn.SplitInvariantDropout(1.0)(x), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("in_window", [False, True])
-def test_checkpointed_dropout_refuses_to_recompute(in_window: bool) -> None:
-    """Recomputation in backward has no micro-batch context: it would draw another mask."""
+def test_checkpoint_recomputation_draws_the_forward_mask(
+    in_window: bool, use_reentrant: bool
+) -> None:
+    """The recomputation runs in backward, outside the micro-batch context (it used to raise)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), tnn.SplitInvariantDropout(0.5), nn.Linear(6, 2))
+    model = model.to(DTYPE)
+    x = randn(4, 6).requires_grad_()  # reentrant checkpointing needs an input that does
+
+    def gradient(layer: nn.Module, *, checkpointed: bool) -> list[torch.Tensor]:
+        with _context.micro_batch(window=3, offset=5) if in_window else contextlib.nullcontext():
+            out = checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out.square().sum().backward()  # reentrant checkpointing refuses autograd.grad
+        return [t.grad.clone() for t in (x, *layer.parameters())]
+
+    for _ in range(2):  # the second forward replaces what a recomputation replays
+        plain = gradient(copy.deepcopy(model), checkpointed=False)  # a copy: the same window
+        recomputed = gradient(model, checkpointed=True)
+        assert all(torch.equal(a, b) for a, b in zip(recomputed, plain, strict=True))
+
+
+DOCUMENTS = {7: 5, 11: 3, 12: 6, 30: 2}  # document id -> length
+
+
+def packed(rows: list[list[int]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document_ids, positions) of rows that hold these documents in this order, padded
+    with document -1."""
+    ids, positions = torch.full((len(rows), length), -1), torch.zeros(len(rows), length)
+    for r, documents in enumerate(rows):
+        column = 0
+        for doc in documents:
+            ids[r, column : column + DOCUMENTS[doc]] = doc
+            positions[r, column : column + DOCUMENTS[doc]] = torch.arange(DOCUMENTS[doc])
+            column += DOCUMENTS[doc]
+    return ids, positions.long()
+
+
+def token_masks(layer: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> dict:
+    """(document, position) -> the layer's output at that token (ones in: the kept scale)."""
+    with _context.micro_batch(window=2, offset=0), tnn.token_keys(ids, positions):
+        out = layer(torch.ones(*ids.shape, 3, 4, dtype=DTYPE))
+    return {
+        (int(d), int(t)): out[b, c]
+        for (b, c), d, t in zip(
+            torch.ones_like(ids).nonzero().tolist(), ids.flatten(), positions.flatten(), strict=True
+        )
+        if d >= 0
+    }
+
+
+def test_token_keyed_masks_survive_repacking_and_splitting() -> None:
+    layer = tnn.SplitInvariantDropout(0.5, seed=1, layer_id=4, key="token")
+    first = token_masks(layer, *packed([[7, 11], [12, 30]], 8))
+    repacked = token_masks(layer, *packed([[30, 7], [11], [12]], 7))
+    assert first.keys() == repacked.keys() and len(first) == sum(DOCUMENTS.values())
+    assert all(torch.equal(first[token], repacked[token]) for token in first)
+    kept = torch.stack(list(first.values())) != 0
+    assert 0.3 < kept.double().mean().item() < 0.7 and not kept.all(-1).all(-1).any()
+    ids, positions = packed([[7, 11], [12, 30]], 8)
+    with tnn.token_keys(ids[1:], positions[1:]), _context.micro_batch(window=2, offset=1):
+        second_row = layer(torch.ones(1, 8, 3, 4, dtype=DTYPE))  # the offset plays no part
+    assert all(torch.equal(second_row[0, t], first[12, t]) for t in range(6))
+    other_window = tnn.SplitInvariantDropout(0.5, seed=1, layer_id=4, key="token")
+    with _context.micro_batch(window=3, offset=0), tnn.token_keys(ids, positions):
+        assert not torch.equal(other_window(torch.ones(2, 8, 3, 4, dtype=DTYPE))[0, 0], first[7, 0])
+
+
+def test_token_keyed_mask_is_the_documented_hash() -> None:
+    ids, positions = torch.tensor([[3, 3, 2**40]]), torch.tensor([[0, 1, 7]])
+    layer = tnn.SplitInvariantDropout(0.3, seed=5, layer_id=2, key="token")
+    with _context.micro_batch(window=9, offset=4), tnn.token_keys(ids, positions):
+        kept = (layer(torch.ones(1, 3, 5, dtype=DTYPE)) != 0)[0]
+    for t in range(3):
+        row = reference_mix((int(ids[0, t]) * 0x9E3779B97F4A7C15 + int(positions[0, t])) & MASK64)
+        expected = [reference_keep(0.3, 5, 9, 2, row, e, 5) for e in range(5)]
+        assert kept[t].tolist() == expected
+    assert torch.equal(
+        kept, tnn.dropout.token_keep_mask(ids, positions, 5, 0.3, seed=5, window=9, layer_id=2)[0]
+    )
+
+
+def test_token_keyed_dropout_refuses_what_it_cannot_key() -> None:
+    layer = tnn.SplitInvariantDropout(0.5, key="token")
+    with pytest.raises(RuntimeError, match="token_keys"):
+        layer(torch.ones(2, 3, 4))
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with tnn.token_keys(ids, ids), pytest.raises(ValueError, match=r"\(B, T\) = \(2, 5\)"):
+        layer(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="`positions` got shape"):
+        tnn.token_keys(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        tnn.token_keys(torch.zeros(2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="`key` got"):
+        tnn.SplitInvariantDropout(0.5, channelwise=True, key="token")
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_recomputation_after_two_different_forwards_raises(use_reentrant: bool) -> None:
+    """Which forward is recomputed is unknown; replaying the wrong mask would be silent."""
     model = nn.Sequential(nn.Linear(6, 6), tnn.SplitInvariantDropout(0.5)).to(DTYPE)
-    x = randn(4, 6)
-    if in_window:
-        with _context.micro_batch(window=0, offset=0):
-            out = checkpoint(model, x, use_reentrant=False)
-    else:
-        out = checkpoint(model, x, use_reentrant=False)
-    with pytest.raises(RuntimeError, match="checkpoint"):
-        out.sum().backward()
+    x = randn(4, 6).requires_grad_()
+    first = checkpoint(model, x, use_reentrant=use_reentrant)
+    checkpoint(model, x, use_reentrant=use_reentrant)  # outside a window: another mask
+    with pytest.raises(RuntimeError, match="forwards with different masks"):
+        first.sum().backward()
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block with dropout on the attention probabilities and on both
+    residual branches."""
+
+    def __init__(self, width: int = 8, heads: int = 2, p: float = 0.3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+        self.attention_dropout = tnn.SplitInvariantDropout(p)
+        self.dropout1, self.dropout2 = tnn.SplitInvariantDropout(p), tnn.SplitInvariantDropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = (
+            t.view(batch, length, self.heads, -1).transpose(1, 2)
+            for t in self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        )
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        weights = self.attention_dropout(scores.masked_fill(~causal, -math.inf).softmax(-1))
+        attended = (weights @ v).transpose(1, 2).reshape(batch, length, width)
+        x = x + self.dropout1(self.proj(attended))
+        return x + self.dropout2(self.mlp(self.norm2(x)))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, use_reentrant: bool | None) -> None:
+        super().__init__()
+        self.embed, self.blocks = nn.Linear(3, 8), nn.ModuleList([Block(), Block()])
+        self.head, self.use_reentrant = nn.Linear(8, 4), use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        for block in self.blocks:
+            if self.use_reentrant is None:
+                h = block(h)
+            else:
+                h = checkpoint(block, h, use_reentrant=self.use_reentrant)
+        return self.head(h).mean(1)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointed_transformer_with_split_invariant_dropout_is_exact(
+    use_reentrant: bool,
+) -> None:
+    """Accumulator.step_window over uneven micro-batches of a checkpointed model vs the plain
+    full-batch loop on the same model without checkpointing, two windows, float64."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(12, 5, 3, generator=generator, dtype=DTYPE), torch.randint(0, 4, (12,)))
+        for _ in range(2)
+    ]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = TinyTransformer(use_reentrant=None).to(DTYPE)
+    model = copy.deepcopy(reference)
+    model.use_reentrant = use_reentrant
+    for net in (reference, model):
+        tnn.convert_dropout(net, seed=7)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for window, (x, y) in enumerate(batches):
+        optimizer.zero_grad(set_to_none=True)
+        with _context.micro_batch(window=window, offset=0):
+            F.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    for x, y in batches:
+        acc.step_window([(x[a:b], y[a:b]) for a, b in ((0, 3), (3, 8), (8, 12))], summed_loss)
+    assert tb.max_relative_difference(list(model.parameters()), list(reference.parameters())) <= (
+        EXACT
+    )
+    moved = tb.max_relative_difference(
+        list(model.parameters()), list(TinyTransformer(None).to(DTYPE).parameters())
+    )
+    assert moved > 1e-3  # the control: the weights did move
 
 
 SPLITS = [[16], [4, 4, 4, 4], [8, 8], [3, 5, 8], [1, 15]]
@@ -719,6 +898,18 @@ def test_compiled_dropout_with_inductor_matches_eager() -> None:
         expected = split_outputs(layer, x, [12], window)
         for sizes in ([12], [4, 8], [4, 4, 4]):
             assert torch.equal(split_outputs(compiled, x, sizes, window) != 0, expected != 0)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_token_keyed_dropout_draws_the_eager_masks(backend: str) -> None:
+    torch._dynamo.reset()
+    layer = tnn.SplitInvariantDropout(0.4, seed=2, layer_id=3, key="token")
+    compiled = torch.compile(layer, backend=backend)
+    ids, positions = packed([[7, 11], [12, 30]], 8)
+    x = randn(2, 8, 5)
+    for window in range(2):
+        with _context.micro_batch(window=window, offset=0), tnn.token_keys(ids, positions):
+            assert torch.equal(compiled(x), layer(x))
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
