@@ -1,16 +1,23 @@
 """Split-invariant layers against their native counterparts: forward + backward time.
 
-Each case builds a native layer and its truebatch replacement, warms both up,
-then alternates them (native, truebatch, truebatch, native, ...) so that a
-slow moment of the machine hits both, and prints the median of the per-round
-time ratios truebatch / native, with PASS/FAIL for the cases that have a target:
+A grid of cells, each one truebatch layer against the native layer it replaces,
+in the same run:
 
-- GhostBatchNorm2d (ghost size 32) vs nn.BatchNorm2d, batch 256x64x16x16: <= 1.3
-- SplitInvariantDropout vs nn.Dropout, 256x4096 float32:                    <= 1.5
+- GhostBatchNorm1d/2d/3d with ghost sizes 2, 8, 32, 128 vs nn.BatchNorm1d/2d/3d
+  (target: ratio <= 1.3);
+- SplitInvariantDropout vs nn.Dropout (element-wise) and nn.Dropout2d
+  (channel-wise), eager and under torch.compile (target: ratio <= 1.0);
 
-Run: python benchmarks/layers.py [--repeats 30] [--threads 2]
-     python benchmarks/layers.py --quick   (3 rounds per case: a smoke run, exit 0 whatever
-                                            the ratios, which are too noisy to judge)
+each in float32 and bfloat16, with 1 and 2 threads. In every cell the two
+layers alternate (native, truebatch, truebatch, native, ...) so that a slow
+moment of the machine hits both; the cell prints the median of the per-round
+time ratios truebatch / native, the native time, and the 1-minute load average
+when the cell ran. A load above the number of CPUs means other processes took
+the cores during the cell: its ratio is then unreliable, and the line says so.
+
+Run: python benchmarks/layers.py [--repeats 15] [--threads 1,2] [--no-compile]
+     python benchmarks/layers.py --quick   (2 rounds per cell, no compiled cells: a smoke
+                                            run, exit 0 whatever the ratios)
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,54 +34,71 @@ from torch import nn
 
 import truebatch.nn as tnn
 
+GHOST_SIZES = (2, 8, 32, 128)
+BATCHNORM_TARGET = 1.3
+DROPOUT_TARGET = 1.0
+# (name, native class, ghost class, input shape): 256 samples (4096 rows for 1d)
+BATCHNORMS = (
+    ("1d", nn.BatchNorm1d, tnn.GhostBatchNorm1d, (4096, 256)),
+    ("2d", nn.BatchNorm2d, tnn.GhostBatchNorm2d, (256, 32, 16, 16)),
+    ("3d", nn.BatchNorm3d, tnn.GhostBatchNorm3d, (256, 16, 4, 8, 8)),
+)
+# (name, native layer, channelwise, input shape)
+DROPOUTS = (
+    ("element-wise", lambda: nn.Dropout(0.1), False, (256, 4096)),
+    ("element-wise tokens", lambda: nn.Dropout(0.1), False, (16, 128, 768)),
+    ("channel-wise", lambda: nn.Dropout2d(0.1), True, (256, 32, 16, 16)),
+)
+
 
 @dataclass(frozen=True)
-class Case:
+class Cell:
+    family: str  # "GhostBatchNorm" or "SplitInvariantDropout"
     name: str
     native: nn.Module
     ours: nn.Module
     shape: tuple[int, ...]
-    target: float | None  # max allowed ratio; None: reported only
+    dtype: torch.dtype
+    target: float
 
 
-def cases() -> list[Case]:
-    return [
-        Case(
-            "GhostBatchNorm2d(g=32) / BatchNorm2d, 256x64x16x16",
-            nn.BatchNorm2d(64),
-            tnn.GhostBatchNorm2d(64, ghost_batch_size=32),
-            (256, 64, 16, 16),
-            1.3,
-        ),
-        Case(
-            "SplitInvariantDropout / Dropout (p=0.5), 256x4096",
-            nn.Dropout(0.5),
-            tnn.SplitInvariantDropout(0.5),
-            (256, 4096),
-            1.5,
-        ),
-        Case(
-            "GhostBatchNorm1d(g=8) / BatchNorm1d, 4096x256 (512 ghost batches)",
-            nn.BatchNorm1d(256),
-            tnn.GhostBatchNorm1d(256, ghost_batch_size=8),
-            (4096, 256),
-            None,
-        ),
-        Case(
-            "SplitInvariantDropout(channelwise) / Dropout2d, 256x64x16x16",
-            nn.Dropout2d(0.5),
-            tnn.SplitInvariantDropout(0.5, channelwise=True),
-            (256, 64, 16, 16),
-            None,
-        ),
-    ]
+def cells(dtypes: list[torch.dtype], *, compiled: bool) -> Iterator[Cell]:
+    for dtype in dtypes:
+        for kind, native_cls, ghost_cls, shape in BATCHNORMS:
+            for ghost in GHOST_SIZES:
+                yield Cell(
+                    "GhostBatchNorm",
+                    f"GhostBatchNorm{kind}(g={ghost}) {'x'.join(map(str, shape))}",
+                    native_cls(shape[1]).to(dtype),
+                    ghost_cls(shape[1], ghost).to(dtype),
+                    shape,
+                    dtype,
+                    BATCHNORM_TARGET,
+                )
+        for mode in ("eager", "compiled") if compiled else ("eager",):
+            for kind, native, channelwise, shape in DROPOUTS:
+                ours: nn.Module = tnn.SplitInvariantDropout(0.1, channelwise=channelwise)
+                theirs = native()
+                if mode == "compiled":
+                    torch._dynamo.reset()  # each cell compiles afresh, within the recompile limit
+                    ours, theirs = torch.compile(ours), torch.compile(theirs)
+                yield Cell(
+                    "SplitInvariantDropout",
+                    f"SplitInvariantDropout {kind} {mode} {'x'.join(map(str, shape))}",
+                    theirs,
+                    ours,
+                    shape,
+                    dtype,
+                    DROPOUT_TARGET,
+                )
 
 
-def step_timer(layer: nn.Module, shape: tuple[int, ...]) -> Callable[[], float]:
+def step_timer(layer: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[], float]:
     """A function that runs one train-mode forward + backward and returns its seconds."""
     layer.train()
-    x = torch.randn(shape, requires_grad=True)
-    grad = torch.randn(shape)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(shape, generator=generator).to(dtype)
 
     def step() -> float:
         x.grad = None
@@ -86,57 +110,72 @@ def step_timer(layer: nn.Module, shape: tuple[int, ...]) -> Callable[[], float]:
     return step
 
 
-def measure(case: Case, repeats: int, warmup: int) -> tuple[float, float, float]:
-    """(median native seconds, median truebatch seconds, median per-round ratio)."""
-    native, ours = step_timer(case.native, case.shape), step_timer(case.ours, case.shape)
+def measure(cell: Cell, repeats: int, warmup: int) -> tuple[float, float]:
+    """(median native seconds, median per-round ratio truebatch / native), interleaved."""
+    native, ours = (
+        step_timer(cell.native, cell.shape, cell.dtype),
+        step_timer(cell.ours, cell.shape, cell.dtype),
+    )
     for _ in range(warmup):
         native(), ours()
-    native_times, our_times = [], []
+    native_times, ratios = [], []
     for i in range(repeats):
         if i % 2:
-            our_times.append(ours())
-            native_times.append(native())
+            o, n = ours(), native()
         else:
-            native_times.append(native())
-            our_times.append(ours())
-    ratios = [o / n for o, n in zip(our_times, native_times, strict=True)]
-    return statistics.median(native_times), statistics.median(our_times), statistics.median(ratios)
+            n, o = native(), ours()
+        native_times.append(n)
+        ratios.append(o / n)
+    return statistics.median(native_times), statistics.median(ratios)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per case")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds per case")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds per cell")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds per cell")
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile cells")
     parser.add_argument(
-        "--quick", action="store_true", help="3 rounds, 1 warm-up: check that it runs"
+        "--quick", action="store_true", help="2 rounds, 1 warm-up, no compile: check that it runs"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup = 3, 1
+        args.repeats, args.warmup, args.no_compile = 2, 1, True
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    threads = [int(t) for t in args.threads.split(",")]
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    cpus = os.cpu_count() or 1
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32; "
-        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (ratios are only "
-        "meaningful when it is below the CPU count: each ghost batch is its own kernel call, "
-        "which a busy machine delays more than one call)"
+        f"torch {torch.__version__}, CPU, {cpus} CPUs; ratio = truebatch / native "
+        f"(median of {args.repeats} interleaved rounds); load = 1-minute load average"
     )
-    failed = False
-    for case in cases():
-        native, ours, ratio = measure(case, args.repeats, args.warmup)
-        if case.target is None:
-            verdict = "(info)"
-        else:
-            passed = ratio <= case.target
+    worst: dict[str, tuple[float, str]] = {}
+    failed, unreliable = False, 0
+    for count in threads:
+        torch.set_num_threads(count)
+        for cell in cells(dtypes, compiled=not args.no_compile):
+            native, ratio = measure(cell, args.repeats, args.warmup)
+            load = os.getloadavg()[0]
+            passed = ratio <= cell.target
             failed |= not passed
-            verdict = f"{'PASS' if passed else 'FAIL'} (target <= {case.target})"
+            busy = load > cpus
+            unreliable += busy
+            where = f"{cell.name} {str(cell.dtype).removeprefix('torch.')} {count} thread(s)"
+            print(
+                f"{where}: native {native * 1e3:.2f} ms, ratio {ratio:.2f} "
+                f"{'ok' if passed else 'ABOVE'} (<= {cell.target}), load {load:.1f}"
+                + (f" > {cpus} CPUs: unreliable" if busy else "")
+            )
+            if ratio > worst.get(cell.family, (0.0, ""))[0]:
+                worst[cell.family] = (ratio, f"{where}, load {load:.1f}")
+    for family, (ratio, where) in worst.items():
+        print(f"worst {family}: ratio {ratio:.2f} ({where})")
+    if unreliable:
         print(
-            f"{case.name}: native {native * 1e3:.2f} ms, truebatch {ours * 1e3:.2f} ms, "
-            f"ratio {ratio:.2f} {verdict}"
+            f"{unreliable} cell(s) ran with the load above {cpus}: their ratios measure the "
+            "other processes as much as the layers; rerun on an idle machine"
         )
     if args.quick:
         print("quick run: too few rounds to judge the targets (run without --quick)")

@@ -58,16 +58,21 @@ def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None
     assert all(float(difference) <= 1e-5 for _, difference in differences), out
 
 
-def test_layers_quick_prints_a_ratio_per_case() -> None:
-    out = run_benchmark("layers.py", "--quick", "--threads", "1")
-    ratios = re.findall(r"^(\w+)\S* .*ratio (\d+\.\d+)", out, flags=re.MULTILINE)
-    assert [name for name, _ in ratios] == [
-        "GhostBatchNorm2d",
-        "SplitInvariantDropout",
-        "GhostBatchNorm1d",
-        "SplitInvariantDropout",
-    ], out
-    assert all(float(ratio) > 0 for _, ratio in ratios), out
+def test_layers_quick_prints_a_ratio_per_cell_of_the_grid() -> None:
+    out = run_benchmark("layers.py", "--quick", "--threads", "1", "--dtypes", "float32")
+    cells = re.findall(
+        r"^(GhostBatchNorm[123]d\(g=\d+\)|SplitInvariantDropout [\w -]+ eager) \S+ float32 "
+        r"1 thread\(s\): native \d+\.\d+ ms, ratio (\d+\.\d+) (ok|ABOVE) \(<= ([\d.]+)\), "
+        r"load \d+\.\d",
+        out,
+        flags=re.MULTILINE,
+    )
+    names = [name for name, *_ in cells]
+    ghost = [f"GhostBatchNorm{d}(g={g})" for d in ("1d", "2d", "3d") for g in (2, 8, 32, 128)]
+    assert names[:12] == ghost and len(names) == 15, out
+    for _, ratio, verdict, target in cells:
+        assert (verdict == "ok") == (float(ratio) <= float(target)), out
+    assert re.search(r"^worst GhostBatchNorm: ratio \d+\.\d+ \(", out, flags=re.MULTILINE), out
 
 
 def test_check_speed_benchmark_times_both_cases_against_the_baseline_step() -> None:

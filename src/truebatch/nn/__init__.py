@@ -7,7 +7,9 @@ This package provides drop-in replacements and converters:
 - :class:`GhostBatchNorm1d` / ``2d`` / ``3d``: BatchNorm over fixed chunks of
   ``ghost_batch_size`` samples, with running statistics updated chunk by chunk;
 - :class:`SplitInvariantDropout`: dropout whose mask is a hash of
-  (seed, window, layer, global sample index, element index);
+  (seed, window, layer, global sample index, element index), or keyed by token
+  (document id, position) inside :class:`token_keys`; exact under activation
+  checkpointing and ``torch.compile``;
 - :func:`convert_batchnorm`, :func:`convert_dropout`: swap them into a model;
 - :func:`freeze_batchnorm` / :func:`unfreeze_batchnorm`: BatchNorm on running
   statistics, for fine-tuning.
@@ -25,7 +27,7 @@ from truebatch.nn.convert import (
     freeze_batchnorm,
     unfreeze_batchnorm,
 )
-from truebatch.nn.dropout import SplitInvariantDropout
+from truebatch.nn.dropout import SplitInvariantDropout, token_keys
 
 __all__ = [
     "GhostBatchNorm1d",
@@ -35,5 +37,6 @@ __all__ = [
     "convert_batchnorm",
     "convert_dropout",
     "freeze_batchnorm",
+    "token_keys",
     "unfreeze_batchnorm",
 ]

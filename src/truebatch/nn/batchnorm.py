@@ -21,47 +21,98 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 from torch.autograd.function import FunctionCtx, once_differentiable
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 
 from truebatch import _context
 
-__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
 
 # Ghost batches with at least this many elements are normalized one kernel call
-# each, directly on the input; smaller ones are gathered into one call (one copy
-# of the input) because per-call overhead would dominate. Measured on CPU: the
-# two costs cross between 16k and 128k elements per ghost batch.
+# each, directly on the input; smaller ones are normalized together in one call
+# on a copy of the input, because per-call overhead would dominate. Measured on
+# CPU: the two costs cross between 16k and 128k elements per ghost batch.
 _DIRECT_CHUNK_NUMEL = 65536
 
-# (first sample, number of ghost batches, samples per ghost batch)
-_Block = tuple[int, int, int]
+# (first sample, number of ghost batches, samples per ghost batch, through GroupNorm)
+_Block = tuple[int, int, int, bool]
 
 
 def check_ghost_batch_size(ghost_batch_size: Any) -> int:
     """Return ``ghost_batch_size`` if it is a positive int, else raise with the fix."""
     if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int):
         raise TypeError(
-            f"ghost_batch_size must be an int, got {type(ghost_batch_size).__name__} "
-            f"{ghost_batch_size!r} — pass the number of samples per ghost batch, e.g. 32"
+            f"`ghost_batch_size` got {type(ghost_batch_size).__name__} {ghost_batch_size!r}; "
+            "expected an int. Fix: pass the number of samples per ghost batch, e.g. 32."
         )
     if ghost_batch_size < 1:
         raise ValueError(
-            f"ghost_batch_size must be >= 1, got {ghost_batch_size} — pass the number of "
-            "samples per ghost batch, e.g. 32"
+            f"`ghost_batch_size` got {ghost_batch_size}; expected an int >= 1. Fix: pass the "
+            "number of samples per ghost batch, e.g. 32."
         )
     return ghost_batch_size
 
 
-def _blocks(batch: int, ghost: int, sample_numel: int) -> list[_Block]:
-    """Group the ghost batches of a batch into kernel calls, in data order."""
+def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
+    """Group the ghost batches of ``x`` into kernel calls, in data order.
+
+    Several small ghost batches go into one call: GroupNorm on ``(G, C, g, L)``
+    (each channel a group) when samples have several values per channel and
+    ``x`` is contiguous; otherwise BatchNorm on the gathered ``(g, G*C, L)``,
+    which is faster when ``L = 1`` (``benchmarks/layers.py`` measures both).
+    """
+    batch, sample_numel = x.shape[0], math.prod(x.shape[1:])
     full, rest = divmod(batch, ghost)
     per_call = 1 if ghost * sample_numel >= _DIRECT_CHUNK_NUMEL else max(full, 1)
-    blocks = [(j * ghost, min(per_call, full - j), ghost) for j in range(0, full, per_call)]
+    grouped = per_call > 1 and sample_numel > x.shape[1] and x.is_contiguous()
+    blocks = [
+        (j * ghost, min(per_call, full - j), ghost, grouped) for j in range(0, full, per_call)
+    ]
     if rest:
-        blocks.append((full * ghost, 1, rest))
+        blocks.append((full * ghost, 1, rest, False))
     return blocks
+
+
+def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``: GroupNorm's groups are
+    the (ghost batch, channel) pairs."""
+    size, channels = x.shape[0] // chunks, x.shape[1]
+    return x.reshape(chunks, size, channels, -1).transpose(1, 2).contiguous()
+
+
+def _ungroup(source: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """Inverse of :func:`_grouped`: write ``source`` into ``out`` (contiguous)."""
+    size, channels = out.shape[0] // chunks, out.shape[1]
+    out.view(chunks, size, channels, -1).copy_(source.transpose(1, 2))
+
+
+def _normalize_grouped(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_normalize_block` through GroupNorm: same statistics, one call, no tiling.
+
+    GroupNorm returns ``1 / sqrt(var + eps)``; the unbiased variance for the
+    running statistics is ``(rstd**-2 - eps) * n / (n - 1)`` over the ``n``
+    values of a (ghost batch, channel).
+    """
+    grouped = _grouped(x, chunks)
+    _, channels, size, length = grouped.shape
+    y, save_mean, save_rstd = torch.native_group_norm(
+        grouped, weight, bias, chunks, channels, size * length, channels, eps
+    )
+    _ungroup(y, out, chunks)
+    n = size * length
+    mean.copy_(save_mean)
+    var.copy_(save_rstd.double().pow(-2).sub_(eps).clamp_(min=0).mul_(n / (n - 1)))
+    return save_mean.view(-1), save_rstd.view(-1)
 
 
 def _gather(x: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -187,8 +238,8 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = _dense(x)
-        blocks = _blocks(x.shape[0], ghost, math.prod(x.shape[1:]))
-        total = sum(chunks for _, chunks, _ in blocks)
+        blocks = _blocks(x, ghost)
+        total = sum(block[1] for block in blocks)
         stat_dtype = weight.dtype if weight is not None else x.dtype
         out = torch.empty_like(x)
         # Zero-initialized because BatchNorm blends them with weight 0 (0 * garbage may be NaN).
@@ -196,10 +247,11 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         var = torch.zeros_like(mean)
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         row = 0
-        for start, chunks, size in blocks:
+        for start, chunks, size, grouped in blocks:
             stop, rows = start + chunks * size, slice(row, row + chunks)
+            normalize = _normalize_grouped if grouped else _normalize_block
             saved.append(
-                _normalize_block(
+                normalize(
                     x[start:stop], weight, bias, chunks, mean[rows], var[rows], eps, out[start:stop]
                 )
             )
@@ -222,8 +274,29 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         grad_weight: torch.Tensor | None = None
         grad_bias: torch.Tensor | None = None
         channels, first = x.shape[1], 0
-        for start, chunks, size in ctx.blocks:
+        for start, chunks, size, grouped in ctx.blocks:
             stop, params = start + chunks * size, slice(first, first + chunks * channels)
+            first += chunks * channels
+            if grouped:
+                x_grouped = _grouped(x[start:stop], chunks)
+                _, _, rows, length = x_grouped.shape
+                gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                    _grouped(grad_out[start:stop], chunks),
+                    x_grouped,
+                    save_mean[params].view(chunks, channels),
+                    save_invstd[params].view(chunks, channels),
+                    weight,
+                    chunks,
+                    channels,
+                    rows * length,
+                    channels,
+                    mask,
+                )
+                if grad_x is not None:
+                    _ungroup(gx, grad_x[start:stop], chunks)
+                grad_weight = _add(grad_weight, gw) if mask[1] else None
+                grad_bias = _add(grad_bias, gb) if mask[2] else None
+                continue
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 _gather(grad_out[start:stop], chunks),
                 _gather(x[start:stop], chunks),
@@ -242,7 +315,6 @@ class _GhostBatchNormFunction(torch.autograd.Function):
                 grad_weight = _add(grad_weight, gw.view(chunks, -1).sum(0))
             if mask[2]:
                 grad_bias = _add(grad_bias, gb.view(chunks, -1).sum(0))
-            first += chunks * channels
         return grad_x, grad_weight, grad_bias, None, None
 
 
@@ -269,8 +341,16 @@ def _running_average_weights(
     return tracked_before / total, [1.0 / total] * chunks
 
 
-class _GhostBatchNorm(_BatchNorm):
-    """Shared implementation of :class:`GhostBatchNorm1d`, ``2d`` and ``3d``."""
+class GhostBatchNormBase(_NormBase):
+    """Shared implementation of :class:`GhostBatchNorm1d`, ``2d`` and ``3d``.
+
+    A ``_NormBase`` (the base torch gives BatchNorm and InstanceNorm: parameters,
+    buffers, state-dict keys and loading) but not a ``_BatchNorm``, so that
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``, which swaps every ``_BatchNorm``,
+    leaves ghost layers alone: their statistics never need other ranks.
+    """
+
+    _input_dims: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -282,9 +362,18 @@ class _GhostBatchNorm(_BatchNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
+            bias=bias,
         )
         self.ghost_batch_size = check_ghost_batch_size(ghost_batch_size)
 
@@ -296,10 +385,28 @@ class _GhostBatchNorm(_BatchNorm):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ghost_batch_size={self.ghost_batch_size}"
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in self._input_dims:
+            expected = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(
+                f"`input` got a {input.dim()}D tensor; expected {expected} input "
+                f"({type(self).__name__}). Fix: pass (N, C, ...) with the samples along dim 0."
+            )
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not (self.training or (self.running_mean is None and self.running_var is None)):
-            return super().forward(input)  # running statistics: exactly BatchNorm eval
+            # Running statistics: exactly BatchNorm eval.
+            return F.batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
         self._check_ghost_batches(input)
         out, mean, var = _GhostBatchNormFunction.apply(
             input, self.weight, self.bias, self.ghost_batch_size, self.eps
@@ -312,26 +419,24 @@ class _GhostBatchNorm(_BatchNorm):
         name, ghost = type(self).__name__, self.ghost_batch_size
         if input.shape[1] != self.num_features:
             raise ValueError(
-                f"{name}: input has {input.shape[1]} channels (dim 1), expected "
-                f"num_features={self.num_features} — check the layer before this one"
+                f"`input` got {input.shape[1]} channels (dim 1); expected "
+                f"num_features={self.num_features} ({name}). Fix: check the layer before it."
             )
         context = _context.current()
         if context is not None and context.offset % ghost:
             raise ValueError(
-                f"{name}: this micro-batch starts at sample {context.offset} of the effective "
-                f"batch, which is not a multiple of ghost_batch_size={ghost}, so a ghost batch "
-                f"would straddle two micro-batches — expected every micro-batch but the last to "
-                f"hold a multiple of {ghost} samples — set micro_batch_size to a multiple of "
-                f"{ghost}"
+                f"micro-batch start got sample {context.offset}; expected a multiple of "
+                f"ghost_batch_size={ghost} ({name}: a ghost batch would straddle two "
+                f"micro-batches). Fix: set micro_batch_size to a multiple of {ghost}."
             )
         per_sample = math.prod(input.shape[2:])
         last = input.shape[0] % ghost or ghost
         if per_sample == 1 and 1 in (ghost, last) and input.shape[0] > 0:
             raise ValueError(
-                f"{name}: a ghost batch of 1 sample has 1 value per channel, so its variance "
-                f"is undefined (batch of {input.shape[0]}, ghost_batch_size={ghost}) — "
-                "expected more than 1 value per channel in every ghost batch — use "
-                "ghost_batch_size >= 2 and a batch size that does not leave 1 sample over"
+                f"`input` got a ghost batch of 1 sample with 1 value per channel (batch of "
+                f"{input.shape[0]}, ghost_batch_size={ghost}); expected more than 1 value per "
+                f"channel, for a variance ({name}). Fix: use ghost_batch_size >= 2 and a batch "
+                "size that leaves no single sample over."
             )
 
     @torch.no_grad()
@@ -375,7 +480,11 @@ _STATISTICS_DOC = """
     a multiple of ``ghost_batch_size`` raises ``ValueError``.
 
     State-dict keys, constructor arguments and the eval path are those of
-    :class:`torch.nn.{bn}`, and ``isinstance(layer, torch.nn.{bn})`` holds.
+    :class:`torch.nn.{bn}`. The layer is a ``torch.nn.modules.batchnorm._NormBase``
+    (like BatchNorm and InstanceNorm) but *not* an ``nn.{bn}``: this keeps
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` from turning it back into a
+    SyncBatchNorm (it swaps every ``_BatchNorm``). Test for ghost layers with
+    ``isinstance(layer, truebatch.nn.batchnorm.GhostBatchNormBase)``.
     Supports first-order gradients only (no double backward).
 
     Example::
@@ -385,24 +494,26 @@ _STATISTICS_DOC = """
 """
 
 
-class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+class GhostBatchNorm1d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm1d over ghost batches of ``ghost_batch_size`` samples; "
         "input ``(N, C)`` or ``(N, C, L)``.\n"
         + _STATISTICS_DOC.format(bn="BatchNorm1d", name="GhostBatchNorm1d", example="256, 64")
     )
+    _input_dims = (2, 3)
 
 
-class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+class GhostBatchNorm2d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm2d over ghost batches of ``ghost_batch_size`` samples; input ``(N, C, H, W)``.\n"
         + _STATISTICS_DOC.format(
             bn="BatchNorm2d", name="GhostBatchNorm2d", example="256, 64, 16, 16"
         )
     )
+    _input_dims = (4,)
 
 
-class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+class GhostBatchNorm3d(GhostBatchNormBase):
     __doc__ = (
         "BatchNorm3d over ghost batches of ``ghost_batch_size`` samples; "
         "input ``(N, C, D, H, W)``.\n"
@@ -410,3 +521,4 @@ class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
             bn="BatchNorm3d", name="GhostBatchNorm3d", example="256, 64, 4, 8, 8"
         )
     )
+    _input_dims = (5,)

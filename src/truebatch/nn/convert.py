@@ -7,6 +7,7 @@ always use the return value: ``model = convert_batchnorm(model, 32)``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import nn
@@ -16,7 +17,7 @@ from truebatch.nn.batchnorm import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
-    _GhostBatchNorm,
+    GhostBatchNormBase,
     check_ghost_batch_size,
 )
 from truebatch.nn.dropout import SplitInvariantDropout
@@ -28,11 +29,13 @@ __all__ = [
     "unfreeze_batchnorm",
 ]
 
-_GHOST_OF: dict[type[nn.Module], type[_GhostBatchNorm]] = {
+_GHOST_OF: dict[type[nn.Module], type[GhostBatchNormBase]] = {
     nn.BatchNorm1d: GhostBatchNorm1d,
     nn.BatchNorm2d: GhostBatchNorm2d,
     nn.BatchNorm3d: GhostBatchNorm3d,
 }
+# BatchNorm layers in the sense of freeze_batchnorm: torch's and the ghost ones.
+_BATCHNORMS = (_BatchNorm, GhostBatchNormBase)
 _CHANNELWISE_OF: dict[type[nn.Module], bool] = {
     nn.Dropout: False,
     nn.Dropout1d: True,
@@ -85,12 +88,15 @@ def convert_batchnorm(model: nn.Module, ghost_batch_size: int) -> nn.Module:
     follow. Other hooks registered on the old layer are not carried over.
     Existing ghost layers are left as they are.
 
+    Ghost layers are not ``_BatchNorm`` instances, so a later
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` leaves them alone (ghost batches
+    need no statistics from other ranks) and converts only the BatchNorm layers
+    still there.
+
     Raises ``TypeError`` for ``nn.SyncBatchNorm`` (its input rank is unknown;
-    convert before ``nn.SyncBatchNorm.convert_sync_batchnorm`` instead — ghost
-    batches need no synchronization, and note that ``convert_sync_batchnorm``
-    would turn ghost layers back into SyncBatchNorm), for lazy BatchNorm that
-    has not run yet, and for other BatchNorm subclasses, whose extra behaviour
-    a swap would silently drop.
+    convert before ``nn.SyncBatchNorm.convert_sync_batchnorm`` instead), for lazy
+    BatchNorm that has not run yet, and for other BatchNorm subclasses, whose
+    extra behaviour a swap would silently drop.
 
     Example::
 
@@ -102,13 +108,13 @@ def convert_batchnorm(model: nn.Module, ghost_batch_size: int) -> nn.Module:
     check_ghost_batch_size(ghost_batch_size)
 
     def ghost(path: str, module: nn.Module) -> nn.Module | None:
-        if isinstance(module, _GhostBatchNorm) or not isinstance(module, _BatchNorm):
+        if not isinstance(module, _BatchNorm):
             return None
         if type(module) not in _GHOST_OF:
             raise TypeError(
-                f"convert_batchnorm: {_where(path)} is a {type(module).__name__}, which has no "
-                "ghost version — expected nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d — "
-                + _conversion_hint(module)
+                f"`model` got {_where(path)} of type {type(module).__name__}; expected "
+                "nn.BatchNorm1d, nn.BatchNorm2d or nn.BatchNorm3d, which have a ghost version "
+                f"(convert_batchnorm). Fix: {_conversion_hint(module)}."
             )
         return _ghost_from(module, ghost_batch_size)
 
@@ -122,11 +128,11 @@ def _conversion_hint(module: nn.Module) -> str:
             "convert_sync_batchnorm (ghost batches need no cross-rank statistics)"
         )
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
-        return "run one forward pass first so that the lazy layer becomes a plain BatchNorm"
+        return "run one forward pass first, so that the lazy layer becomes a plain BatchNorm"
     return "replace it by a plain BatchNorm or by a GhostBatchNorm yourself"
 
 
-def _ghost_from(old: _BatchNorm, ghost_batch_size: int) -> _GhostBatchNorm:
+def _ghost_from(old: _BatchNorm, ghost_batch_size: int) -> GhostBatchNormBase:
     new = _GHOST_OF[type(old)](
         old.num_features,
         ghost_batch_size,
@@ -161,7 +167,11 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
     Raises ``TypeError`` for ``nn.AlphaDropout`` / ``nn.FeatureAlphaDropout``
     and other dropout subclasses, which have no split-invariant version.
     Dropout called functionally (``F.dropout``, attention dropout inside
-    ``nn.MultiheadAttention``) is not a module and is not converted.
+    ``nn.MultiheadAttention``) is not a module and is not converted. Hugging
+    Face attention modules hold an ``nn.Dropout`` but only read its ``p`` for a
+    functional dropout: a swapped layer that does not run during the first
+    train-mode forward of its parent makes that forward warn (``UserWarning``,
+    once per layer) with the fix; after that first forward the watch is gone.
 
     Example::
 
@@ -185,9 +195,10 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
             return None
         if type(module) not in _CHANNELWISE_OF:
             raise TypeError(
-                f"convert_dropout: {_where(path)} is a {type(module).__name__}, which has no "
-                "split-invariant version — expected nn.Dropout, nn.Dropout1d, nn.Dropout2d or "
-                "nn.Dropout3d — replace it by one of these or remove it"
+                f"`model` got {_where(path)} of type {type(module).__name__}; expected "
+                "nn.Dropout, nn.Dropout1d, nn.Dropout2d or nn.Dropout3d, which have a "
+                "split-invariant version (convert_dropout). Fix: replace it by one of these or "
+                "remove it."
             )
         new = SplitInvariantDropout(
             module.p,  # type: ignore[arg-type]
@@ -197,7 +208,65 @@ def convert_dropout(model: nn.Module, seed: int = 0) -> nn.Module:
         )
         return new.train(module.training)
 
-    return _swap_modules(model, split_invariant)
+    swapped = {id(m) for m in dropouts if not isinstance(m, SplitInvariantDropout)}
+    parents = [
+        (path, parent, name)
+        for path, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if id(child) in swapped
+    ]
+    model = _swap_modules(model, split_invariant)
+    for path, parent, name in parents:
+        _UnusedDropoutWatch(path, name).attach(parent)
+    return model
+
+
+class _UnusedDropoutWatch:
+    """Warns once if a swapped dropout does not run during its parent's first train forward.
+
+    A forward pre-hook on the dropout notes that it ran; a forward hook on the
+    parent judges after the parent's forward, then removes both hooks. Hooks
+    are this object's bound methods, so ``copy.deepcopy`` and pickling of the
+    model carry a watch that refers to the copied modules.
+    """
+
+    def __init__(self, parent_path: str, name: str) -> None:
+        self.parent_path, self.name, self.ran = parent_path, name, False
+        self.keys: tuple[int, int] = (-1, -1)
+
+    def attach(self, parent: nn.Module) -> None:
+        child = parent.get_submodule(self.name)
+        self.keys = (
+            child.register_forward_pre_hook(self.child_ran).id,
+            parent.register_forward_hook(self.parent_done).id,
+        )
+
+    def child_ran(self, _child: nn.Module, _args: object) -> None:
+        self.ran = True
+
+    def parent_done(self, parent: nn.Module, _args: object, _output: object) -> None:
+        child = parent._modules.get(self.name)
+        if not parent.training or child is None:
+            return
+        child._forward_pre_hooks.pop(self.keys[0], None)
+        parent._forward_hooks.pop(self.keys[1], None)
+        # truebatch.integrations.transformers.convert_attention_dropout marks attention
+        # modules whose functional dropout it made split-invariant.
+        handled = hasattr(parent, "truebatch_attention")
+        if self.ran or handled or not child.training or getattr(child, "p", 0.0) == 0.0:
+            return
+        path = f"{self.parent_path}.{self.name}" if self.parent_path else self.name
+        warnings.warn(
+            f"`model` got module '{path}', a converted dropout that did not run during a "
+            f"train-mode forward of {_where(self.parent_path)}; expected it to run. If the "
+            "parent applies dropout functionally with its p (F.dropout or "
+            "scaled_dot_product_attention(dropout_p=...), as Hugging Face attention does), that "
+            "dropout is not split-invariant. Fix: set that probability to 0 (e.g. "
+            "config.attention_probs_dropout_prob=0.0), or call truebatch.integrations."
+            "transformers.convert_attention_dropout(model).",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _use_running_statistics(module: nn.Module, _args: object) -> None:
@@ -236,13 +305,14 @@ def freeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> model = truebatch.nn.freeze_batchnorm(model)
         >>> model.train()  # BatchNorm layers stay in eval statistics
     """
-    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    layers = [(path, m) for path, m in model.named_modules() if isinstance(m, _BATCHNORMS)]
     for path, layer in layers:
         if layer.running_mean is None or layer.running_var is None:
             raise ValueError(
-                f"freeze_batchnorm: {_where(path)} ({type(layer).__name__}) has no running "
-                "statistics (track_running_stats=False) — expected every BatchNorm to track "
-                "them — construct it with track_running_stats=True, or use GroupNorm"
+                f"`model` got {_where(path)} ({type(layer).__name__}) without running "
+                "statistics (track_running_stats=False); expected every BatchNorm to track them "
+                "(freeze_batchnorm). Fix: construct it with track_running_stats=True, or use "
+                "GroupNorm."
             )
     for _, layer in layers:
         _freeze(layer)
@@ -259,7 +329,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
         >>> model = truebatch.nn.unfreeze_batchnorm(model)
     """
     for layer in model.modules():
-        if isinstance(layer, _BatchNorm):
+        if isinstance(layer, _BATCHNORMS):
             hooks = layer._forward_pre_hooks
             for key in [k for k, hook in hooks.items() if hook is _use_running_statistics]:
                 del hooks[key]
