@@ -546,16 +546,35 @@ def reference_mix(value: int) -> int:
 def reference_keep(
     p: float, seed: int, window: int, layer_id: int, sample: int, element: int, elements: int
 ) -> bool:
-    """The documented mask, written out element by element with exact integers."""
+    """The documented mask of a sample's element, written out with exact integers."""
+    row = reference_mix((sample * 0x9E3779B97F4A7C15) & MASK64)
+    return reference_keep_row(p, seed, window, layer_id, row, element)
+
+
+def reference_keep_row(
+    p: float, seed: int, window: int, layer_id: int, row: int, element: int
+) -> bool:
+    """The documented mask of element ``element`` of the row whose hash is ``row``."""
     key = 0x9E3779B97F4A7C15
     for value in (seed, window, layer_id):
         key = reference_mix(key ^ (value & MASK64))
-    pairs = (elements + 1) // 2
-    counter = sample * pairs + element // 2
+    counter = row + element // 2
     word = reference_mix((counter * 0x9E3779B97F4A7C15 + key) & MASK64)
     half = (word >> (32 * (element % 2))) & 0xFFFFFFFF
     signed = half - (1 << 32) if half >> 31 else half
     return signed < round((1 - p) * 2**32) - 2**31
+
+
+@pytest.mark.parametrize("padded", [7, 9, 16])
+def test_padding_a_sequence_keeps_the_masks_of_its_real_tokens(padded: int) -> None:
+    """Micro-batches padded to their own longest sequence (a data collator per
+    micro-batch) must draw the big batch's masks on every real token."""
+    layer = tnn.SplitInvariantDropout(0.5, seed=3, layer_id=1)
+    real = 5
+    with _context.micro_batch(window=2, offset=4):
+        short = layer(torch.ones(3, real, 6, dtype=DTYPE)) != 0
+        long = layer(torch.ones(3, padded, 6, dtype=DTYPE)) != 0
+    assert torch.equal(short, long[:, :real])
 
 
 @pytest.mark.parametrize(
@@ -741,7 +760,7 @@ def test_token_keyed_mask_is_the_documented_hash() -> None:
         kept = (layer(torch.ones(1, 3, 5, dtype=DTYPE)) != 0)[0]
     for t in range(3):
         row = reference_mix((int(ids[0, t]) * 0x9E3779B97F4A7C15 + int(positions[0, t])) & MASK64)
-        expected = [reference_keep(0.3, 5, 9, 2, row, e, 5) for e in range(5)]
+        expected = [reference_keep_row(0.3, 5, 9, 2, row, e) for e in range(5)]
         assert kept[t].tolist() == expected
     assert torch.equal(
         kept, tnn.dropout.token_keep_mask(ids, positions, 5, 0.3, seed=5, window=9, layer_id=2)[0]

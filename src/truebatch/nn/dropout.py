@@ -116,11 +116,11 @@ def _same(a: _Stream, b: _Stream) -> bool:
 
 @torch.compiler.disable
 def _resolve_outside_graph(
-    layer: SplitInvariantDropout, pairs: int, device: torch.device
+    layer: SplitInvariantDropout, device: torch.device
 ) -> tuple[torch.Tensor, _Tokens | None]:
-    """``layer.resolve(pairs)`` run eagerly, the start as a tensor (see ``masks.start_tensor``):
+    """``layer.resolve()`` run eagerly, the start as a tensor (see ``masks.start_tensor``):
     reading the context and the layer's counters is a graph break, the hash is not."""
-    start, tokens = layer.resolve(pairs)
+    start, tokens = layer.resolve()
     return torch.tensor(start, dtype=torch.int64, device=device), tokens
 
 
@@ -130,12 +130,15 @@ class SplitInvariantDropout(nn.Module):
     In train mode, element ``e`` of sample ``i`` of the input is kept with
     probability ``1 - p`` and scaled by ``1 / (1 - p)``, or zeroed. The decision
     is a pure function of ``(seed, window, layer_id, s = offset + i, e)``: with
-    ``K`` a splitmix64 hash of ``(seed, window, layer_id)`` and ``P`` the number
-    of element pairs per sample, the 64-bit word
-    ``splitmix64_finalizer((s * P + e // 2) * 0x9E3779B97F4A7C15 + K)``
+    ``K`` a splitmix64 hash of ``(seed, window, layer_id)`` and ``R`` one of
+    ``s``, the 64-bit word
+    ``splitmix64_finalizer((R + e // 2) * 0x9E3779B97F4A7C15 + K)``
     supplies two 32-bit halves, one per element of the pair, and an element is
     kept iff its half (as a signed int32) is below ``round((1 - p) * 2**32) - 2**31``
-    (:func:`keep_mask`). It is computed with int64 tensor ops on the input's
+    (:func:`keep_mask`). As ``R`` does not depend on the number of elements, a
+    ``(B, T, D)`` input padded to another length ``T`` keeps the mask of every
+    real token: micro-batches padded to their own longest sequence draw the
+    big batch's masks. It is computed with int64 tensor ops on the input's
     device; the global RNG is neither read nor advanced. Under ``torch.compile``
     the layer reads the micro-batch context outside the graph (one graph break)
     and hashes inside it: compiled and eager masks are identical, and a new
@@ -224,12 +227,11 @@ class SplitInvariantDropout(nn.Module):
         by_token = self.key == "token"
         shape = input.shape[:2] if self.channelwise or by_token else input.shape
         elements = math.prod(input.shape[2:]) if by_token else math.prod(shape[1:])
-        pairs = (elements + 1) // 2
-        start: int | torch.Tensor
+        start: int | tuple[int, int] | torch.Tensor
         if torch.compiler.is_compiling():
-            start, tokens = _resolve_outside_graph(self, pairs, input.device)
+            start, tokens = _resolve_outside_graph(self, input.device)
         else:
-            start, tokens = self.resolve(pairs)
+            start, tokens = self.resolve()
         if by_token:
             assert tokens is not None
             self._check_tokens(input, tokens)
@@ -240,7 +242,7 @@ class SplitInvariantDropout(nn.Module):
             keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
         return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
 
-    def resolve(self, pairs: int) -> tuple[int, _Tokens | None]:
+    def resolve(self) -> tuple[int | tuple[int, int], _Tokens | None]:
         """This call's hash start (the key itself when keyed by token) and tokens.
 
         Reads the micro-batch context; outside one, a recomputation in backward
@@ -266,7 +268,7 @@ class SplitInvariantDropout(nn.Module):
                     "model call in loss_fn with it."
                 )
             return key, tokens
-        return sample_start(offset, pairs, key), None
+        return sample_start(offset, key), None
 
     def _record(self, stream: _Stream) -> None:
         if self._recomputed:

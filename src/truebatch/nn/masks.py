@@ -3,13 +3,21 @@
 A stream is selected by ``(seed, window, layer_id)``, hashed on the host into
 the 64-bit key ``K``. Each element is named by a *row* (a sample's global index
 in the effective batch, or a token's key) and its index ``e`` within the row;
-with ``P = ceil(elements / 2)`` one 64-bit word is hashed per pair of elements::
+one 64-bit word is hashed per pair of elements::
 
-    h = splitmix64_finalizer((row * P + e // 2) * 0x9E3779B97F4A7C15 + K)   (mod 2**64)
+    R = splitmix64_finalizer(row * 0x9E3779B97F4A7C15)
+    h = splitmix64_finalizer((R + e // 2) * 0x9E3779B97F4A7C15 + K)   (mod 2**64)
+
+The row enters through its own hash ``R``, not through ``row * elements``, so a
+sample's mask does not depend on how many elements its row has: a ``(B, T, D)``
+input padded to another length ``T`` keeps the mask of every real token
+(micro-batches padded to their own longest sequence draw the big batch's
+masks). Two rows' words meet only if their ``R`` fall within ``elements / 2``
+of each other: a chance of about ``elements / 2**64``.
 
 Element ``e`` reads the 32-bit half ``e % 2`` of ``h`` (low half first) as a
 signed int32 ``u`` and is kept iff ``u < round((1 - p) * 2**32) - 2**31``: the
-keep rate is ``1 - p`` to within 2**-32. A token's row is
+keep rate is ``1 - p`` to within 2**-32. Keyed by token, a token's ``R`` is
 ``splitmix64_finalizer(document_id * 0x9E3779B97F4A7C15 + position)``. Every
 step is exact integer arithmetic (int64 tensor ops that wrap like uint64), so a
 mask depends only on these inputs: not on the device, the global RNG, or how
@@ -65,10 +73,9 @@ def stream_key(seed: int, window: int, layer_id: int) -> int:
     return signed(key)
 
 
-def sample_start(offset: int, pairs: int, key: int) -> int:
-    """``offset * pairs * GOLDEN + K`` as an int64: the hash input of sample ``offset``'s first
-    pair, from which the samples that follow count up by ``GOLDEN``."""
-    return signed(offset * pairs * _GOLDEN + key)
+def sample_start(offset: int, key: int) -> tuple[int, int]:
+    """The hash inputs of a run of samples: the first one's global index and ``K``."""
+    return offset, key
 
 
 def check_probability(p: object) -> float:
@@ -95,11 +102,11 @@ def sample_keep(
     samples: int,
     elements: int,
     p: float,
-    start: int | torch.Tensor,
+    start: tuple[int, int] | torch.Tensor,
     device: torch.device | str | None,
 ) -> torch.Tensor:
-    """``(samples, elements)`` keep mask of consecutive samples, the first one's hash input
-    ``start`` (:func:`sample_start`; a 0-d int64 tensor under ``torch.compile``)."""
+    """``(samples, elements)`` keep mask of consecutive samples; ``start`` is
+    :func:`sample_start` (a 2-element int64 tensor under ``torch.compile``)."""
     pairs, kept = (elements + 1) // 2, keep_count(p)
     if kept >= 2**32 or samples * pairs == 0:
         return torch.ones(samples, elements, dtype=torch.bool, device=device)
@@ -112,15 +119,19 @@ def sample_keep(
 
 
 def _sample_words(
-    start: int | torch.Tensor,
+    start: tuple[int, int] | torch.Tensor,
     samples: int,
     pairs: int,
     kept: int,
     device: torch.device | str | None,
 ) -> torch.Tensor:
-    """``(samples, 2 * pairs)`` keep decisions of the counters ``start + j * GOLDEN``."""
-    z = torch.arange(samples * pairs, dtype=torch.int64, device=device)
-    _mix64_(z.mul_(signed(_GOLDEN)).add_(start))
+    """``(samples, 2 * pairs)`` keep decisions of samples ``offset, offset + 1, ...``."""
+    offset, key = start
+    rows = torch.arange(samples, dtype=torch.int64, device=device).add_(offset)
+    _mix64_(rows.mul_(signed(_GOLDEN)))
+    pair = torch.arange(pairs, dtype=torch.int64, device=device)
+    z = (rows.view(-1, 1) + pair).view(-1)
+    _mix64_(z.mul_(signed(_GOLDEN)).add_(key))
     return (z.view(torch.int32) < kept - 2**31).view(samples, 2 * pairs)
 
 
@@ -135,7 +146,7 @@ def _token_words(
     rows = document_ids.reshape(-1, 1).to(torch.int64).mul(signed(_GOLDEN))
     _mix64_(rows.add_(positions.reshape(-1, 1).to(torch.int64)))
     pair = torch.arange(pairs, dtype=torch.int64, device=document_ids.device)
-    z = rows.mul_(pairs).add(pair).view(-1)
+    z = rows.add(pair).view(-1)
     _mix64_(z.mul_(signed(_GOLDEN)).add_(key))
     return (z.view(torch.int32) < kept - 2**31).view(-1, 2 * pairs)
 
@@ -190,17 +201,17 @@ def token_keep(
 
 @torch.compiler.disable
 def start_tensor(
-    offset: int, pairs: int, seed: int, window: int, layer_id: int, device: torch.device | None
+    offset: int, seed: int, window: int, layer_id: int, device: torch.device | None
 ) -> torch.Tensor:
-    """:func:`sample_start` (the key itself for ``offset=0``) as a 0-d tensor, computed
-    outside any compiled graph.
+    """:func:`sample_start` as a 2-element int64 tensor ``[offset, K]``, computed outside
+    any compiled graph.
 
     Under ``torch.compile`` the window (and offset) may be symbolic; the 64-bit
     Python arithmetic cannot be traced on them, so it runs eagerly on their
     values and the graph receives the result as a tensor input: a new window or
     offset neither recompiles nor specializes the graph.
     """
-    start = sample_start(offset, pairs, stream_key(seed, window, layer_id))
+    start = sample_start(offset, stream_key(seed, window, layer_id))
     return torch.tensor(start, dtype=torch.int64, device=device)
 
 
@@ -244,12 +255,12 @@ def keep_mask(
         >>> keep_mask(4, 10, 0.5, seed=0, window=0, layer_id=0).shape
         torch.Size([4, 10])
     """
-    p, pairs = check_probability(p), (elements + 1) // 2
+    p = check_probability(p)
     if torch.compiler.is_compiling():
         target = None if device is None else torch.device(device)
-        start: int | torch.Tensor = start_tensor(offset, pairs, seed, window, layer_id, target)
+        start: tuple[int, int] | torch.Tensor = start_tensor(offset, seed, window, layer_id, target)
     else:
-        start = sample_start(offset, pairs, stream_key(seed, window, layer_id))
+        start = sample_start(offset, stream_key(seed, window, layer_id))
     return sample_keep(samples, elements, p, start, device)
 
 
@@ -293,7 +304,7 @@ def token_keep_mask(
     """
     p = check_probability(p)
     if torch.compiler.is_compiling():
-        key: int | torch.Tensor = start_tensor(0, 0, seed, window, layer_id, document_ids.device)
+        key: int | torch.Tensor = start_tensor(0, seed, window, layer_id, document_ids.device)[1]
     else:
         key = stream_key(seed, window, layer_id)
     return token_keep(document_ids, positions, elements, p, key)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from truebatch import _context
-from truebatch.nn.dropout import _keep_mask as keep_mask
+from truebatch.nn.masks import keep_mask
 
 __all__ = ["IMPLEMENTATION", "convert_attention_dropout"]
 
