@@ -127,7 +127,7 @@ def train(mode: str, checkpoint: Path, out: Path, kill_window: int, kill_in_save
                 os.replace = _killed  # type: ignore[assignment]
             tb.save_checkpoint(checkpoint, accumulator, windows=windows)
             done += 1
-    params = [_full(p) for p in accumulator.model.parameters()]
+    params = [full(p) for p in accumulator.model.parameters()]
     if rank == 0:
         torch.save({"params": params, "windows": done}, out)
     if mode != "single":
@@ -155,7 +155,7 @@ def _killed(*_: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _full(parameter: torch.Tensor) -> torch.Tensor:
+def full(parameter: torch.Tensor) -> torch.Tensor:
     value = parameter.detach()
     return value.full_tensor() if hasattr(value, "full_tensor") else value.clone()
 

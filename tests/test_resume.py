@@ -471,6 +471,31 @@ def test_a_run_killed_at_random_windows_and_during_a_save_ends_bitwise_equal(
     assert not list(tmp_path.glob(".run.pt.*.tmp")), "the next save removed it"
 
 
+@pytest.mark.slow
+def test_the_resumable_example_ends_with_the_parameters_of_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "resumable.py"
+
+    def run(checkpoint: str, *options: str, code: int = 0) -> list[str]:
+        arguments = ["--checkpoint", str(tmp_path / checkpoint), "--epochs", "1", *options]
+        completed = subprocess.run(
+            [sys.executable, str(example), *arguments],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert completed.returncode == code, completed.stderr[-3000:]
+        return completed.stdout.splitlines()
+
+    straight = run("straight.pt")
+    assert run("killed.pt", "--crash-after", "5", code=-9)[-1].startswith("epoch 0 window   5")
+    resumed = run("killed.pt")
+    assert resumed[0] == "resumed after window 5 (epoch 0)"
+    assert resumed[-1] == straight[-1] and resumed[-1].startswith("parameters sha256 ")
+    assert resumed[1:-1] == straight[5:-1]  # windows 6.. print the same losses
+
+
 def torchrun(mode: str, checkpoint: Path, out: Path, *options: str) -> None:
     command = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert command is not None, "torchrun is installed with torch"
@@ -506,19 +531,22 @@ def test_torchrun_restarts_a_group_whose_rank_was_killed_and_ends_bitwise_equal(
     assert_bitwise_equal(resumed["params"], reference["params"], "parameters")
     shards = sorted(p.name for p in tmp_path.glob("run.pt.shards-*"))
     assert len(shards) == (1 if mode == "fsdp2" else 0), shards  # old shards are removed
-    if mode == "ddp":
-        check_another_world_size(tmp_path / "run.pt", reference["params"])
+    check_another_world_size(mode, tmp_path / "run.pt", reference["params"])
 
 
-def check_another_world_size(path: Path, saved: list[torch.Tensor]) -> None:
-    """A 2-rank DDP checkpoint in 1 rank: windows refused; model and optimizer load, warned."""
+def check_another_world_size(mode: str, path: Path, saved: list[torch.Tensor]) -> None:
+    """A 2-rank checkpoint on 1 rank: windows refused; model and optimizer load, with a warning.
+
+    FSDP2's shards of 2 ranks are re-split by DCP onto 1.
+    """
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        acc, windows = workers.build("ddp")
+        acc, windows = workers.build(mode)
         with pytest.raises(ValueError, match="checkpoint of 2 ranks; expected 1"):
             tb.load_checkpoint(path, acc, windows=windows)
         with pytest.warns(UserWarning, match="random state of 2 ranks cannot be mapped to 1"):
             tb.load_checkpoint(path, acc)
-        assert_bitwise_equal([p.detach() for p in acc.model.parameters()], saved, "parameters")
+        loaded = [workers.full(p) for p in acc.model.parameters()]
+        assert_bitwise_equal(loaded, saved, "parameters")
     finally:
         dist.destroy_process_group()
