@@ -496,6 +496,66 @@ def test_the_resumable_example_ends_with_the_parameters_of_an_uninterrupted_run(
     assert resumed[1:-1] == straight[5:-1]  # windows 6.. print the same losses
 
 
+@pytest.fixture
+def one_rank() -> Any:
+    """A process group of this process alone, for FSDP2 without other processes."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def fsdp2_train(acc: tb.Accumulator, windows: tb.Windows[Any], count: int) -> list[torch.Tensor]:
+    for _, window in zip(range(count), windows, strict=False):
+        acc.step_window(window, workers.loss_sum)
+    return [workers.full(p) for p in acc.model.parameters()]
+
+
+def test_fsdp2_shards_saved_before_the_first_step_resume_bitwise(
+    tmp_path: Path, one_rank: None
+) -> None:
+    """Saving a fresh optimizer must not create its state (Adam's step count would run ahead)."""
+    seed_all(0)
+    straight = fsdp2_train(*workers.build("fsdp2"), 3)
+    seed_all(0)
+    acc, windows = workers.build("fsdp2")
+    tb.save_checkpoint(tmp_path / "c.pt", acc, windows=windows)
+    assert not acc.optimizer.state
+    saved_then_trained = fsdp2_train(acc, windows, 3)
+
+    scramble()
+    resumed, resumed_windows = workers.build("fsdp2")
+    tb.load_checkpoint(tmp_path / "c.pt", resumed, windows=resumed_windows)
+    assert_bitwise_equal(saved_then_trained, straight, "parameters")
+    assert_bitwise_equal(fsdp2_train(resumed, resumed_windows, 3), straight, "parameters")
+
+
+@pytest.mark.parametrize("damage", ["flipped", "missing"])
+def test_damaged_fsdp2_shards_are_refused_and_nothing_is_loaded(
+    tmp_path: Path, one_rank: None, damage: str
+) -> None:
+    seed_all(0)
+    acc, windows = workers.build("fsdp2")
+    fsdp2_train(acc, windows, 2)
+    tb.save_checkpoint(tmp_path / "c.pt", acc, windows=windows)
+    (shards,) = tmp_path.glob("c.pt.shards-*")
+    (shard,) = shards.glob("*.distcp")
+    if damage == "flipped":
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 1
+        shard.write_bytes(bytes(data))
+    else:
+        shard.unlink()
+    fresh, fresh_windows = workers.build("fsdp2")
+    before = [workers.full(p) for p in fresh.model.parameters()]
+
+    words = "does not match its SHA-256" if damage == "flipped" else "is missing"
+    with pytest.raises(ValueError, match=f"got shards where .*{words}"):
+        tb.load_checkpoint(tmp_path / "c.pt", fresh, windows=fresh_windows)
+
+    assert_bitwise_equal([workers.full(p) for p in fresh.model.parameters()], before)
+    assert not fresh.optimizer.state and fresh.state_dict()["window"] == 0
+
+
 def torchrun(mode: str, checkpoint: Path, out: Path, *options: str) -> None:
     command = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert command is not None, "torchrun is installed with torch"
@@ -515,16 +575,19 @@ def torchrun(mode: str, checkpoint: Path, out: Path, *options: str) -> None:
 def test_torchrun_restarts_a_group_whose_rank_was_killed_and_ends_bitwise_equal(
     tmp_path: Path, mode: str
 ) -> None:
-    """Rank 1 is killed in window 4 of 6; torchrun restarts both ranks from the checkpoint.
+    """Rank 1 is killed in window 3 of 6; torchrun restarts both ranks from the checkpoint.
 
-    FSDP2 saves and loads its shards with torch.distributed.checkpoint; on the
-    same world size the resumed run is bitwise the uninterrupted one, within
-    the contract's 1e-12 a fortiori.
+    Window 3 opens epoch 1 after a window of 4 samples: it has 24, so the N
+    the Accumulator starts a window with (the previous window's) is 6 times
+    too small there, and a resume that lost it rounds differently. FSDP2 saves
+    and loads its shards with torch.distributed.checkpoint; on the same world
+    size the resumed run is bitwise the uninterrupted one (within the
+    contract's 1e-12 a fortiori).
     """
     torchrun(mode, tmp_path / "ref.pt", tmp_path / "ref.out")
-    torchrun(mode, tmp_path / "run.pt", tmp_path / "run.out", "--kill-window", "4")
+    torchrun(mode, tmp_path / "run.pt", tmp_path / "run.out", "--kill-window", "3")
 
-    assert Path(f"{tmp_path / 'run.out'}.starts").read_text().split() == ["0", "4"]
+    assert Path(f"{tmp_path / 'run.out'}.starts").read_text().split() == ["0", "3"]
     reference, resumed = torch.load(tmp_path / "ref.out"), torch.load(tmp_path / "run.out")
     assert resumed["windows"] == reference["windows"] == 6
     assert tb.max_relative_difference(resumed["params"], reference["params"]) <= 1e-12

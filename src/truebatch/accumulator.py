@@ -214,6 +214,9 @@ class Accumulator:
         return {
             "window": self._window_index,
             "auto_micro_batch_size": self._auto_size,
+            # The N the next window starts with under torch.distributed: a resumed run must
+            # start with it too, or it rescales (rounds) differently.
+            "count_guess": self._count_guess,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -245,6 +248,7 @@ class Accumulator:
                 target.load_state_dict(state[name])
         self._window_index = int(state["window"])
         self._auto_size = state.get("auto_micro_batch_size")
+        self._count_guess = state.get("count_guess")
         _set_rng_state(self._device(), state["rng"])
 
     # ---------------------------------------------------------------- a window

@@ -34,9 +34,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from truebatch import rng
+from truebatch import rng, shards
 from truebatch.accumulator import Accumulator
 from truebatch.windows import Windows
 
@@ -79,13 +78,12 @@ def save_checkpoint(
         dist.all_gather_object(ranks, part)
     state = accumulator.state_dict()
     payload: dict[str, Any] = {"format": _VERSION, "world_size": world_size, "ranks": ranks}
-    if _is_sharded(accumulator.model):
-        shards = _shared_name(f"{path.name}.shards-")
-        dcp = _dcp()
-        dcp.save(_sharded_state(accumulator), checkpoint_id=path.parent / shards)
-        payload.update(
-            shards=shards, accumulator={k: v for k, v in state.items() if k != "optimizer"}
-        )
+    if shards.is_sharded(accumulator.model):
+        name = _shared_name(f"{path.name}.shards-")
+        saved = shards.save(path.parent / name, accumulator.model, accumulator.optimizer)
+        # The optimizer's state is in the shards; the rest of the Accumulator's is small.
+        state = {key: value for key, value in state.items() if key != "optimizer"}
+        payload.update(shards=name, sharded=saved, accumulator=state)
     elif rank == 0:
         payload.update(shards=None, model=accumulator.model.state_dict(), accumulator=state)
     if rank == 0:
@@ -140,7 +138,7 @@ def load_checkpoint(
             "since each rank's data position is its own. Fix: resume on "
             f"{payload['world_size']} ranks, or omit windows= and restart the data at an epoch."
         )
-    sharded = _is_sharded(accumulator.model)
+    sharded = shards.is_sharded(accumulator.model)
     if sharded != (payload["shards"] is not None):
         saved = "a sharded" if payload["shards"] is not None else "an unsharded"
         raise ValueError(
@@ -148,7 +146,13 @@ def load_checkpoint(
             "one like this model. Fix: wrap the model as the saved run did (fully_shard or not)."
         )
     if sharded:
-        loaded = _load_shards(path.parent / payload["shards"], accumulator)
+        loaded = shards.read(
+            path.parent / payload["shards"],
+            accumulator.model,
+            accumulator.optimizer,
+            payload["sharded"],
+            check_model=_check_model,
+        )
         state = {**payload["accumulator"], "optimizer": accumulator.optimizer.state_dict()}
     else:
         _check_model(payload["model"], accumulator.model.state_dict())
@@ -161,7 +165,7 @@ def load_checkpoint(
         )
     _apply(accumulator, state, windows, part)
     if sharded:
-        _set_sharded_state(accumulator, loaded)
+        shards.apply(accumulator.model, accumulator.optimizer, loaded)
     else:
         accumulator.model.load_state_dict(payload["model"])
     if part is not None:
@@ -226,9 +230,9 @@ def _remove_leftovers(path: Path, *, keep: str | None) -> None:
     """Temporary files of saves that were killed, and shard directories no file names."""
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         leftover.unlink(missing_ok=True)
-    for shards in path.parent.glob(f"{path.name}.shards-*"):
-        if shards.name != keep:
-            shutil.rmtree(shards, ignore_errors=True)
+    for directory in path.parent.glob(f"{path.name}.shards-*"):
+        if directory.name != keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -301,90 +305,6 @@ def _check_optimizer(saved: dict[str, Any], optimizer: torch.optim.Optimizer) ->
             f"{options[0][:1]}; expected {shape[1]} and {options[1][:1]}. "
             "Fix: build the optimizer as the saved run did."
         )
-
-
-# ------------------------------------------------------- sharded models (DCP)
-
-
-def _dcp() -> Any:
-    import torch.distributed.checkpoint as dcp
-
-    return dcp
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _sharded_state(accumulator: Accumulator) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model, optimizer = get_state_dict(accumulator.model, accumulator.optimizer)
-    return {"model": model, "optimizer": optimizer}
-
-
-def _load_shards(directory: Path, accumulator: Accumulator) -> dict[str, Any]:
-    """Read the shards into copies (the model is untouched until every check passed)."""
-    if not (directory / ".metadata").is_file():
-        raise ValueError(
-            f"`path` got a checkpoint whose shards {directory} are missing or incomplete; "
-            "expected the directory save_checkpoint wrote. Fix: load an earlier checkpoint."
-        )
-    dcp = _dcp()
-    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
-    with torch.no_grad():
-        state = _sharded_state(accumulator)
-        _check_model(
-            {
-                k.removeprefix("model."): _Meta(v)
-                for k, v in saved.items()
-                if k.startswith("model.")
-            },
-            state["model"],  # a DTensor's shape is the global one, as saved
-        )
-        copies = _cloned(state)
-    try:
-        dcp.load(copies, checkpoint_id=directory)
-    except Exception as error:
-        raise ValueError(
-            f"`path` got shards in {directory} that cannot be read ({error}); expected this "
-            "model's and optimizer's. Fix: load an earlier checkpoint."
-        ) from error
-    return copies
-
-
-def _set_sharded_state(accumulator: Accumulator, loaded: dict[str, Any]) -> None:
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    set_state_dict(
-        accumulator.model,
-        accumulator.optimizer,
-        model_state_dict=loaded["model"],
-        optim_state_dict=loaded["optimizer"],
-    )
-
-
-class _Meta:
-    """A saved DCP tensor's global shape and dtype, as ``_check_model`` reads tensors."""
-
-    def __init__(self, metadata: Any) -> None:
-        self.shape = torch.Size(getattr(metadata, "size", ()))
-        properties = getattr(metadata, "properties", None)
-        self.dtype = getattr(properties, "dtype", None)
-
-
-def _cloned(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_cloned(v) for v in value)
-    return value
 
 
 # ------------------------------------------------------------------ helpers
