@@ -72,9 +72,21 @@ def windows(iterable: Iterable[T], size: int) -> Windows[T]:
 class Windows(Iterator[list[T]], Generic[T]):
     """Windows of ``size`` micro-batches over ``iterable``; see :func:`windows`.
 
+    Iterating it runs one epoch; iterating it again runs the next. A window
+    shorter than ``size`` (the loader ran out) ends the epoch.
+
     Attributes:
         epoch: the epoch being iterated (0-based): the number of passes over
             the loader completed so far.
+
+    Examples:
+        >>> windows = tb.windows(range(5), 2)
+        >>> next(windows), windows.state_dict()["micro_batch"]
+        ([0, 1], 2)
+        >>> resumed = tb.windows(range(5), 2)
+        >>> resumed.load_state_dict(windows.state_dict())
+        >>> list(resumed), resumed.epoch
+        ([[2, 3], [4]], 1)
     """
 
     def __init__(self, iterable: Iterable[T], size: int) -> None:
