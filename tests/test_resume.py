@@ -150,6 +150,26 @@ def test_resumed_windows_read_and_draw_what_the_uninterrupted_ones_do(kind: str,
     assert_bitwise_equal(before + after, straight, "windows")
 
 
+@pytest.mark.parametrize("stop", [2, 4])
+def test_a_loader_with_worker_processes_is_replayed_exactly(stop: int) -> None:
+    """Workers draw from seeds the loader takes from the random state at the epoch start."""
+
+    def loader() -> DataLoader:
+        return DataLoader(Noisy(), batch_size=3, shuffle=True, num_workers=2)
+
+    seed_all(0)
+    straight = consume(tb.windows(loader(), 3))
+    seed_all(0)
+    windows = tb.windows(loader(), 3)
+    before = consume(windows, stop)
+    state, rng = round_trip(windows.state_dict()), host_rng()
+    scramble()
+    resumed = tb.windows(loader(), 3)
+    resumed.load_state_dict(state)
+    set_host_rng(rng)
+    assert_bitwise_equal(before + consume(resumed), straight, "windows")
+
+
 def test_the_last_window_of_an_epoch_resumes_at_the_next_epoch_without_reading_again() -> None:
     loader = DataLoader(Noisy(), batch_size=3, shuffle=True)
     windows = tb.windows(loader, 3)
@@ -554,6 +574,15 @@ def test_damaged_fsdp2_shards_are_refused_and_nothing_is_loaded(
 
     assert_bitwise_equal([workers.full(p) for p in fresh.model.parameters()], before)
     assert not fresh.optimizer.state and fresh.state_dict()["window"] == 0
+
+
+def test_an_unsharded_checkpoint_is_refused_by_a_sharded_model(
+    tmp_path: Path, one_rank: None
+) -> None:
+    tb.save_checkpoint(tmp_path / "c.pt", Run().acc)
+    acc, _ = workers.build("fsdp2")
+    with pytest.raises(ValueError, match="got an unsharded model's checkpoint; expected a sharded"):
+        tb.load_checkpoint(tmp_path / "c.pt", acc)
 
 
 def torchrun(mode: str, checkpoint: Path, out: Path, *options: str) -> None:

@@ -140,10 +140,11 @@ def load_checkpoint(
         )
     sharded = shards.is_sharded(accumulator.model)
     if sharded != (payload["shards"] is not None):
-        saved = "a sharded" if payload["shards"] is not None else "an unsharded"
+        kinds = ("an unsharded", "a sharded")
+        saved, expected = kinds if sharded else kinds[::-1]
         raise ValueError(
-            f"`path` got {saved} model's checkpoint; expected a{'' if sharded else 'n un'}sharded "
-            "one like this model. Fix: wrap the model as the saved run did (fully_shard or not)."
+            f"`path` got {saved} model's checkpoint; expected {expected} one, like this model. "
+            "Fix: wrap the model as the saved run did (fully_shard or not)."
         )
     if sharded:
         loaded = shards.read(
