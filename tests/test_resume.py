@@ -530,32 +530,45 @@ def fsdp2_train(acc: tb.Accumulator, windows: tb.Windows[Any], count: int) -> li
     return [workers.full(p) for p in acc.model.parameters()]
 
 
-def test_fsdp2_shards_saved_before_the_first_step_resume_bitwise(
-    tmp_path: Path, one_rank: None
-) -> None:
-    """Saving a fresh optimizer must not create its state (Adam's step count would run ahead)."""
+@pytest.mark.parametrize("saved_after", [0, 2])
+def test_fsdp2_shards_resume_bitwise(tmp_path: Path, one_rank: None, saved_after: int) -> None:
+    """Also before the first step: saving a fresh optimizer must not create its state
+    (torch's get_optimizer_state_dict would, and Adam's step count would run ahead)."""
     seed_all(0)
-    straight = fsdp2_train(*workers.build("fsdp2"), 3)
+    straight = fsdp2_train(*workers.build("fsdp2"), 4)
     seed_all(0)
     acc, windows = workers.build("fsdp2")
+    fsdp2_train(acc, windows, saved_after)
     tb.save_checkpoint(tmp_path / "c.pt", acc, windows=windows)
-    assert not acc.optimizer.state
-    saved_then_trained = fsdp2_train(acc, windows, 3)
+    assert bool(acc.optimizer.state) == bool(saved_after)
+    saved_then_trained = fsdp2_train(acc, windows, 4 - saved_after)
 
     scramble()
     resumed, resumed_windows = workers.build("fsdp2")
     tb.load_checkpoint(tmp_path / "c.pt", resumed, windows=resumed_windows)
+    assert resumed.state_dict()["window"] == saved_after
     assert_bitwise_equal(saved_then_trained, straight, "parameters")
-    assert_bitwise_equal(fsdp2_train(resumed, resumed_windows, 3), straight, "parameters")
+    resumed_params = fsdp2_train(resumed, resumed_windows, 4 - saved_after)
+    assert_bitwise_equal(resumed_params, straight, "parameters")
 
 
-@pytest.mark.parametrize("damage", ["flipped", "missing"])
-def test_damaged_fsdp2_shards_are_refused_and_nothing_is_loaded(
-    tmp_path: Path, one_rank: None, damage: str
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        ("flipped", "got shards where .*does not match its SHA-256"),
+        ("missing", "got shards where .*is missing"),
+        ("no_scheduler", "has no scheduler but this Accumulator has one"),
+    ],
+)
+def test_damaged_or_mismatched_fsdp2_shards_are_refused_and_nothing_is_loaded(
+    tmp_path: Path, one_rank: None, damage: str, words: str
 ) -> None:
+    """Nothing: not the parameters, nor the state of the fresh optimizer (DCP creates it)."""
     seed_all(0)
     acc, windows = workers.build("fsdp2")
     fsdp2_train(acc, windows, 2)
+    if damage == "no_scheduler":
+        acc = tb.Accumulator(acc.model, acc.optimizer)
     tb.save_checkpoint(tmp_path / "c.pt", acc, windows=windows)
     (shards,) = tmp_path.glob("c.pt.shards-*")
     (shard,) = shards.glob("*.distcp")
@@ -563,13 +576,12 @@ def test_damaged_fsdp2_shards_are_refused_and_nothing_is_loaded(
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 1
         shard.write_bytes(bytes(data))
-    else:
+    elif damage == "missing":
         shard.unlink()
     fresh, fresh_windows = workers.build("fsdp2")
     before = [workers.full(p) for p in fresh.model.parameters()]
 
-    words = "does not match its SHA-256" if damage == "flipped" else "is missing"
-    with pytest.raises(ValueError, match=f"got shards where .*{words}"):
+    with pytest.raises(ValueError, match=words):
         tb.load_checkpoint(tmp_path / "c.pt", fresh, windows=fresh_windows)
 
     assert_bitwise_equal([workers.full(p) for p in fresh.model.parameters()], before)

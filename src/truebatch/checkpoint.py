@@ -138,6 +138,11 @@ def load_checkpoint(
             "since each rank's data position is its own. Fix: resume on "
             f"{payload['world_size']} ranks, or omit windows= and restart the data at an epoch."
         )
+    if windows is not None and part["windows"] is None:
+        raise ValueError(
+            "`windows` got a checkpoint saved without a data position; expected one saved with "
+            "windows=. Fix: omit windows= and position the data yourself."
+        )
     sharded = shards.is_sharded(accumulator.model)
     if sharded != (payload["shards"] is not None):
         kinds = ("an unsharded", "a sharded")
@@ -159,11 +164,6 @@ def load_checkpoint(
         _check_model(payload["model"], accumulator.model.state_dict())
         _check_optimizer(payload["accumulator"]["optimizer"], accumulator.optimizer)
         state = payload["accumulator"]
-    if windows is not None and part["windows"] is None:
-        raise ValueError(
-            "`windows` got a checkpoint saved without a data position; expected one saved with "
-            "windows=. Fix: omit windows= and position the data yourself."
-        )
     _apply(accumulator, state, windows, part)
     if sharded:
         shards.apply(accumulator.model, accumulator.optimizer, loaded)

@@ -93,10 +93,10 @@ def read(
                 f"`path` got shards in {directory} that cannot be read ({error}); expected this "
                 "model's and optimizer's. Fix: load an earlier checkpoint."
             ) from error
-    except BaseException:
+    finally:
         if fresh:
-            optimizer.state.clear()  # get_optimizer_state_dict created it
-        raise
+            # get_optimizer_state_dict created it (set_optimizer_state_dict creates it again).
+            optimizer.state.clear()
     return copies
 
 
