@@ -18,24 +18,28 @@ from truebatch.batching import (
     token_budget_sizes,
 )
 from truebatch.check import Finding, Report, check
+from truebatch.checkpoint import load_checkpoint, save_checkpoint
 from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
-from truebatch.windows import windows
+from truebatch.windows import Windows, windows
 
 __all__ = [
     "Accumulator",
     "Finding",
     "Report",
     "StepResult",
+    "Windows",
     "batch_size",
     "batch_unit",
     "check",
     "count_documents",
     "count_samples",
     "count_tokens",
+    "load_checkpoint",
     "max_relative_difference",
     "nn",
     "relative_differences",
+    "save_checkpoint",
     "scale_lr",
     "shared",
     "split",

@@ -233,6 +233,9 @@ class Accumulator:
         return {
             "window": self._history.index,
             "auto_micro_batch_size": self._auto.size,
+            # The N the next window starts with under torch.distributed: a resumed run must
+            # start with it too, or it rescales (rounds) differently.
+            "previous_count": self._history.previous_count,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -269,6 +272,7 @@ class Accumulator:
                 target.load_state_dict(state[name])
         self._history.index = int(state["window"])
         self._auto.size = state.get("auto_micro_batch_size")
+        self._history.previous_count = state.get("previous_count")
         set_rng_state(state["rng"], self._setup.parameters.devices)
 
     # --------------------------------------------------------------- a window
