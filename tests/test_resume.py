@@ -404,7 +404,10 @@ BAD: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "not_a_checkpoint": (lambda g, d: damaged(g, d, "not_a_checkpoint"), "not a truebatch"),
     "other_model": (lambda g, d: other_model(d), "another model's checkpoint: entries .*missing"),
     "other_optimizer": (lambda g, d: other_optimizer(d), "got an optimizer with parameter groups"),
-    "no_scheduler": (lambda g, d: no_scheduler(d), "has no scheduler but this Accumulator has one"),
+    "no_scheduler": (
+        lambda g, d: no_scheduler(d),
+        "got no scheduler; expected one, as this Accumulator has",
+    ),
     "other_windows": (lambda g, d: other_windows(d), "got windows of size 4; expected 3"),
     "no_windows": (lambda g, d: no_windows(d), "saved without a data position"),
 }
@@ -557,7 +560,7 @@ def test_fsdp2_shards_resume_bitwise(tmp_path: Path, one_rank: None, saved_after
     [
         ("flipped", "got shards where .*does not match its SHA-256"),
         ("missing", "got shards where .*is missing"),
-        ("no_scheduler", "has no scheduler but this Accumulator has one"),
+        ("no_scheduler", "got no scheduler; expected one, as this Accumulator has"),
     ],
 )
 def test_damaged_or_mismatched_fsdp2_shards_are_refused_and_nothing_is_loaded(
