@@ -17,6 +17,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import truebatch as tb
+from cached_workers import (
+    GHOST_BATCH_SIZE,
+    LAYOUTS,
+    WORLD_SIZE,
+    Scenario,
+    launch,
+    loss_of,
+    model_of,
+    rank_pieces,
+)
 from contrastive import (
     OBJECTIVES,
     batch,
@@ -356,3 +366,102 @@ def test_bad_encode_fn_results_are_refused(encode: Any, message: str) -> None:
     acc = tb.Accumulator(model, torch.optim.SGD(model.parameters()))
     with pytest.raises((TypeError, ValueError), match=message):
         acc.step_cached(pieces_of([2]), encode, lambda reps, b: reps.pow(2).sum())
+
+
+# ------------------------------------------------------------------ DDP, 2 gloo ranks
+
+DISTRIBUTED = {
+    "global-even": Scenario("even"),
+    "global-uneven": Scenario("uneven"),
+    "local-uneven": Scenario("uneven", negatives="local"),
+    "pair-uneven": Scenario("uneven", pair=True),
+    "ghost-uneven": Scenario("uneven", ghost=True),
+    "first-empty": Scenario("first_empty"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, list]]]:
+    """What each rank saved: ``runs[name][rank]`` (the processes run once per module)."""
+    out_dir = tmp_path_factory.mktemp("cached-runs")
+    launch(DISTRIBUTED, out_dir, timeout=240)
+    return {
+        name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
+        for name in DISTRIBUTED
+    }
+
+
+def one_process(scenario: Scenario) -> list[tuple[list, float] | None]:
+    """Per window, the gradient and loss of one process on the global batch (None: no step).
+
+    Each rank's samples are encoded where the Accumulator puts them (rank 0's first);
+    global negatives compute one loss on all representations, local ones a loss per rank.
+    """
+    from truebatch import _context
+
+    model = model_of(scenario)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = loss_of(scenario, model)
+    per_rank = [rank_pieces(scenario, rank) for rank in range(WORLD_SIZE)]
+    expected: list[tuple[list, float] | None] = []
+    completed = 0
+    for window in range(len(per_rank[0])):
+        segments = [concat(pieces[window]) for pieces in per_rank if pieces[window]]
+        if len(segments) < WORLD_SIZE and window == 0:
+            expected.append(None)  # a rank without data in its first window: refused
+            continue
+        reps, offset = [], 0
+        for segment in segments:
+            with _context.micro_batch(completed, offset):
+                reps.append(clip_encode(model, segment))
+            offset += len(segment["image"])
+        if scenario.negatives == "global":
+            outputs = [loss(tuple(torch.cat(r) for r in zip(*reps, strict=True)), None)]
+        else:
+            outputs = [loss(r, None) for r in reps]
+        total = sum(o[0] if isinstance(o, tuple) else o for o in outputs)
+        n = sum(o[1] for o in outputs) if scenario.pair else offset
+        optimizer.zero_grad(set_to_none=True)
+        (total / n).backward()
+        expected.append(([p.grad.clone() for p in model.parameters()], total.item() / n))
+        optimizer.step()
+        completed += 1
+    return expected
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTED))
+def test_ddp_gives_one_process_on_the_global_batch(runs: dict, name: str) -> None:
+    expected = one_process(DISTRIBUTED[name])
+    for rank, record in enumerate(runs[name]):
+        for window, reference in enumerate(expected):
+            result = record["results"][window]
+            if reference is None:
+                assert "have no data in their first window" in result["error"]
+                continue
+            grads, loss = reference
+            assert tb.max_relative_difference(record["grads"][window], grads) <= TOLERANCE, (
+                rank,
+                window,
+            )
+            assert result["loss"] == pytest.approx(loss, rel=1e-12)
+            assert record["syncs"][window] == 1  # one gradient synchronization per window
+
+
+def test_ddp_global_negatives_differ_from_local_ones(runs: dict) -> None:
+    """The control: the two options are different objectives."""
+    global_, local = runs["global-uneven"][0]["grads"], runs["local-uneven"][0]["grads"]
+    assert tb.max_relative_difference(global_[0], local[0]) > 1e-3
+
+
+def test_ddp_ghost_batchnorm_counts_each_ghost_batch_once(runs: dict) -> None:
+    """DDP broadcasts rank 0's buffers as each window starts; then each rank adds its
+    own ghost batches, once (not once per pass)."""
+    record = runs["ghost-uneven"]
+    layouts = LAYOUTS[DISTRIBUTED["ghost-uneven"].layout]
+    start = 0
+    for window in range(len(layouts[0])):
+        for rank in range(WORLD_SIZE):
+            ghost_batches = sum(layouts[rank][window]) // GHOST_BATCH_SIZE
+            tracked = record[rank]["buffers"][window][2]  # image tower's num_batches_tracked
+            assert int(tracked) == start + ghost_batches, (rank, window)
+        start = int(record[0]["buffers"][window][2])

@@ -488,7 +488,7 @@ def _gather(
     group = acc.sync.group
     specs: list[Any] = [None] * acc.sync.world_size
     dist.all_gather_object(specs, (_spec(reps), _spec(batch)), group=group)
-    known = [s for s in specs if s[0] is not None]
+    known = [s for s in specs if s[0][0] is not None]
     signatures = {repr(_signature(s)) for s in known}
     if len(signatures) > 1:
         raise ValueError(
