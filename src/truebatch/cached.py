@@ -116,6 +116,7 @@ class _CachedWindow:
     accumulator: Accumulator
     negatives: Negatives
     window_batch: bool
+    pieces: list[Batch] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     micro_batches: list[Batch] = field(default_factory=list)
     reps: list[Representations] = field(default_factory=list)
@@ -135,6 +136,8 @@ class _CachedWindow:
         """Run ``encode_fn`` on every micro-batch without a graph; keep the representations."""
         acc = self.accumulator
         for piece in micro_batches:
+            if batch_size(piece):
+                self.pieces.append(piece)
             for micro_batch in split(piece, acc.micro_batch_size):
                 size = batch_size(micro_batch)
                 if size:
@@ -167,7 +170,7 @@ class _CachedWindow:
         """``L = loss_fn(r, window)``; ``G = dL/dr`` for this rank's rows, by micro-batch."""
         acc = self.accumulator
         local_reps = _concat(self.reps) if self.reps else None
-        local_batch = _concat(self.micro_batches) if self.window_batch and self.reps else None
+        local_batch = _concat(self.pieces) if self.window_batch and self.reps else None
         self.reps = []  # the concatenation holds them now
         gather = self.negatives == "global" and acc.sync.distributed
         if gather and not any(self.rank_sizes):
@@ -265,7 +268,7 @@ def _surrogate(
         zip(
             [t for _, t in tensor_leaves(reps, None)],
             [g for _, g in tensor_leaves(rep_grads, None)],
-            strict=False,
+            strict=True,
         )
     )
     terms = [(r * g.to(r.dtype)).sum() for r, g in pairs if r.requires_grad]
@@ -393,7 +396,10 @@ def _checked_reps(reps: Any, size: int) -> Representations:
 
 
 def _concat(structures: list[Any]) -> Any:
-    """Tensor leaves of same-shaped structures concatenated along dim 0, in order."""
+    """Tensor leaves of same-shaped structures concatenated along dim 0, in order
+    (one structure is returned as it is: no copy)."""
+    if len(structures) == 1:
+        return structures[0]
     columns = [[t for _, t in tensor_leaves(s, None)] for s in structures]
     if len({len(c) for c in columns}) != 1:
         raise ValueError(
