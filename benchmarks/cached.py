@@ -200,9 +200,12 @@ def _st_cached_mnrl(model: Encoder, micro: int, step: Callable[[], None]) -> Cal
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
     model.bert.save_pretrained(directory)
     transformer = models.Transformer(directory, max_seq_length=LENGTH)
-    # One set of weights for every method: the wrapper runs the very same BertModel.
-    transformer.auto_model = model.bert
-    st_model = SentenceTransformer(modules=[transformer, models.Pooling(HIDDEN, "mean")])
+    # One set of weights for every method: the wrapper runs the very same BertModel, in
+    # train mode like the others (from_pretrained returns a model in eval mode).
+    transformer.model = model.bert
+    st_model = SentenceTransformer(modules=[transformer, models.Pooling(HIDDEN, "mean")]).train()
+    if next(st_model.parameters()) is not next(model.parameters()):
+        raise RuntimeError("the SentenceTransformer does not run the benchmark's BertModel")
     loss = CachedMultipleNegativesRankingLoss(st_model, scale=SCALE, mini_batch_size=micro)
 
     def st_cached_mnrl(b: Batch) -> None:
