@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from truebatch import _context
 from truebatch.batching import Batch, Counter, batch_size, map_tensors, split, tensor_leaves
+from truebatch.gather import DeferredBufferBroadcast, concat, gather_window
 
 if TYPE_CHECKING:
     from truebatch.accumulator import Accumulator, StepResult
@@ -152,7 +152,7 @@ class _CachedWindow:
         buffers = [b.detach().clone() for b in acc.model.buffers()]
         start = _RNGState.take()
         window, offset = acc.completed_windows, 0
-        with torch.no_grad(), _ddp_buffer_broadcast_deferred(acc.model):
+        with torch.no_grad(), DeferredBufferBroadcast(acc.model):
             for micro_batch, size in zip(self.micro_batches, self.sizes, strict=True):
                 self.rng[offset] = _RNGState.take()
                 with _context.micro_batch(window, offset, rank_offset), _autocast(acc):
@@ -169,14 +169,16 @@ class _CachedWindow:
     def differentiate(self, loss_fn: WindowLossFn, count: Counter | None) -> None:
         """``L = loss_fn(r, window)``; ``G = dL/dr`` for this rank's rows, by micro-batch."""
         acc = self.accumulator
-        local_reps = _concat(self.reps) if self.reps else None
-        local_batch = _concat(self.pieces) if self.window_batch and self.reps else None
+        local_reps = concat(self.reps) if self.reps else None
+        local_batch = concat(self.pieces) if self.window_batch and self.reps else None
         self.reps = []  # the concatenation holds them now
         gather = self.negatives == "global" and acc.sync.distributed
         if gather and not any(self.rank_sizes):
             reps = batch = None
         elif gather:
-            reps, batch = _gather(acc, local_reps, local_batch, self.rank_sizes)
+            reps, batch = gather_window(
+                acc.sync, _device(acc), local_reps, local_batch, self.rank_sizes
+            )
             first = sum(self.rank_sizes[: acc.sync.rank])
             owner = next(rank for rank, n in enumerate(self.rank_sizes) if n)
             self.designated = owner == acc.sync.rank
@@ -337,31 +339,14 @@ def _copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             target.copy_(value)
 
 
-class _ddp_buffer_broadcast_deferred:
-    """DDP broadcasts rank 0's buffers in the first forward after a synchronizing one.
-
-    The first, no-grad forwards must make no collective (a rank without samples runs
-    none): the broadcast is left to phase 3's first pass, which every rank runs.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-
-    def __enter__(self) -> None:
-        if self.model is not None:
-            self.saved = self.model.require_forward_param_sync
-            self.model.require_forward_param_sync = False
-
-    def __exit__(self, *_: object) -> None:
-        if self.model is not None:
-            self.model.require_forward_param_sync = self.saved
+def _device(acc: Accumulator) -> torch.device:
+    return next(acc.model.parameters()).device
 
 
 def _autocast(acc: Accumulator) -> AbstractContextManager[Any]:
     if acc.autocast is None:
         return nullcontext()
-    device = next(acc.model.parameters()).device
-    return torch.autocast(device_type=device.type, dtype=acc.autocast)
+    return torch.autocast(device_type=_device(acc).type, dtype=acc.autocast)
 
 
 def _leaf_for_grad(t: torch.Tensor) -> torch.Tensor:
@@ -393,35 +378,6 @@ def _checked_reps(reps: Any, size: int) -> Representations:
                 f"the micro-batch's {size} samples. Fix: return one row per sample."
             )
     return reps
-
-
-def _concat(structures: list[Any]) -> Any:
-    """Tensor leaves of same-shaped structures concatenated along dim 0, in order
-    (one structure is returned as it is: no copy)."""
-    if len(structures) == 1:
-        return structures[0]
-    columns = [[t for _, t in tensor_leaves(s, None)] for s in structures]
-    if len({len(c) for c in columns}) != 1:
-        raise ValueError(
-            f"`encode_fn`/`micro_batches` got structures with {sorted({len(c) for c in columns})}"
-            " tensors; expected the same structure for every micro-batch. Fix: return the same "
-            "keys every time."
-        )
-    try:
-        joined = iter([torch.cat(column) for column in zip(*columns, strict=True)])
-    except RuntimeError as error:
-        raise ValueError(
-            f"`micro_batches` got tensors that cannot be concatenated ({error}); expected "
-            "equal shapes beyond dim 0. Fix: pass window_batch=False and return what the "
-            "loss needs (e.g. labels) from encode_fn."
-        ) from error
-    result = map_tensors(structures[0], lambda _: next(joined))
-    if next(joined, None) is not None:
-        raise TypeError(
-            f"`micro_batches` got {type(structures[0]).__name__} with tensors that are not "
-            "constructor fields; expected tensors in init fields. Fix: pass a dict or tuple."
-        )
-    return result
 
 
 def _parse_loss(output: Any, count: Counter | None) -> tuple[torch.Tensor, float | None]:
@@ -485,64 +441,3 @@ def _check_arguments(
         raise ValueError(
             f"`negatives` got {negatives!r}; expected 'global' or 'local'. Fix: pass one."
         )
-
-
-def _gather(
-    acc: Accumulator, reps: Any, batch: Any, rank_sizes: list[int]
-) -> tuple[Representations, Batch]:
-    """All ranks' representations (and batch), concatenated in rank order."""
-    group = acc.sync.group
-    specs: list[Any] = [None] * acc.sync.world_size
-    dist.all_gather_object(specs, (_spec(reps), _spec(batch)), group=group)
-    known = [s for s in specs if s[0][0] is not None]
-    signatures = {repr(_signature(s)) for s in known}
-    if len(signatures) > 1:
-        raise ValueError(
-            f"`encode_fn` got representations (or batches) that differ between ranks: "
-            f"{sorted(signatures)}; expected one structure, dtype and shape beyond dim 0. "
-            "Fix: return the same on every rank."
-        )
-    (reps_spec, reps_devices), (batch_spec, batch_devices) = known[0]
-    reps = reps if reps is not None else _empty(reps_spec, reps_devices)
-    if batch_spec is not None:
-        batch = batch if batch is not None else _empty(batch_spec, batch_devices)
-    most = max(rank_sizes)
-    nccl = "nccl" in str(dist.get_backend(group))
-    device = next(acc.model.parameters()).device
-
-    def gather_leaf(t: torch.Tensor) -> torch.Tensor:
-        home = t.device
-        padded = torch.cat([t, t.new_zeros((most - t.shape[0], *t.shape[1:]))])
-        if nccl:
-            padded = padded.to(device)
-        parts = [torch.empty_like(padded) for _ in rank_sizes]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        return torch.cat([p[:n] for p, n in zip(parts, rank_sizes, strict=True)]).to(home)
-
-    return map_tensors(reps, gather_leaf), (
-        map_tensors(batch, gather_leaf) if batch is not None else None
-    )
-
-
-def _spec(structure: Any) -> tuple[Any, list[str]] | tuple[None, None]:
-    """Structure, dtypes and trailing shapes (as meta tensors) and devices of the leaves."""
-    if structure is None:
-        return None, None
-    meta = map_tensors(
-        structure, lambda t: torch.empty((0, *t.shape[1:]), dtype=t.dtype, device="meta")
-    )
-    return meta, [str(t.device) for _, t in tensor_leaves(structure, None)]
-
-
-def _signature(spec: Any) -> list[Any]:
-    (reps, _), (batch, _) = spec
-    return [
-        [(t.dtype, tuple(t.shape)) for _, t in tensor_leaves(s, None)] if s is not None else None
-        for s in (reps, batch)
-    ]
-
-
-def _empty(spec: Any, devices: list[str]) -> Any:
-    """Zero rows shaped like ``spec``: a rank without samples in the gather."""
-    where = iter(devices)
-    return map_tensors(spec, lambda t: torch.empty(t.shape, dtype=t.dtype, device=next(where)))
