@@ -55,7 +55,13 @@ from truebatch.compare import TOLERANCES, relative_differences
 __all__ = ["Finding", "Kind", "Report", "check", "default_micro_batch_sizes"]
 
 Kind = Literal[
-    "batchnorm", "dropout", "random_op", "mixes_samples", "loss_not_additive", "buffer_mismatch"
+    "batchnorm",
+    "dropout",
+    "random_op",
+    "mixes_samples",
+    "loss_not_additive",
+    "loss_mixes_samples",
+    "buffer_mismatch",
 ]
 _CHECKED_DTYPES = (torch.float64, torch.float32)
 _SEED = 0
@@ -79,6 +85,11 @@ _FIXES: dict[str, str] = {
         "return the SUM over items (reduction='sum') and let truebatch divide by N, or "
         "return (loss_sum, count)"
     ),
+    "loss_mixes_samples": (
+        "a loss that compares samples with each other (contrastive, in-batch negatives, "
+        "batch-hard triplets) on the model's outputs: train with acc.step_cached(micro_batches, "
+        "encode_fn, loss_fn), which gives every sample the whole window"
+    ),
     "buffer_batchnorm": (
         "tb.nn.convert_batchnorm(model, ghost_batch_size=g) updates running statistics "
         "the same for any split whose sizes are multiples of g; or tb.nn.freeze_batchnorm(model)"
@@ -97,8 +108,10 @@ class Finding:
     Attributes:
         module: module path as in ``model.named_modules()`` (the model itself by
             its class name; ``"loss_fn"`` for the loss).
-        kind: ``batchnorm``, ``dropout``, ``random_op``, ``mixes_samples``,
-            ``loss_not_additive`` or ``buffer_mismatch``.
+        kind: ``batchnorm``, ``dropout``, ``random_op``, ``mixes_samples`` (inside
+            the model), ``loss_not_additive`` (e.g. a mean, not a sum),
+            ``loss_mixes_samples`` (the loss compares samples with each other:
+            ``Accumulator.step_cached``) or ``buffer_mismatch``.
         effect: size of the effect, a relative difference described by ``measure``.
         measure: what ``effect`` measures, and on which split.
         fix: one line naming the truebatch tool that removes the cause.
@@ -519,6 +532,8 @@ class _Outcome:
     buffers: dict[str, torch.Tensor]
     loss_sum: float
     probe: _Probe
+    # (items, loss) of every micro-batch: tells a mean over items from a loss that mixes them
+    parts: list[tuple[float, float]]
 
 
 @dataclass
@@ -572,14 +587,16 @@ class _Passes:
             model, torch.optim.SGD(model.parameters(), lr=0.0), micro_batch_size=size
         )
         self.seed(seed)
+        parts: list[tuple[float, float]] = []
         try:
-            window = accumulator.accumulate([self.batch], probe.wrap(self.loss_fn), self.count)
+            loss_fn = _recording(probe.wrap(self.loss_fn), self.count, parts)
+            window = accumulator.accumulate([self.batch], loss_fn, self.count)
         finally:
             probe.remove()
         grads = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
         buffers = {n: b.detach() for n, b in model.named_buffers()}
-        return _Outcome(grads, buffers, window.loss_sum, probe)
+        return _Outcome(grads, buffers, window.loss_sum, probe, parts)
 
     def seed(self, seed: int) -> None:
         """Seed the CPU generator and the CUDA generators in use (inside ``fork_rng``)."""
@@ -715,8 +732,26 @@ def _finding(
     return Finding(name or type(base).__name__, kind, effect, measure, _FIXES[fix or kind])
 
 
+def _recording(loss_fn: LossFn, count: Counter | None, parts: list) -> LossFn:
+    """``loss_fn`` that appends each micro-batch's (items, loss) to ``parts``."""
+
+    def recorded(model: nn.Module, micro_batch: Batch) -> Any:
+        output = loss_fn(model, micro_batch)
+        loss, items = output if isinstance(output, tuple | list) else (output, None)
+        if items is None:
+            items = count(micro_batch) if count is not None else batch_size(micro_batch)
+        parts.append((float(items), float(loss.detach())))
+        return output
+
+    return recorded
+
+
 def _loss_findings(in_eval: _Mode, tolerance: float) -> list[Finding]:
     """``loss_not_additive`` when micro-batch losses do not sum to the full-batch loss.
+
+    When the micro-batch losses weighted by their share of the items do not give
+    the full-batch loss either, the loss is not a mean over items but compares them
+    with each other (``loss_mixes_samples``, fixed by ``Accumulator.step_cached``).
 
     Judged only on splits where every module output agreed (in eval mode when
     some output differed in train mode), so that any difference comes from the
@@ -738,7 +773,14 @@ def _loss_findings(in_eval: _Mode, tolerance: float) -> list[Finding]:
         f"relative difference of the sum of micro-batch losses from the full-batch loss, "
         f"micro-batch size {size}{', eval mode' if not in_eval.training else ''}"
     )
-    return [Finding("loss_fn", "loss_not_additive", effect, measure, _FIXES["loss_not_additive"])]
+    parts = in_eval.splits[size].parts
+    items = sum(n for n, _ in parts)
+    weighted = sum(n * loss for n, loss in parts) / items if items else math.nan
+    kind: Kind = "loss_not_additive"
+    if not _relative(abs(weighted - full), abs(full)) <= tolerance:
+        kind = "loss_mixes_samples"  # neither a sum nor a mean over the items
+        measure += "; weighted by their share of the items, they do not give it either"
+    return [Finding("loss_fn", kind, effect, measure, _FIXES[kind])]
 
 
 def _buffer_findings(base: nn.Module, given: _Mode, tolerance: float) -> list[Finding]:
