@@ -35,6 +35,7 @@ from contrastive import (
     clip_encode,
     clip_loss,
     concat,
+    mnrl_loss,
     nt_xent_loss,
     views_encode,
 )
@@ -465,3 +466,82 @@ def test_ddp_ghost_batchnorm_counts_each_ghost_batch_once(runs: dict) -> None:
             tracked = record[rank]["buffers"][window][2]  # image tower's num_batches_tracked
             assert int(tracked) == start + ghost_batches, (rank, window)
         start = int(record[0]["buffers"][window][2])
+
+
+# ------------------------------------------------------------------ what users pass
+
+
+def test_labels_returned_with_the_representations_reach_loss_fn() -> None:
+    """window_batch=False: the labels a batch-hard triplet loss needs come from encode_fn."""
+    model = build()
+    pieces = pieces_of([3, 4, 5])
+    expected, _ = big_batch_gradient(model, OBJECTIVES["batch_hard_triplet"], concat(pieces))
+
+    def encode(m: nn.Module, b: Any) -> dict[str, torch.Tensor]:
+        return {"embedding": m.image(b["image"]), "label": b["label"]}
+
+    def loss(reps: dict[str, torch.Tensor], window: Any) -> torch.Tensor:
+        assert window is None
+        return OBJECTIVES["batch_hard_triplet"].loss(model)(reps["embedding"], reps)
+
+    optimizer, seen = recording(model)
+    tb.Accumulator(model, optimizer, micro_batch_size=2).step_cached(
+        pieces, encode, loss, window_batch=False
+    )
+    assert tb.max_relative_difference(seen[0], expected) <= TOLERANCE
+
+
+def test_a_representation_the_loss_ignores_gets_no_gradient() -> None:
+    model = build()
+    pieces = pieces_of([4, 4])
+    full = concat(pieces)
+
+    def only_images(reps: tuple[torch.Tensor, ...], _: Any) -> torch.Tensor:
+        return reps[0].pow(2).sum()
+
+    model.zero_grad(set_to_none=True)
+    (only_images(clip_encode(model, full), None) / 8).backward()
+    expected = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    optimizer, seen = recording(model)
+    tb.Accumulator(model, optimizer, micro_batch_size=3).step_cached(
+        pieces, clip_encode, only_images
+    )
+    assert tb.max_relative_difference(seen[0], expected) <= TOLERANCE
+
+
+def test_pieces_that_cannot_be_concatenated_are_refused_with_the_fix() -> None:
+    """Token batches padded to different lengths: the window batch cannot be one tensor."""
+    model = build()
+    pieces = [
+        {"image": torch.randn(2, 6, dtype=torch.float64), "tokens": torch.zeros(2, 5)},
+        {"image": torch.randn(3, 6, dtype=torch.float64), "tokens": torch.zeros(3, 7)},
+    ]
+
+    def encode(m: nn.Module, b: Any) -> torch.Tensor:
+        return m.image(b["image"])
+
+    def loss(reps: torch.Tensor, _: Any) -> torch.Tensor:
+        return reps.pow(2).sum()
+
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="Fix: pass window_batch=False"):
+        acc.step_cached(pieces, encode, loss)
+    assert all(p.grad is None for p in model.parameters())
+    assert acc.step_cached(pieces, encode, loss, window_batch=False).stepped
+
+
+def test_clipping_sees_the_big_batch_gradient() -> None:
+    model, reference = build(), build()
+    pieces = pieces_of([5, 5])
+    expected, _ = big_batch_gradient(reference, OBJECTIVES["mnrl"], concat(pieces))
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in expected if g is not None])
+    )
+    optimizer, seen = recording(model)
+    result = tb.Accumulator(model, optimizer, micro_batch_size=2, max_grad_norm=0.1).step_cached(
+        pieces, OBJECTIVES["mnrl"].encode, mnrl_loss
+    )
+    assert result.grad_norm == pytest.approx(norm.item(), rel=1e-12)
+    clipped = [None if g is None else g * (0.1 / (norm + 1e-6)) for g in expected]
+    assert tb.max_relative_difference(seen[0], clipped) <= TOLERANCE
