@@ -1,6 +1,7 @@
 """What the 2 gloo processes of the distributed step_cached tests run.
 
-:func:`launch` spawns ``WORLD_SIZE`` processes; each runs every scenario and
+:func:`launch` spawns ``WORLD_SIZE`` processes (``dist_workers.launch``); each
+runs every scenario through :func:`run` and
 saves, per window, the gradient its optimizer stepped on, the StepResult (or
 the error), the DDP gradient synchronizations, the parameters and buffers.
 The test process rebuilds the same model and data (``contrastive.py``) and
@@ -9,12 +10,6 @@ compares with one process on the global batch.
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing
-import os
-import socket
-import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +18,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import dist_workers
 import truebatch as tb
 from contrastive import batch, build, clip_encode, clip_loss
 
-WORLD_SIZE = 2
+WORLD_SIZE = dist_workers.WORLD_SIZE
 GHOST_BATCH_SIZE = 2
 
 # Samples per piece given to step_cached: per rank, per window.
@@ -71,51 +67,10 @@ def loss_of(scenario: Scenario, model: nn.Module) -> Any:
 
 def launch(scenarios: dict[str, Scenario], out_dir: Path, timeout: float) -> None:
     """Run ``scenarios`` on ``WORLD_SIZE`` spawned gloo processes; fail if they hang."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_main, args=(rank, port, str(out_dir), scenarios), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(10)
-    errors = "".join(path.read_text() for path in sorted(out_dir.glob("error-*.txt")))
-    assert not hung, f"ranks {hung} still ran after {timeout} s (a hang?)\n{errors}"
-    failed = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode != 0}
-    assert not failed, f"ranks exited with codes {failed}\n{errors}"
+    dist_workers.launch(scenarios, out_dir, timeout, run=run)
 
 
-def _main(rank: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        for name, scenario in scenarios.items():
-            try:
-                record = _run(scenario, rank)
-            except BaseException:
-                Path(out_dir, f"error-{name}-{rank}.txt").write_text(
-                    f"rank {rank}, scenario {name}:\n{traceback.format_exc()}"
-                )
-                raise
-            torch.save(record, Path(out_dir, f"{name}-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(scenario: Scenario, rank: int) -> dict[str, list]:
+def run(scenario: Scenario, rank: int) -> dict[str, list]:
     model = model_of(scenario)
     syncs = [0]
 
