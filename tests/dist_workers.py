@@ -21,6 +21,7 @@ import os
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,8 +157,16 @@ def build_optimizer(parameters: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=0.2, momentum=0.9)
 
 
-def launch(scenarios: dict[str, Scenario], out_dir: Path, timeout: float) -> None:
+def launch(
+    scenarios: dict[str, Any],
+    out_dir: Path,
+    timeout: float,
+    run: Callable[[Any, int], dict[str, list]] | None = None,
+) -> None:
     """Run ``scenarios`` on ``WORLD_SIZE`` spawned gloo processes; fail if they hang.
+
+    ``run(scenario, rank)`` (a module-level function, default: this module's
+    scenarios through ``step_window``) returns what is saved per scenario and rank.
 
     Raises:
         AssertionError: a process was still running after ``timeout`` seconds
@@ -166,7 +175,9 @@ def launch(scenarios: dict[str, Scenario], out_dir: Path, timeout: float) -> Non
     port = _free_port()
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_main, args=(rank, port, str(out_dir), scenarios), daemon=True)
+        context.Process(
+            target=_main, args=(rank, port, str(out_dir), scenarios, run or _run), daemon=True
+        )
         for rank in range(WORLD_SIZE)
     ]
     for process in processes:
@@ -193,7 +204,13 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _main(rank: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) -> None:
+def _main(
+    rank: int,
+    port: int,
+    out_dir: str,
+    scenarios: dict[str, Any],
+    run: Callable[[Any, int], dict[str, list]],
+) -> None:
     # Two processes share two cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -202,7 +219,7 @@ def _main(rank: int, port: int, out_dir: str, scenarios: dict[str, Scenario]) ->
     try:
         for name, scenario in scenarios.items():
             try:
-                record = _run(scenario, rank)
+                record = run(scenario, rank)
             except BaseException:
                 Path(out_dir, f"error-{name}-{rank}.txt").write_text(
                     f"rank {rank}, scenario {name}:\n{traceback.format_exc()}"

@@ -33,6 +33,7 @@ from truebatch.arguments import (
 )
 from truebatch.autosize import AutoSize
 from truebatch.batching import Batch, Counter, batch_size, batch_unit
+from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
 from truebatch.gradients import ParameterSets, clear_gradients, clip_gradients
 from truebatch.losses import LossFn, check_loss_fn_and_count
@@ -227,6 +228,78 @@ class Accumulator:
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
         return self._window(micro_batches, loss_fn, count)[0]
+
+    def step_cached(
+        self,
+        micro_batches: Iterable[Batch],
+        encode_fn: EncodeFn,
+        loss_fn: WindowLossFn,
+        count: Counter | None = None,
+        *,
+        negatives: Negatives = "global",
+        window_batch: bool = True,
+    ) -> StepResult:
+        """One exact step for a loss that compares the window's samples with each other.
+
+        Contrastive losses (CLIP, SimCLR, in-batch negatives, batch-hard triplets)
+        accumulated per micro-batch see only the micro-batch's negatives. Here the
+        loss sees the whole window, as in the big batch, with the memory of one
+        micro-batch's graph plus the window's representations (gradient caching,
+        :mod:`truebatch.cached`): every micro-batch is encoded without a graph,
+        ``loss_fn`` runs once on all representations, and every micro-batch is
+        encoded again with a graph and backpropagates its rows of
+        ``d loss_sum / d representations``. Both encodings of a micro-batch see
+        the same randomness (native random ops by RNG replay, on CPU and CUDA).
+
+        Args:
+            micro_batches: the window's micro-batches, each further split by
+                ``micro_batch_size`` when that is an int.
+            encode_fn: ``encode_fn(model, micro_batch)`` returns the
+                representations: a tensor, or a tuple/dict of tensors, with one
+                row per sample along dim 0.
+            loss_fn: ``loss_fn(representations, window_batch)`` gets the window's
+                representations and batch, concatenated in order (under DDP with
+                global negatives: of all ranks, in rank order), and returns the
+                SUM over the window's items, or ``(loss_sum, count)``.
+            count: ``count(micro_batch)`` gives N; ``None`` counts samples, or
+                uses the count ``loss_fn`` returns.
+            negatives: ``"global"`` gathers every rank's representations under
+                DDP; ``"local"`` keeps each rank's loss on its own.
+            window_batch: ``False`` passes ``None`` to ``loss_fn`` instead of the
+                batch (nothing concatenated or gathered).
+
+        Returns:
+            the window's :class:`StepResult`; its loss is ``loss_sum / N``.
+
+        Raises:
+            ValueError: ``micro_batch_size="auto"`` or an FSDP2 model.
+            TypeError: ``encode_fn`` or ``loss_fn`` returned something else than
+                described above.
+
+        Examples:
+            >>> def encode_fn(model, batch):
+            ...     return model(batch["image"], batch["text"])    # (image_emb, text_emb)
+            >>> def loss_fn(reps, batch):
+            ...     logits = reps[0] @ reps[1].T / 0.07
+            ...     labels = torch.arange(len(logits))
+            ...     return (F.cross_entropy(logits, labels, reduction="sum")
+            ...             + F.cross_entropy(logits.T, labels, reduction="sum")) / 2
+            >>> result = acc.step_cached(micro_batches, encode_fn, loss_fn)
+        """
+        return step_cached(
+            self,
+            micro_batches,
+            encode_fn,
+            loss_fn,
+            count,
+            negatives=negatives,
+            window_batch=window_batch,
+        )
+
+    @property
+    def completed_windows(self) -> int:
+        """Windows completed so far: the window index split-invariant layers see next."""
+        return self._history.index
 
     def state_dict(self) -> dict[str, Any]:
         """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""

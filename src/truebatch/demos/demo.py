@@ -381,9 +381,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``truebatch demo``."""
     parser.add_argument(
         "--task",
-        choices=("digits", "lm"),
+        choices=("digits", "lm", "contrastive"),
         default="digits",
-        help="digits: CNN with BatchNorm and dropout (default); lm: tiny character language model",
+        help="digits: CNN with BatchNorm and dropout (default); lm: tiny character language "
+        "model; contrastive: in-batch negatives (step_cached)",
     )
     parser.add_argument(
         "--epochs",
@@ -424,5 +425,9 @@ def render(result: DemoResult, args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Run the demo, save its plot and print its tables."""
+    if args.task == "contrastive":
+        from truebatch.demos import contrastive
+
+        return contrastive.main(args)
     print(render(run(args), args))
     return 0
