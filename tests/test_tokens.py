@@ -341,6 +341,43 @@ def test_split_window_is_the_accumulators_plan() -> None:
         split_window(pieces, [3, 1], micro_batch_size=2, max_tokens=3)
 
 
+@pytest.mark.parametrize("max_tokens", [12, 30])
+def test_the_accumulator_cuts_each_window_by_a_token_budget(max_tokens: int) -> None:
+    """``Accumulator(max_tokens=T)``: every pass holds at most T tokens; the step is the
+    big batch's."""
+    batch = variable_length_batch(16, seed=6, shortest=2, longest=12)
+    model = seeded(GRULanguageModel)
+    reference = big_batch_gradient(copy.deepcopy(model), lambda m: lm_loss(m, batch, "mean"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list[list[torch.Tensor]] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    passes: list[int] = []
+
+    def loss_fn(model: nn.Module, micro_batch: dict) -> torch.Tensor:
+        passes.append(int(micro_batch["attention_mask"].sum()))
+        return lm_loss(model, micro_batch)
+
+    acc = tb.Accumulator(model, optimizer, max_tokens=max_tokens)
+    result = acc.step(batch, loss_fn, count=tb.count_tokens())
+    assert result.micro_batches == len(passes) > 1 and max(passes) <= max_tokens
+    assert sum(passes) == int(batch["attention_mask"].sum())
+    assert tb.max_relative_difference(seen[0], reference) <= TOL
+
+
+def test_a_token_budget_is_refused_beside_a_sample_size_or_ghost_batchnorm() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="expected one of them"):
+        tb.Accumulator(model, optimizer, micro_batch_size=4, max_tokens=10)
+    with pytest.raises(ValueError, match="`max_tokens` got 0"):
+        tb.Accumulator(model, optimizer, max_tokens=0)
+    ghost = nn.Sequential(nn.Linear(3, 2), tb.nn.GhostBatchNorm1d(2, ghost_batch_size=4))
+    with pytest.raises(ValueError, match="multiples of 4 samples"):
+        tb.Accumulator(ghost, torch.optim.SGD(ghost.parameters(), lr=0.1), max_tokens=10)
+
+
 def test_token_budget_benchmark_quick_prints_its_ratios() -> None:
     """benchmarks/token_budget.py runs end to end (no assertion on speed)."""
     import re

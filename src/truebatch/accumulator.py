@@ -26,19 +26,20 @@ from truebatch.arguments import (
     check_accumulator_micro_batch_size,
     check_dtype,
     check_max_grad_norm,
+    check_max_tokens,
     check_model_and_optimizer,
     check_scaler,
     check_scheduler,
     check_scheduler_has_a_step_left,
 )
 from truebatch.autosize import AutoSize
-from truebatch.batching import Batch, Counter, batch_size, batch_unit
+from truebatch.batching import Batch, Counter, TokenCounter, batch_size, batch_unit, split_window
 from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
 from truebatch.gradients import ParameterSets, clear_gradients, clip_gradients
 from truebatch.losses import LossFn, check_loss_fn_and_count
 from truebatch.snapshot import StepRollback, WindowStart, rng_state, set_rng_state
-from truebatch.window import Window, WindowHistory, WindowSetup, WindowTotals, plan_window
+from truebatch.window import Window, WindowHistory, WindowSetup, WindowTotals
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
@@ -95,6 +96,11 @@ class Accumulator:
         max_micro_batch_size: first size ``"auto"`` tries.
         gradient_sync: ``"window"`` or ``"micro_batch"``: when a data-parallel
             wrapper synchronizes gradients (see :class:`GradientSync`).
+        max_tokens: instead of ``micro_batch_size``, cut each window into
+            micro-batches of consecutive samples holding at most this many
+            tokens (padding excluded; :func:`truebatch.split`).
+        tokens: where ``max_tokens`` reads tokens from: a mask's key (nonzero
+            entries are tokens) or ``tokens(batch)`` giving one count per sample.
         atomic_step: copy the parameters the optimizer updates and its state
             before every step, so that an exception raised by the optimizer or
             the scheduler after the update leaves them as before the window too.
@@ -129,6 +135,8 @@ class Accumulator:
         max_micro_batch_size: int | None = None,
         gradient_sync: SyncMode | None = None,
         atomic_step: bool = False,
+        max_tokens: int | None = None,
+        tokens: TokenCounter = "attention_mask",
     ) -> None:
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
@@ -138,6 +146,10 @@ class Accumulator:
         self.micro_batch_size = check_accumulator_micro_batch_size(
             micro_batch_size, max_micro_batch_size
         )
+        self.max_tokens = check_max_tokens(
+            max_tokens, micro_batch_size=self.micro_batch_size, unit=batch_unit(model)
+        )
+        self.tokens = tokens
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.scaler = check_scaler(scaler)
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
@@ -393,7 +405,13 @@ class Accumulator:
     ) -> WindowTotals:
         # "auto" under torch.distributed: every rank learns of any rank's out-of-memory.
         sharing = self.micro_batch_size == "auto" and self.sync.distributed
-        plan = plan_window(pieces, sizes, micro_batch_size)
+        plan = split_window(
+            pieces,
+            sizes,
+            micro_batch_size=micro_batch_size,
+            max_tokens=self.max_tokens,
+            tokens=self.tokens,
+        )
         window = Window(
             self._setup, self._history, plan, loss_fn, count, share_out_of_memory=sharing
         )

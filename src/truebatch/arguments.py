@@ -128,6 +128,30 @@ def check_accumulator_micro_batch_size(size: Any, max_size: Any) -> int | Litera
     return check_micro_batch_size(size)
 
 
+def check_max_tokens(value: Any, *, micro_batch_size: Any, unit: int) -> int | None:
+    """``None`` or a positive int, given without ``micro_batch_size`` and for a model
+    whose micro-batches need not hold whole ghost batches (``unit`` 1)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"`max_tokens` got {value!r}; expected a positive int or None. Fix: pass the "
+            "tokens one micro-batch may hold."
+        )
+    if micro_batch_size is not None:
+        raise ValueError(
+            f"`micro_batch_size` got {micro_batch_size!r} and `max_tokens` {value!r}; expected "
+            "one of them. Fix: cut the window by samples or by tokens."
+        )
+    if unit > 1:
+        raise ValueError(
+            f"`max_tokens` got {value!r} for a model whose micro-batches must hold multiples "
+            f"of {unit} samples (ghost BatchNorm); expected micro_batch_size. Fix: cut by "
+            "samples, a multiple of the ghost batch size."
+        )
+    return value
+
+
 def check_max_grad_norm(value: Any) -> float | None:
     if value is None:
         return None

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from truebatch import _context
-from truebatch.batching import Batch, Counter, map_tensors, split_sized
+from truebatch.batching import Batch, Counter, map_tensors, slice_samples
 from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
@@ -51,7 +51,6 @@ __all__ = [
     "WindowHistory",
     "WindowSetup",
     "WindowTotals",
-    "plan_window",
 ]
 
 OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -121,17 +120,6 @@ class OutOfMemoryOnSomeRank(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(f"a rank ran out of memory at micro-batch size {size}")
         self.size = size
-
-
-def plan_window(pieces: list[Batch], sizes: list[int], micro_batch_size: int | None) -> Plan:
-    """Every piece (of ``sizes`` samples) split by ``micro_batch_size``, each with its size."""
-    if micro_batch_size is None:
-        return list(zip(pieces, sizes, strict=True))
-    return [
-        pair
-        for piece, size in zip(pieces, sizes, strict=True)
-        for pair in split_sized(piece, size, micro_batch_size)
-    ]
 
 
 class GlobalCounts:
@@ -210,7 +198,10 @@ class Window:
         self.n_items = previous or self.counts.n_items
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
-            self.history.replay_batch = map_tensors(self.plan[0][0], lambda t: t[:2].clone())
+            # Two samples, per-sample lists cut with the tensors (a loss_fn may zip them).
+            first, size = self.plan[0]
+            two = slice_samples(first, 0, min(2, size), size=size)
+            self.history.replay_batch = map_tensors(two, lambda t: t.clone())
         # A gradient left from before the window (the user's own backward) is not part of it.
         clear_gradients(params.model)
         try:
