@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from scripts import BENCHMARKS, run_script
 
 
@@ -32,6 +34,7 @@ def test_overhead_quick_prints_a_ratio_per_model() -> None:
         assert (verdict == "ok") == (float(ratio) <= 1.02), out
 
 
+@pytest.mark.processes
 def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
     out = run_benchmark("ddp.py", "--quick")
     per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)

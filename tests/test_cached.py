@@ -431,6 +431,7 @@ def one_process(scenario: Scenario) -> list[tuple[list, float] | None]:
 
 
 @pytest.mark.parametrize("name", list(DISTRIBUTED))
+@pytest.mark.processes
 def test_ddp_gives_one_process_on_the_global_batch(runs: dict, name: str) -> None:
     expected = one_process(DISTRIBUTED[name])
     for rank, record in enumerate(runs[name]):
@@ -448,12 +449,14 @@ def test_ddp_gives_one_process_on_the_global_batch(runs: dict, name: str) -> Non
             assert record["syncs"][window] == 1  # one gradient synchronization per window
 
 
+@pytest.mark.processes
 def test_ddp_global_negatives_differ_from_local_ones(runs: dict) -> None:
     """The control: the two options are different objectives."""
     global_, local = runs["global-uneven"][0]["grads"], runs["local-uneven"][0]["grads"]
     assert tb.max_relative_difference(global_[0], local[0]) > 1e-3
 
 
+@pytest.mark.processes
 def test_ddp_ghost_batchnorm_counts_each_ghost_batch_once(runs: dict) -> None:
     """DDP broadcasts rank 0's buffers as each window starts; then each rank adds its
     own ghost batches, once (not once per pass)."""

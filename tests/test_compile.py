@@ -212,11 +212,6 @@ def test_ghost_batchnorm_compiled_is_exact_with_the_same_running_statistics():
     assert tb.max_relative_difference(buffers, dict(eager.named_buffers())) <= TOL64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 8: SplitInvariantDropout does not compile yet (fixed on the nn "
-    "branch; remove this mark when it is merged: a strict xfail that passes fails the run)",
-)
 def test_split_invariant_dropout_compiled_draws_the_full_batch_masks():
     # The reference is the eager model's window over the whole batch: the masks are a
     # function of each sample's index in the window, which the Accumulator provides.

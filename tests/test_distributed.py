@@ -46,6 +46,8 @@ from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
 from truebatch import _context
 from truebatch.distributed import GradientSync
 
+pytestmark = pytest.mark.processes
+
 EXACT = 1e-12
 REPO = Path(__file__).resolve().parents[1]
 

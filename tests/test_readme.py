@@ -31,7 +31,7 @@ VENV = "python3 -m venv .venv && . .venv/bin/activate"
 CI_COMMANDS = {
     "install-and-demo": 'pip install -c constraints.txt ".[demo]" && truebatch demo',
     "run-tests": (
-        'pip install -c constraints.txt -e ".[dev,hf,lightning,bench,docs]" '
+        'pip install -c constraints.txt -e ".[dev,hf,trl,lightning,bench,docs]" '
         "&& python -m pytest -n 2"
     ),
 }

@@ -614,6 +614,7 @@ def torchrun(mode: str, checkpoint: Path, out: Path, *options: str) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
 
 
+@pytest.mark.processes
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_torchrun_restarts_a_group_whose_rank_was_killed_and_ends_bitwise_equal(

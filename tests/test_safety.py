@@ -397,10 +397,18 @@ def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
 @pytest.mark.parametrize(
     ("options", "error", "words"),
     [
-        ({"micro_batch_size": 0}, ValueError, r"micro_batch_size must be a positive int.*got 0"),
-        ({"micro_batch_size": -2}, ValueError, r"micro_batch_size must be a positive int"),
-        ({"micro_batch_size": 2.5}, TypeError, r"micro_batch_size must be a positive int.*float"),
-        ({"micro_batch_size": True}, TypeError, r"micro_batch_size must be a positive int.*bool"),
+        (
+            {"micro_batch_size": 0},
+            ValueError,
+            r"`micro_batch_size` got 0 \(int\); expected a positive int",
+        ),
+        (
+            {"micro_batch_size": -2},
+            ValueError,
+            r"`micro_batch_size` got -2 .*expected a positive int",
+        ),
+        ({"micro_batch_size": 2.5}, TypeError, r"`micro_batch_size` got 2.5 \(float\); expected"),
+        ({"micro_batch_size": True}, TypeError, r"`micro_batch_size` got True \(bool\); expected"),
         (
             {"micro_batch_size": "big"},
             ValueError,

@@ -417,6 +417,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, 
 
 
 @pytest.mark.parametrize("name", list(token_data.CASES))
+@pytest.mark.processes
 def test_two_ranks_give_one_process_gradient_on_the_global_batch(
     ranks: dict[str, list[dict[str, list]]], name: str
 ) -> None:

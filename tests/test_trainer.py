@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -323,12 +322,7 @@ def test_left_padding_is_refused_under_attention_dropout():
 # --------------------------------------------------------------------------- 2 ranks
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+@pytest.mark.processes
 def test_two_gloo_ranks_with_uneven_data_equal_one_process_on_the_global_batch(tmp_path):
     """2 ranks × 2 samples × 2 batches = windows of 8; 13 sequences shared out unevenly
     (rank 0: 4 batches, rank 1: 3, one of a single sequence), so ranks score different
@@ -336,8 +330,8 @@ def test_two_gloo_ranks_with_uneven_data_equal_one_process_on_the_global_batch(t
     tests = Path(__file__).parent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent / "src"), str(tests)]))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", str(tests / "hf_ddp_worker.py"), str(tmp_path),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(tests / "hf_ddp_worker.py"), str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
