@@ -195,3 +195,48 @@ def test_after_convert_dropout_only_the_attention_layers_remain_all_in_one_run(i
     }, report
     text = str(report)
     assert text.count("convert_attention_dropout") == 2  # two rows, each with its fix
+
+
+# ------------------------------------------- one entry point for Trainer users
+
+
+def test_model_loss_is_the_token_sum_and_count_of_a_causal_lm():
+    from truebatch.integrations.transformers import model_loss
+
+    model, batch = build("llama", "sdpa"), padded_batch(causal=True)
+    loss_fn, count = model_loss(model)
+    assert int(count(batch)) == int((batch["labels"][:, 1:] != -100).sum())
+    expected = lm_loss(model, {**batch, "labels": batch["labels"]})
+    assert torch.allclose(loss_fn(model, batch), expected, rtol=1e-12, atol=0)
+    assert tb.check(model, loss_fn, batch, count=count).equivalent
+
+
+def trainer_style_llama():
+    return build("llama", "sdpa"), padded_batch(causal=True)
+
+
+def trainer_style_bert_with_attention_dropout():
+    model = build("bert", "eager", attention_dropout=0.1)
+    return model, padded_batch(causal=False)
+
+
+def trainer_style_not_transformers():
+    return torch.nn.Linear(2, 2), torch.zeros(4, 2)
+
+
+@pytest.mark.parametrize(
+    ("factory", "code", "words"),
+    [
+        ("trainer_style_llama", 0, "equivalent"),
+        ("trainer_style_bert_with_attention_dropout", 1, "convert_attention_dropout"),
+        ("trainer_style_not_transformers", 2, "return the loss function too"),
+    ],
+)
+def test_truebatch_check_takes_a_model_and_a_collated_batch(capsys, factory, code, words):
+    """A factory returning (model, batch) for a Transformers model: the loss and count
+    are the truebatch Trainer's, and the HF culprits are named."""
+    import truebatch.cli
+
+    assert truebatch.cli.main(["check", f"test_check_transformers:{factory}"]) == code
+    captured = capsys.readouterr()
+    assert words in captured.out + captured.err

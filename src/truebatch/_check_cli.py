@@ -1,6 +1,9 @@
 """``truebatch check module:factory``: the checker from the command line.
 
-The factory is called with no arguments and returns ``(model, loss_fn, batch)``.
+The factory is called with no arguments and returns ``(model, loss_fn, batch)``,
+or ``(model, batch)`` for a Hugging Face Transformers model with a collated
+batch: the loss and its item count are then the truebatch Trainer's
+(:func:`truebatch.integrations.transformers.model_loss`).
 Exit status: 0 when accumulation is equivalent to the full batch, 1 when it is
 not, 2 when the check could not run. Then one line on stderr says why and what
 to change (and, with ``--json``, a JSON object on stdout says it too); the
@@ -28,7 +31,7 @@ from truebatch.cli import report_error
 PROG = "truebatch check"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 EQUIVALENT, NOT_EQUIVALENT, CANNOT_RUN = 0, 1, 2
-_FACTORY_RETURNS = "(model, loss_fn, batch)"
+_FACTORY_RETURNS = "(model, loss_fn, batch), or (model, batch) for a Transformers model"
 
 
 class CannotRun(Exception):
@@ -87,8 +90,8 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> Report:
     sizes = _parse_sizes(args.micro_batch_sizes)
-    model, loss_fn, batch = _load(args.factory)
-    return check(model, loss_fn, batch, sizes, dtype=_DTYPES[args.dtype])
+    model, loss_fn, count, batch = _load(args.factory)
+    return check(model, loss_fn, batch, sizes, count=count, dtype=_DTYPES[args.dtype])
 
 
 def _text(report: Report, verbose: bool) -> str:
@@ -130,8 +133,9 @@ def _parse_sizes(text: str | None) -> list[int] | None:
     return sizes
 
 
-def _load(spec: str) -> tuple[nn.Module, Any, Any]:
-    """Import ``module:function`` (from the current directory too) and call it."""
+def _load(spec: str) -> tuple[nn.Module, Any, Any, Any]:
+    """Import ``module:function`` (from the current directory too) and call it: the
+    model, loss_fn, count (``None``: samples) and batch."""
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
         raise CannotRun(
@@ -156,6 +160,21 @@ def _load(spec: str) -> tuple[nn.Module, Any, Any]:
         result = factory()
     except Exception as error:
         raise CannotRun(f"{spec}() raised {_exception(error)}") from error
+    if isinstance(result, tuple | list) and len(result) == 2:
+        model, batch = result
+        if not _is_transformers_model(model):
+            raise CannotRun(
+                f"{spec}() returned ({type(model).__name__}, {type(batch).__name__}); "
+                f"expected {_FACTORY_RETURNS}. Fix: return the loss function too: "
+                "return model, loss_fn, batch."
+            )
+        from truebatch.integrations.transformers import model_loss
+
+        try:
+            loss_fn, count = model_loss(model)
+        except ValueError as error:
+            raise CannotRun(str(error)) from error
+        return model, loss_fn, count, batch
     if not (isinstance(result, tuple | list) and len(result) == 3):
         raise CannotRun(
             f"{spec}() returned {_describe(result)}; expected {_FACTORY_RETURNS}. "
@@ -168,7 +187,15 @@ def _load(spec: str) -> tuple[nn.Module, Any, Any]:
             "expected (torch.nn.Module, loss_fn(model, micro_batch) -> loss_sum, batch). "
             "Fix: return the model first, then the loss function, then the batch."
         )
-    return model, loss_fn, batch
+    return model, loss_fn, None, batch
+
+
+def _is_transformers_model(model: Any) -> bool:
+    """A ``transformers.PreTrainedModel``, without importing transformers for others."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+        for cls in type(model).__mro__
+    )
 
 
 def _import(spec: str, module_name: str) -> Any:

@@ -242,19 +242,7 @@ class ExactAccumulation:
 
     def _own_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         """The loss SUM over ``inputs``, in the logits' precision (float64 stays float64)."""
-        if self.items == "samples":
-            _refuse_ignored_samples(inputs.get("labels"))
-            out = model(**inputs)
-            loss = _model_loss(out) * count_samples(inputs)
-        else:
-            keep = self._keeps_labels
-            model_inputs = {k: v for k, v in inputs.items() if keep or k not in _LABEL_KEYS}
-            out = model(**model_inputs)
-            causal = self.items == "shifted_tokens"
-            key = "shift_labels" if causal and "shift_labels" in inputs else "labels"
-            shift = causal and key == "labels"
-            loss = token_loss_sum(logits_of(out), inputs[key], shift=shift)
-        return loss
+        return _loss_sum(model, inputs, self.items, keep_labels=self._keeps_labels)
 
     def _loss_overridden(self) -> bool:
         return type(self).compute_loss is not transformers.Trainer.compute_loss or (
@@ -352,6 +340,40 @@ def _check_items(items: Any) -> Items:
 def _at_least_one(n: torch.Tensor | int) -> torch.Tensor | int:
     """A divisor for an item count: a micro-batch with no items sums to 0, divided by 1."""
     return n.clamp(min=1) if isinstance(n, torch.Tensor) else max(int(n), 1)
+
+
+def model_loss(model: nn.Module, *, items: Items | None = None) -> tuple[Any, Any]:
+    """``(loss_fn, count)`` of a Transformers model, as the truebatch :class:`Trainer`
+    computes them: for ``tb.check``, ``truebatch check`` or a hand-written loop.
+
+    ``loss_fn(model, batch)`` returns the SUM of the item losses of a collated
+    batch; ``count(batch)`` its items (see :func:`infer_items`).
+
+    Example:
+        >>> loss_fn, count = model_loss(model)
+        >>> report = tb.check(model, loss_fn, batch, count=count)
+    """
+    items = infer_items(model) if items is None else _check_items(items)
+    keep = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", 0))
+
+    def loss_fn(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        return _loss_sum(model, dict(batch), items, keep_labels=keep)
+
+    return loss_fn, counter(items)
+
+
+def _loss_sum(
+    model: nn.Module, inputs: dict[str, Any], items: Items, *, keep_labels: bool
+) -> torch.Tensor:
+    """The loss SUM over ``inputs``, in the logits' precision (float64 stays float64)."""
+    if items == "samples":
+        _refuse_ignored_samples(inputs.get("labels"))
+        return _model_loss(model(**inputs)) * count_samples(inputs)
+    model_inputs = {k: v for k, v in inputs.items() if keep_labels or k not in _LABEL_KEYS}
+    out = model(**model_inputs)
+    causal = items == "shifted_tokens"
+    key = "shift_labels" if causal and "shift_labels" in inputs else "labels"
+    return token_loss_sum(logits_of(out), inputs[key], shift=causal and key == "labels")
 
 
 def _model_loss(output: Any) -> torch.Tensor:
