@@ -89,6 +89,11 @@ def main() -> None:
         accuracy = (model(x).argmax(1) == y).float().mean().item()
     if rank == 0:
         print(f"training accuracy {accuracy:.3f}")
+    # Release what holds the process group (DDP, and the Accumulator holding DDP) while it
+    # is still registered, so that destroy_process_group frees it. Freed later, at
+    # interpreter exit, gloo's destructor can deadlock on the GIL (torch 2.13): one rank
+    # then never exits.
+    del accumulator, ddp
     dist.destroy_process_group()
 
 

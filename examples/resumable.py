@@ -112,6 +112,8 @@ def main() -> None:
     if rank == 0:
         print(f"parameters sha256 {fingerprint.hexdigest()}")
     if distributed:
+        # Free DDP (held by the Accumulator) before the group: see examples/ddp_torchrun.py.
+        del acc, model
         dist.destroy_process_group()
 
 

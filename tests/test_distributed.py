@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -535,24 +536,34 @@ def test_unknown_gradient_sync_is_refused() -> None:
 def test_torchrun_example_trains(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun is not None, "torchrun is installed with torch"
-    completed = subprocess.run(
-        [
-            torchrun,
-            # A single-node rendezvous on a free port; "--master-port 0" would hand every
-            # worker MASTER_PORT=0, and the ranks would never find each other.
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(REPO / "examples" / "ddp_torchrun.py"),
-            "--epochs",
-            "1",
-        ],
-        capture_output=True,
+    command = [
+        torchrun,
+        # A single-node rendezvous on a free port; "--master-port 0" would hand every
+        # worker MASTER_PORT=0, and the ranks would never find each other.
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "examples" / "ddp_torchrun.py"),
+        "--epochs",
+        "1",
+    ]
+    # A session of its own, so a hung rank is killed with torchrun, not left running.
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
         cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"the example did not finish in 180 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert completed.returncode == 0, completed.stderr[-3000:]
     losses = [
         float(line.split("loss")[1].split()[0])
