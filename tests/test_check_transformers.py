@@ -229,7 +229,7 @@ def trainer_style_not_transformers():
     [
         ("trainer_style_llama", 0, "equivalent"),
         ("trainer_style_bert_with_attention_dropout", 1, "convert_attention_dropout"),
-        ("trainer_style_not_transformers", 2, "return the loss function too"),
+        ("trainer_style_not_transformers", 2, "expected (model, loss_fn, batch)"),
     ],
 )
 def test_truebatch_check_takes_a_model_and_a_collated_batch(capsys, factory, code, words):

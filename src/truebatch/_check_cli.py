@@ -31,7 +31,7 @@ from truebatch.cli import report_error
 PROG = "truebatch check"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 EQUIVALENT, NOT_EQUIVALENT, CANNOT_RUN = 0, 1, 2
-_FACTORY_RETURNS = "(model, loss_fn, batch), or (model, batch) for a Transformers model"
+_FACTORY_RETURNS = "(model, loss_fn, batch)"
 
 
 class CannotRun(Exception):
@@ -160,16 +160,11 @@ def _load(spec: str) -> tuple[nn.Module, Any, Any, Any]:
         result = factory()
     except Exception as error:
         raise CannotRun(f"{spec}() raised {_exception(error)}") from error
-    if isinstance(result, tuple | list) and len(result) == 2:
-        model, batch = result
-        if not _is_transformers_model(model):
-            raise CannotRun(
-                f"{spec}() returned ({type(model).__name__}, {type(batch).__name__}); "
-                f"expected {_FACTORY_RETURNS}. Fix: return the loss function too: "
-                "return model, loss_fn, batch."
-            )
+    if isinstance(result, tuple | list) and len(result) == 2 and _is_transformers_model(result[0]):
+        # A Transformers model and a collated batch: the truebatch Trainer's loss and count.
         from truebatch.integrations.transformers import model_loss
 
+        model, batch = result
         try:
             loss_fn, count = model_loss(model)
         except ValueError as error:
