@@ -11,6 +11,7 @@ from truebatch.batching import batch_size, batch_unit, count_samples, count_toke
 from truebatch.check import Finding, Report, check
 from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
+from truebatch.terms import Term, term
 from truebatch.windows import windows
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "Finding",
     "Report",
     "StepResult",
+    "Term",
     "batch_size",
     "batch_unit",
     "check",
@@ -28,6 +30,7 @@ __all__ = [
     "relative_differences",
     "scale_lr",
     "split",
+    "term",
     "testing",
     "windows",
     "windows_per_epoch",
