@@ -5,7 +5,11 @@ acc = tb.Accumulator(model, optimizer, micro_batch_size=16)
 result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losses
 """
 
-from truebatch import nn, testing  # tb.nn layers, tb.testing.assert_accumulation_equivalent
+from truebatch import (  # tb.nn layers, tb.testing.assert_accumulation_equivalent
+    nn,
+    reductions,
+    testing,
+)
 from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import batch_size, batch_unit, count_samples, count_tokens, split
 from truebatch.check import Finding, Report, check
@@ -27,6 +31,7 @@ __all__ = [
     "count_tokens",
     "max_relative_difference",
     "nn",
+    "reductions",
     "relative_differences",
     "scale_lr",
     "split",
