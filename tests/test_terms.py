@@ -18,7 +18,17 @@ from torch import nn
 
 import truebatch as tb
 from models import max_relative_difference, record_grads
-from terms_cases import CASES, Batch, case, moe_batch, rl_batch, seeded, switch_fractions
+from terms_cases import (
+    CASES,
+    Batch,
+    case,
+    moe_batch,
+    ppo_token_loss,
+    rl_batch,
+    seeded,
+    switch_fractions,
+)
+from terms_workers import LAYOUT, SCENARIOS, launch, window_batch
 
 TOL = 1e-12
 WINDOW = 7  # samples per window: uneven splits at 2 and 3
@@ -123,8 +133,6 @@ def test_a_term_without_items_contributes_nothing() -> None:
         batch, loss_fn, count
     )
     m = batch["mask"]
-    from terms_cases import ppo_token_loss
-
     reference = (ppo_token_loss(twin, batch) * m).sum() / m.sum()
     reference.backward()
     torch.optim.SGD(twin.parameters(), lr=0.1).step()
@@ -230,10 +238,43 @@ def test_reductions_differ_where_the_split_matters() -> None:
         values[name] = case(name).reference(model, batch)[0].item()
     assert len({round(v, 9) for v in values.values()}) == 3
     reduction = tb.reductions.seq_mean_token_mean("mask")
-    from terms_cases import ppo_token_loss
-
     halves = [{k: v[a:b] for k, v in batch.items()} for a, b in [(0, 2), (2, WINDOW)]]
     naive = sum(
         (reduction.sum(ppo_token_loss(model, h), h["mask"]) / reduction(h)).item() for h in halves
     ) / len(halves)
     assert abs(naive - values["seq_mean_token_mean"]) > 1e-3
+
+
+# ------------------------------------------------------------- two gloo ranks
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """What each rank saved per scenario (``terms_workers``), from one two-process run."""
+    out_dir = tmp_path_factory.mktemp("terms-runs")
+    launch(out_dir, timeout=300)
+    return {
+        scenario: [torch.load(out_dir / f"{scenario}-{rank}.pt") for rank in range(2)]
+        for scenario in SCENARIOS
+    }
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_terms_on_two_ranks_with_uneven_data(distributed_runs: dict, scenario: str) -> None:
+    """Every rank ends each window with the parameters of one process stepping on the
+    window's global batch, and reports the global batch's loss, term means and counts."""
+    name, _ = SCENARIOS[scenario]
+    model = seeded(case(name).model)
+    for window in range(len(LAYOUT)):
+        batch = window_batch(name, window)
+        loss, means, counts, _, _, _ = reference_step(name, model, batch)
+        for rank, record in enumerate(distributed_runs[scenario]):
+            where = f"window {window}, rank {rank}"
+            params = record["params"][window]
+            assert max_relative_difference(params, list(model.parameters())) <= TOL, where
+            result = record["results"][window]
+            assert result["loss"] == pytest.approx(loss, rel=TOL), where
+            for term, mean in means.items():
+                assert result["terms"][term] == pytest.approx(mean.item(), rel=TOL), where
+                assert result["counts"][term] == int(counts[term]), where
+        model.zero_grad(set_to_none=True)
