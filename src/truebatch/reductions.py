@@ -7,13 +7,11 @@ items divided by the COUNT of those items over the whole batch, so each is
 one loss term: a :class:`Reduction` gives the term's sum for a micro-batch
 (:meth:`Reduction.sum`) and is itself the term's counter.
 
-==========================  ====================================================  ===========
-reduction                   window value                                          N counts
-==========================  ====================================================  ===========
-``token_mean``              ``sum_{s,t} m l / sum_{s,t} m``                       tokens
-``seq_mean_token_mean``     ``(1/N_seq) sum_s (sum_t m l / sum_t m)``              sequences
-``seq_mean_token_sum_norm`` ``(1/(N_seq * L)) sum_s sum_t m l``  (Dr. GRPO)        sequences
-==========================  ====================================================  ===========
+| reduction | window value | N counts |
+|---|---|---|
+| ``token_mean`` | ``sum_{s,t} m l / sum_{s,t} m`` | tokens |
+| ``seq_mean_token_mean`` | ``(1/N_seq) sum_s (sum_t m l / sum_t m)`` | sequences |
+| ``seq_mean_token_sum_norm`` | ``(1/(N_seq * L)) sum_s sum_t m l`` (Dr. GRPO) | sequences |
 
 A *sequence* is a row of the mask with at least one scored token; a row
 without any (padding) adds nothing to a sum and is not counted.
