@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -278,3 +279,14 @@ def test_terms_on_two_ranks_with_uneven_data(distributed_runs: dict, scenario: s
                 assert result["terms"][term] == pytest.approx(mean.item(), rel=TOL), where
                 assert result["counts"][term] == int(counts[term]), where
         model.zero_grad(set_to_none=True)
+
+
+def test_terms_overhead_benchmark_prints_its_ratios() -> None:
+    """A smoke run of benchmarks/terms_overhead.py (it asserts nothing about speed)."""
+    from scripts import BENCHMARKS, run_script
+
+    out = run_script(BENCHMARKS / "terms_overhead.py", "--quick")
+    rows = re.findall(
+        r"^(MLP|CNN)\s+4\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+\s+[\d.]+$", out, re.M
+    )
+    assert rows == ["MLP", "CNN"], out
