@@ -84,6 +84,8 @@ def _main(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)  # two processes on two shared cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
+    for name in CALLS:  # count truebatch's collectives (DDP and FSDP2 call neither function)
+        setattr(dist, name, _counting(name, getattr(dist, name)))
     try:
         for scenario, (name, wrapper) in SCENARIOS.items():
             try:
@@ -112,17 +114,32 @@ def _run(name: str, wrapper: str, rank: int) -> dict[str, list]:
     )
     fractions: list[torch.Tensor] = []
     this = case(name, fractions)
-    record: dict[str, list] = {"params": [], "results": []}
+    record: dict[str, list] = {"params": [], "results": [], "collectives": []}
     for window in range(len(LAYOUT)):
         batch = rank_batch(name, window, rank)
         if name == "moe_batch":
             fractions[:] = [_global_switch_fractions(module, batch)]
+        before = dict(CALLS)
         result = accumulator.step(batch, this.loss_fn, this.count)
         record["results"].append(
             {"loss": result.loss, "terms": result.terms, "counts": result.counts}
         )
+        record["collectives"].append({k: CALLS[k] - before[k] for k in CALLS})
         record["params"].append([_full(p) for p in model.parameters()])
     return record
+
+
+# Calls so far in this process: truebatch exchanges the counts with all_gather and sums the
+# loss totals with all_reduce.
+CALLS = {"all_gather": 0, "all_reduce": 0}
+
+
+def _counting(name: str, original: Any) -> Any:
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        CALLS[name] += 1
+        return original(*args, **kwargs)
+
+    return counting
 
 
 def _global_switch_fractions(module: nn.Module, batch: Batch) -> torch.Tensor:

@@ -274,6 +274,8 @@ def test_terms_on_two_ranks_with_uneven_data(distributed_runs: dict, scenario: s
             params = record["params"][window]
             assert max_relative_difference(params, list(model.parameters())) <= TOL, where
             result = record["results"][window]
+            # every term's count in the window's one exchange; the loss sums in one all_reduce
+            assert record["collectives"][window] == {"all_gather": 1, "all_reduce": 1}, where
             assert result["loss"] == pytest.approx(loss, rel=TOL), where
             for term, mean in means.items():
                 assert result["terms"][term] == pytest.approx(mean.item(), rel=TOL), where
