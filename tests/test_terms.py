@@ -15,6 +15,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import truebatch as tb
@@ -22,7 +24,9 @@ from models import max_relative_difference, record_grads
 from terms_cases import (
     CASES,
     Batch,
+    TinyCausalLM,
     case,
+    kl_token,
     moe_batch,
     ppo_token_loss,
     rl_batch,
@@ -94,6 +98,48 @@ def test_terms_split_over_many_micro_batches_of_a_window(name: str) -> None:
         pieces, this.loss_fn, this.count
     )
     assert max_relative_difference(seen[0], grads) <= TOL
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    pieces=st.lists(st.integers(0, 4), min_size=1, max_size=4).filter(any),
+    micro_batch_size=st.one_of(st.none(), st.integers(1, 4)),
+    weights=st.tuples(st.floats(-2, 2), st.floats(-2, 2)),
+    seed=st.integers(0, 1000),
+)
+def test_any_split_and_weights_give_the_big_batch_gradient(
+    pieces: list[int], micro_batch_size: int | None, weights: tuple[float, float], seed: int
+) -> None:
+    """Windows given as pieces (some empty) of a drawn batch, split again by a drawn size,
+    with drawn term weights: the gradient of sum_t w_t * S_t / N_t on the whole batch."""
+    model = seeded(TinyCausalLM)
+    twin = copy.deepcopy(model)
+    batch = rl_batch(sum(pieces), seed)
+    m = batch["mask"]
+    rows = m.sum(-1) > 0
+    policy_weight, kl_weight = weights
+    reference = policy_weight * (ppo_token_loss(twin, batch) * m).sum() / m.sum()
+    if rows.any():
+        reference = reference + kl_weight * (kl_token(twin, batch) * m).sum() / rows.sum()
+    reference.backward()
+    this = case("policy_kl")
+    count = {
+        "policy": tb.term(this.count["policy"], weight=policy_weight),
+        "kl": tb.term(this.count["kl"].count, weight=kl_weight),
+    }
+    ends = [sum(pieces[: i + 1]) for i in range(len(pieces))]
+    window = [
+        {k: v[end - n : end] for k, v in batch.items()} for n, end in zip(pieces, ends, strict=True)
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=micro_batch_size)
+    totals = acc.accumulate(window, this.loss_fn, count)
+    assert totals.term_counts == {"policy": float(m.sum()), "kl": float(rows.sum())}
+    if m.sum() == 0:
+        assert totals.count == 0 and all(p.grad is None for p in model.parameters())
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in twin.parameters()]
+    assert max_relative_difference([p.grad for p in model.parameters()], grads) <= TOL
 
 
 def test_terms_with_clipping_grad_scaler_and_auto() -> None:
