@@ -49,13 +49,13 @@ import torch
 from torch import nn
 
 from truebatch import _context
-from truebatch.batching import Batch, Counter, map_tensors, split_sized
+from truebatch.batching import Batch, map_tensors, split_sized
 from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
 from truebatch.losses import LossFn, LossTotals, local_counts
 from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
-from truebatch.terms import TermSpec, term_spec
+from truebatch.terms import Counts, TermSpec, term_spec
 
 __all__ = [
     "OutOfMemoryError",
@@ -221,7 +221,7 @@ class Window:
         history: WindowHistory,
         plan: Plan,
         loss_fn: LossFn,
-        count: Counter | dict[str, Any] | None,
+        count: Counts,
         *,
         share_out_of_memory: bool = False,
     ) -> None:
@@ -242,10 +242,9 @@ class Window:
             round_before_sync=setup.sync.distributed,
         )
         # The N every backward is weighted by: the window's, or an assumed one until it
-        # arrives (the previous window's under DDP, 1 when loss_fn returns counts).
+        # arrives (the previous window's under DDP, 1 when loss_fn returns counts). With
+        # loss terms, each term's N_t (self.counts.term_counts) and never an assumed one.
         self.n_items = 0.0
-        # With loss terms, one weight per term (term_weights); n_items is then their sum.
-        self.weights: list[float] = []
 
     def run(self) -> WindowTotals:
         """Count, weight, pass, total; leaves the window's gradient in ``.grad``."""
@@ -260,8 +259,6 @@ class Window:
         if previous is None and self.counts.wait().n_items == 0:
             return self.window_totals([0.0] * len(self.counts.term_counts), largest)
         self.n_items = previous or self.counts.n_items
-        if self.terms is not None:
-            self.weights = self.term_weights()
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
             self.history.replay_batch = map_tensors(self.plan[0][0], lambda t: t[:2].clone())
@@ -291,10 +288,12 @@ class Window:
             return WindowTotals(loss_sums[0], returned_count, len(self.plan), largest)
         return self.window_totals(loss_sums, largest)
 
-    def term_weights(self) -> list[float]:
-        """weight_t = world_size * w_t / N_t per loss term; 0 for a term without items."""
-        assert self.terms is not None
+    def weights(self) -> list[float]:
+        """The one normalization, per loss term: weight_t = world_size * w_t / N_t (0 for a
+        term without items). A single loss is one term with w = 1 and N = ``n_items``."""
         world_size = self.setup.sync.world_size
+        if self.terms is None:
+            return [world_size / self.n_items]
         return [
             world_size * w / n if n else 0.0
             for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
@@ -376,11 +375,10 @@ class Window:
             self.n_items = 1.0  # the counts arrive with the totals: correct_count then
         if last:
             self.totals.start()
-        if self.terms is None:
-            weight = setup.sync.world_size / self.n_items
-            scaled = losses[0] * weight
-        else:  # weight_t = world_size * w_t / N_t (term_weights)
-            scaled = sum(loss * w for loss, w in zip(losses, self.weights, strict=True))
+        weights = self.weights()
+        scaled = losses[0] * weights[0]
+        for loss, weight in zip(losses[1:], weights[1:], strict=True):
+            scaled = scaled + loss * weight
         if setup.scaler is not None:
             scaled = setup.scaler.scale(scaled)
         scaled.backward()
