@@ -37,6 +37,8 @@ SCENARIOS = {
     "seq_mean_token_sum_norm-fsdp2": ("seq_mean_token_sum_norm", "fsdp2"),
     "moe_sequence-ddp": ("moe_sequence", "ddp"),
     "moe_batch-ddp": ("moe_batch", "ddp"),
+    # "auto" under DDP: the passes that share an out-of-memory error (one more exchange)
+    "policy_kl-ddp-auto": ("policy_kl", "ddp"),
 }
 
 
@@ -89,7 +91,8 @@ def _main(rank: int, port: int, out_dir: str) -> None:
     try:
         for scenario, (name, wrapper) in SCENARIOS.items():
             try:
-                record = _run(name, wrapper, rank)
+                size = "auto" if scenario.endswith("-auto") else MICRO_BATCH_SIZE
+                record = _run(name, wrapper, rank, size)
             except BaseException:
                 Path(out_dir, f"error-{scenario}-{rank}.txt").write_text(
                     f"rank {rank}, scenario {scenario}:\n{traceback.format_exc()}"
@@ -100,7 +103,7 @@ def _main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _run(name: str, wrapper: str, rank: int) -> dict[str, list]:
+def _run(name: str, wrapper: str, rank: int, micro_batch_size: int | str) -> dict[str, list]:
     model = seeded(case(name).model)
     if wrapper == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
@@ -110,7 +113,7 @@ def _run(name: str, wrapper: str, rank: int) -> dict[str, list]:
 
         module = fully_shard(model)
     accumulator = tb.Accumulator(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=MICRO_BATCH_SIZE
+        model, torch.optim.SGD(model.parameters(), lr=0.1), micro_batch_size=micro_batch_size
     )
     fractions: list[torch.Tensor] = []
     this = case(name, fractions)

@@ -321,7 +321,9 @@ def test_terms_on_two_ranks_with_uneven_data(distributed_runs: dict, scenario: s
             assert max_relative_difference(params, list(model.parameters())) <= TOL, where
             result = record["results"][window]
             # every term's count in the window's one exchange; the loss sums in one all_reduce
-            assert record["collectives"][window] == {"all_gather": 1, "all_reduce": 1}, where
+            gathers = 2 if scenario.endswith("-auto") else 1  # "auto": the out-of-memory table
+            expected = {"all_gather": gathers, "all_reduce": 1}
+            assert record["collectives"][window] == expected, where
             assert result["loss"] == pytest.approx(loss, rel=TOL), where
             for term, mean in means.items():
                 assert result["terms"][term] == pytest.approx(mean.item(), rel=TOL), where
