@@ -163,7 +163,7 @@ class LossTotals:
                 "loss for others; expected the same kind every time. Fix: return the same "
                 "kind from every micro-batch."
             )
-        if isinstance(output, Mapping):
+        if not isinstance(output, torch.Tensor) and isinstance(output, Mapping):
             raise TypeError(
                 f"`loss_fn` returned a mapping of terms {sorted(output)}; expected one loss "
                 "sum, as count=... is not a mapping. Fix: pass count={term: counter} with the "
@@ -227,12 +227,15 @@ class LossTotals:
             return
         terms = 1 if self.names is None else len(self.names)
         with torch.no_grad():
-            losses = torch.stack(self.losses).reshape(-1, terms) if self.losses else None
+            losses = torch.stack(self.losses) if self.losses else None
             if losses is not None and not (self.counts or self.sync.distributed):
                 # One rank, no returned count: the losses alone, added up when finished.
-                sums = [math.fsum(column) for column in losses.T.tolist()]
+                values = losses.tolist()  # pass by pass, the terms in the order of names
+                sums = [math.fsum(values[t::terms]) for t in range(terms)]
                 self._wait = lambda: [*sums, 0.0, 0.0, 0.0]
                 return
+            if losses is not None:
+                losses = losses.reshape(-1, terms)
             values = torch.zeros(terms + 3, dtype=torch.float64, device=self.device)
             if losses is not None:
                 values[:terms] = losses.sum(dim=0, dtype=torch.float64)

@@ -377,8 +377,8 @@ class Window:
             self.totals.start()
         weights = self.weights()
         scaled = losses[0] * weights[0]
-        for loss, weight in zip(losses[1:], weights[1:], strict=True):
-            scaled = scaled + loss * weight
+        for term in range(1, len(losses)):
+            scaled = scaled + losses[term] * weights[term]
         if setup.scaler is not None:
             scaled = setup.scaler.scale(scaled)
         scaled.backward()
