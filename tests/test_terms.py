@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import truebatch as tb
-from models import max_relative_difference, record_grads
+from models import record_grads
 from terms_cases import (
     CASES,
     Batch,
@@ -34,6 +34,7 @@ from terms_cases import (
     switch_fractions,
 )
 from terms_workers import LAYOUT, SCENARIOS, launch, window_batch
+from truebatch.compare import max_relative_difference
 
 TOL = 1e-12
 WINDOW = 7  # samples per window: uneven splits at 2 and 3
