@@ -341,3 +341,21 @@ def test_terms_overhead_benchmark_prints_its_ratios() -> None:
         r"^(MLP|CNN)\s+4\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+ ms\s+[\d.]+\s+[\d.]+$", out, re.M
     )
     assert rows == ["MLP", "CNN"], out
+
+
+def test_check_judges_a_loss_with_terms_as_a_whole() -> None:
+    """tb.check takes the count mapping: the terms as returned are equivalent; a term that
+    returns a per-micro-batch mean instead of a sum makes the total loss non-additive."""
+    this = case("policy_kl")
+    model = seeded(this.model)
+    batch = this.batch(WINDOW, 1)
+    assert tb.check(model, this.loss_fn, batch, count=this.count).equivalent
+
+    def mean_kl(model: nn.Module, mb: Batch) -> dict[str, torch.Tensor]:
+        terms = this.loss_fn(model, mb)
+        terms["kl"] = (kl_token(model, mb) * mb["mask"]).sum(-1).mean()
+        return terms
+
+    report = tb.check(model, mean_kl, batch, count=this.count)
+    assert not report.equivalent
+    assert "loss_not_additive" in [finding.kind for finding in report.findings]
