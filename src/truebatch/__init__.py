@@ -5,7 +5,11 @@ acc = tb.Accumulator(model, optimizer, micro_batch_size=16)
 result = acc.step(batch, loss_fn)        # loss_fn returns the SUM of item losses
 """
 
-from truebatch import nn, testing  # tb.nn layers, tb.testing.assert_accumulation_equivalent
+from truebatch import (  # tb.nn layers, tb.testing.assert_accumulation_equivalent
+    nn,
+    reductions,
+    testing,
+)
 from truebatch.accumulator import Accumulator, StepResult
 from truebatch.batching import (
     batch_size,
@@ -21,6 +25,7 @@ from truebatch.check import Finding, Report, check
 from truebatch.checkpoint import load_checkpoint, save_checkpoint
 from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
+from truebatch.terms import Term, term
 from truebatch.windows import Windows, windows
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "Finding",
     "Report",
     "StepResult",
+    "Term",
     "Windows",
     "batch_size",
     "batch_unit",
@@ -38,11 +44,13 @@ __all__ = [
     "load_checkpoint",
     "max_relative_difference",
     "nn",
+    "reductions",
     "relative_differences",
     "save_checkpoint",
     "scale_lr",
     "shared",
     "split",
+    "term",
     "testing",
     "token_budget_sizes",
     "windows",

@@ -39,6 +39,7 @@ from truebatch.distributed import GradientSync, SyncMode
 from truebatch.gradients import ParameterSets, clear_gradients, clip_gradients
 from truebatch.losses import LossFn, check_loss_fn_and_count
 from truebatch.snapshot import StepRollback, WindowStart, rng_state, set_rng_state
+from truebatch.terms import Counts
 from truebatch.window import Window, WindowHistory, WindowSetup, WindowTotals
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
@@ -60,6 +61,11 @@ class StepResult:
         micro_batch_size: largest micro-batch run on this rank (the size
             ``"auto"`` settled on).
         step: windows completed so far, this one included.
+        terms: with loss terms (``count`` a mapping), each term's mean over
+            the window and all ranks, ``S_t / N_t`` (``nan`` when N_t == 0);
+            ``loss`` is then ``sum_t w_t * S_t / N_t`` and ``count`` the sum
+            of the terms' counts. ``None`` for a single loss.
+        counts: with loss terms, each term's count N_t over all ranks.
     """
 
     loss: float
@@ -70,6 +76,8 @@ class StepResult:
     micro_batches: int
     micro_batch_size: int
     step: int
+    terms: dict[str, float] | None = None
+    counts: dict[str, int | float] | None = None
 
 
 class Accumulator:
@@ -176,7 +184,7 @@ class Accumulator:
         self._history = WindowHistory()
         self._auto = AutoSize(max_micro_batch_size)
 
-    def step(self, batch: Batch, loss_fn: LossFn, count: Counter | None = None) -> StepResult:
+    def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
 
         Args:
@@ -185,10 +193,15 @@ class Accumulator:
                 of ``micro_batch_size``.
             loss_fn: ``loss_fn(model, micro_batch)`` returns the SUM of the
                 per-item losses of the micro-batch (a 0-dim tensor), or
-                ``(loss_sum, count)``.
+                ``(loss_sum, count)``, or with loss terms a mapping of term
+                sums ``{"policy": S, "kl": S}``.
             count: ``count(micro_batch)`` gives its item count N_j before any
                 backward; ``None`` counts samples, unless ``loss_fn`` returns
-                counts, by whose total the gradient is then divided once.
+                counts, by whose total the gradient is then divided once. A
+                mapping with the keys of ``loss_fn``'s mapping gives one
+                counter per loss term (a counter, ``None`` or
+                :func:`truebatch.term` with a weight): the gradient is then that
+                of ``sum_t w_t * S_t / N_t`` (see ``truebatch.terms``).
 
         Returns:
             what the window did (:class:`StepResult`).
@@ -205,7 +218,7 @@ class Accumulator:
         return self._step([batch], loss_fn, count)
 
     def step_window(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts = None
     ) -> StepResult:
         """Run the given micro-batches as one window: one effective batch, one step.
 
@@ -221,7 +234,7 @@ class Accumulator:
         return self._step(micro_batches, loss_fn, count)
 
     def accumulate(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None = None
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts = None
     ) -> WindowTotals:
         """Every pass of a window and no optimizer step.
 
@@ -362,15 +375,13 @@ class Accumulator:
 
     # --------------------------------------------------------------- a window
 
-    def _step(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None
-    ) -> StepResult:
+    def _step(self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts) -> StepResult:
         check_scheduler_has_a_step_left(self.scheduler)
         totals, start = self._window(micro_batches, loss_fn, count)
         return self._apply(totals, start)
 
     def _window(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counter | None
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts
     ) -> tuple[WindowTotals, WindowStart]:
         """The passes of a window; whatever they raise, buffers, RNG and gradients go back
         to the window start (returned: the step restores it too if it fails)."""
@@ -400,7 +411,7 @@ class Accumulator:
         pieces: list[Batch],
         sizes: list[int],
         loss_fn: LossFn,
-        count: Counter | None,
+        count: Counts,
         micro_batch_size: int | None,
     ) -> WindowTotals:
         # "auto" under torch.distributed: every rank learns of any rank's out-of-memory.
@@ -424,7 +435,10 @@ class Accumulator:
         params = self._setup.parameters
         if window.count == 0:
             clear_gradients(params.model)
-            return self._result(window, math.nan, "the window holds no items (N == 0)")
+            reason = "the window holds no items (N == 0)"
+            if window.term_counts is not None:
+                reason = "no loss term has items in the window (every N_t == 0)"
+            return self._result(window, math.nan, reason)
         rollback = StepRollback(
             self.optimizer,
             self.scheduler,
@@ -465,14 +479,21 @@ class Accumulator:
 
     def _result(self, window: WindowTotals, grad_norm: float, reason: str | None) -> StepResult:
         self._history.index += 1
-        count = window.count
+        counts = window.term_counts
         return StepResult(
-            loss=window.loss_sum / count if count else math.nan,
-            count=int(count) if float(count).is_integer() else count,
+            loss=window.loss,
+            count=_as_number(window.count),
             grad_norm=grad_norm,
             stepped=reason is None,
             skip_reason=reason,
             micro_batches=window.micro_batches,
             micro_batch_size=window.micro_batch_size,
             step=self._history.index,
+            terms=window.term_means,
+            counts=None if counts is None else {t: _as_number(n) for t, n in counts.items()},
         )
+
+
+def _as_number(count: float) -> int | float:
+    """An item count as an int when it is whole (as counted), else as given."""
+    return int(count) if float(count).is_integer() else count

@@ -3,14 +3,16 @@
 ``loss_fn(model, micro_batch)`` returns the loss SUM of the micro-batch's items
 (a 0-dim tensor that requires grad), or a pair ``(loss_sum, count)``; the
 window's loss is ``sum of loss sums / N``. ``count(micro_batch)`` gives the
-micro-batch's item count before any backward. Both are validated here, once,
-for the Accumulator and the checker.
+micro-batch's item count before any backward. With loss terms
+(``truebatch.terms``), ``loss_fn`` returns a mapping of sums and ``count`` a
+mapping of counters with the same keys. Both are validated here, once, for
+the Accumulator and the checker.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from truebatch.batching import Batch, Counter, count_samples
 from truebatch.distributed import GradientSync
+from truebatch.terms import TermSpec, term_spec
 
 __all__ = [
     "LossFn",
@@ -26,6 +29,7 @@ __all__ = [
     "check_loss",
     "check_loss_fn_and_count",
     "local_count",
+    "local_counts",
 ]
 
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Any]"]
@@ -39,30 +43,31 @@ def check_loss_fn_and_count(loss_fn: Any, count: Any) -> None:
             "callable as loss_fn(model, micro_batch) -> loss_sum). Fix: pass a function that "
             "returns the SUM of the micro-batch's item losses."
         )
-    if count is not None and not callable(count):
+    if term_spec(count) is None and count is not None and not callable(count):
         raise TypeError(
             f"`count` got {type(count).__name__}; expected None or a function (count must be "
-            "callable as count(micro_batch) -> int or tensor). Fix: use tb.count_samples or "
-            "tb.count_tokens(...)."
+            "callable as count(micro_batch) -> int or tensor, or a mapping of them per loss "
+            "term). Fix: use tb.count_samples or tb.count_tokens(...)."
         )
 
 
-def check_loss(loss: Any) -> torch.Tensor:
-    """``loss`` if it is a 0-dim tensor that requires grad, else ``TypeError`` with the fix."""
+def check_loss(loss: Any, what: str = "loss_fn") -> torch.Tensor:
+    """``loss`` if it is a 0-dim tensor that requires grad, else ``TypeError`` with the fix;
+    ``what`` names it in the message (``loss_fn``, or a term of its mapping)."""
     if not isinstance(loss, torch.Tensor):
         raise TypeError(
-            f"`loss_fn` returned {type(loss).__name__}; expected a 0-dim tensor (the SUM of "
+            f"`{what}` returned {type(loss).__name__}; expected a 0-dim tensor (the SUM of "
             "per-item losses). Fix: return the tensor itself, not .item() or a list."
         )
     if loss.dim() != 0:
         raise TypeError(
-            f"`loss_fn` returned a tensor of shape {tuple(loss.shape)}; expected a 0-dim "
+            f"`{what}` returned a tensor of shape {tuple(loss.shape)}; expected a 0-dim "
             "tensor (the SUM of per-item losses). Fix: return per_item_losses.sum() or use "
             "reduction='sum'."
         )
     if not loss.requires_grad:
         raise TypeError(
-            "`loss_fn` returned a tensor that does not require grad; expected the loss "
+            f"`{what}` returned a tensor that does not require grad; expected the loss "
             "computed from the model's output. Fix: compute it without torch.no_grad(), "
             ".detach() or .item(), and from parameters that require grad."
         )
@@ -106,8 +111,15 @@ def local_count(plan: list[tuple[Batch, int]], count: Counter | None) -> float:
     return float(values.sum())
 
 
+def local_counts(plan: list[tuple[Batch, int]], count: Counter | TermSpec | None) -> list[float]:
+    """This rank's item count per loss term (one entry without terms)."""
+    if isinstance(count, TermSpec):
+        return [local_count(plan, counter) for counter in count.counters]
+    return [local_count(plan, count)]
+
+
 class LossTotals:
-    """The window's loss sums, and the counts ``loss_fn`` returns if it returns any.
+    """The window's loss sums (one per loss term), and the counts ``loss_fn`` returns if any.
 
     :meth:`add` checks each pass's output; :meth:`start` begins summing the
     totals over ranks (just before the window's last backward, so the small
@@ -116,21 +128,32 @@ class LossTotals:
     device and every rank raises together.
 
     Attributes:
+        names: the loss terms' names, or ``None`` for a single loss.
         returns_pairs: whether ``loss_fn`` returns ``(loss_sum, count)``;
             ``None`` until the first pass.
     """
 
-    def __init__(self, sync: GradientSync, *, count_given: bool, device: torch.device) -> None:
+    def __init__(
+        self,
+        sync: GradientSync,
+        *,
+        count_given: bool,
+        device: torch.device,
+        names: tuple[str, ...] | None = None,
+    ) -> None:
         self.sync = sync
         self.count_given = count_given
         self.device = device
+        self.names = names
         self.returns_pairs: bool | None = None
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []  # per pass, one per term, in the order of names
         self.counts: list[torch.Tensor] = []
         self._wait: Callable[[], list[float]] | None = None
 
-    def add(self, output: Any) -> torch.Tensor:
-        """Record one pass's ``loss_fn`` output; returns its loss sum."""
+    def add(self, output: Any) -> list[torch.Tensor]:
+        """Record one pass's ``loss_fn`` output; returns its loss sum(s), one per term."""
+        if self.names is not None:
+            return self.add_terms(output)
         pair = isinstance(output, tuple | list)
         if self.returns_pairs is None:
             self.returns_pairs = pair
@@ -139,6 +162,12 @@ class LossTotals:
                 "`loss_fn` returned a (loss_sum, count) pair for some micro-batches and a bare "
                 "loss for others; expected the same kind every time. Fix: return the same "
                 "kind from every micro-batch."
+            )
+        if not isinstance(output, torch.Tensor) and isinstance(output, Mapping):
+            raise TypeError(
+                f"`loss_fn` returned a mapping of terms {sorted(output)}; expected one loss "
+                "sum, as count=... is not a mapping. Fix: pass count={term: counter} with the "
+                "same keys."
             )
         if pair:
             if self.count_given:
@@ -156,37 +185,76 @@ class LossTotals:
             self.counts.append(as_count(count, "the count returned by loss_fn").to(self.device))
         loss = check_loss(output)
         self.losses.append(loss)  # as returned: start() stacks them without autograd
-        return loss
+        return [loss]
+
+    def add_terms(self, output: Any) -> list[torch.Tensor]:
+        """One pass's mapping of term sums, checked against the names of ``count``.
+
+        A term cannot return its own count: its backward must be weighted by
+        its N before it runs, since once the terms' gradients are summed no
+        later factor can rescale one term alone.
+        """
+        assert self.names is not None
+        self.returns_pairs = False
+        if not isinstance(output, Mapping):
+            raise TypeError(
+                f"`loss_fn` returned {type(output).__name__}; expected a mapping of term sums "
+                f"with the keys of count, {list(self.names)}. Fix: return "
+                '{"term": loss_sum, ...}, one entry per counter.'
+            )
+        if set(output) != set(self.names):
+            raise KeyError(
+                f"`loss_fn` returned the terms {sorted(output, key=str)}; expected the keys of "
+                f"count, {sorted(self.names)}. Fix: return one sum per counter, with the "
+                "same names."
+            )
+        losses = []
+        for name in self.names:
+            value = output[name]
+            if isinstance(value, tuple | list):
+                raise TypeError(
+                    f"`loss_fn[{name!r}]` returned a (loss_sum, count) pair; expected the "
+                    "term's sum alone: a term's N weights its backward, so it is counted "
+                    "before the passes. Fix: give the term's counter in count=..."
+                )
+            losses.append(check_loss(value, f"loss_fn[{name!r}]"))
+        self.losses.extend(losses)
+        return losses
 
     def start(self) -> None:
-        """Start summing (loss sum, returned count, negative counts, counts returned?)."""
+        """Start summing (loss sum per term, returned count, negative counts, counts returned?)."""
         if self._wait is not None:
             return
+        terms = 1 if self.names is None else len(self.names)
         with torch.no_grad():
             losses = torch.stack(self.losses) if self.losses else None
             if losses is not None and not (self.counts or self.sync.distributed):
                 # One rank, no returned count: the losses alone, added up when finished.
-                self._wait = lambda: [math.fsum(losses.tolist()), 0.0, 0.0, 0.0]
+                values = losses.tolist()  # pass by pass, the terms in the order of names
+                sums = [math.fsum(values[t::terms]) for t in range(terms)]
+                self._wait = lambda: [*sums, 0.0, 0.0, 0.0]
                 return
-            values = torch.zeros(4, dtype=torch.float64, device=self.device)
             if losses is not None:
-                values[0] = losses.sum(dtype=torch.float64)
+                losses = losses.reshape(-1, terms)
+            values = torch.zeros(terms + 3, dtype=torch.float64, device=self.device)
+            if losses is not None:
+                values[:terms] = losses.sum(dim=0, dtype=torch.float64)
             if self.counts:
                 counts = torch.stack(self.counts)
-                values[1:] = torch.stack(
+                values[terms:] = torch.stack(
                     [counts.sum(), (counts < 0).sum(dtype=torch.float64), counts.new_ones(())]
                 )
         self._wait = self.sync.all_reduce(values)
 
-    def finish(self) -> tuple[float, float | None]:
-        """Over all ranks: the loss sum, and the returned count (``None``: none returned)."""
+    def finish(self) -> tuple[list[float], float | None]:
+        """Over all ranks: the loss sum per term, and the returned count (``None``: none)."""
         self.start()
         assert self._wait is not None
-        loss, count, negative, returned = self._wait()
+        *losses, count, negative, returned = self._wait()
         if negative:
             raise ValueError(
                 f"`loss_fn` returned a negative count for {int(negative)} micro-batch(es); "
                 "expected a number of items (samples, tokens), 0 or more. Fix: return "
                 "(loss_sum, n_items)."
             )
-        return loss, count if returned > 0 else None
+        return losses, count if returned > 0 else None

@@ -6,17 +6,28 @@ effective batch (over all data-parallel ranks),
     grad = sum over passes j of  weight * d(loss_sum_j) / d(params),
     weight = world_size / N
 
-(DDP and FSDP2 average gradients over ranks; world_size undoes that). N is
-counted from the data before the first backward and exchanged once over the
-ranks, so every backward is weighted as it runs and nothing is divided
-afterwards. Two branches weight the passes with an assumed N and correct the
-gradient once (:meth:`Window.correct_count`) when the true N arrives:
+(DDP and FSDP2 average gradients over ranks; world_size undoes that). With
+loss terms (``truebatch.terms``) each term t has its own sum, count N_t and
+coefficient w_t, and the same equation holds per term:
+
+    grad = sum over passes j, terms t of  weight_t * d(loss_sum_jt) / d(params),
+    weight_t = world_size * w_t / N_t          (0 when N_t == 0)
+
+Every N is counted from the data before the first backward and exchanged once
+over the ranks (one row per rank, one count per term), so every backward is
+weighted as it runs and nothing is divided afterwards. Two branches weight
+the passes with an assumed N and correct the gradient once
+(:meth:`Window.correct_count`) when the true N arrives:
 
 - under DDP the passes start with the previous window's N while the exchange
   travels (why: ``benchmarks/ddp.py``; tested by
   ``test_item_count_travels_while_the_passes_compute_under_ddp``);
 - when ``loss_fn`` returns ``(loss_sum, count)``, N is known only from the
   loss totals after the last pass: the passes assume N = 1.
+
+Neither applies to loss terms: once the terms' gradients are summed in
+``.grad``, no single factor corrects terms whose N changed by different
+ratios, so with terms the passes wait for the exchange.
 
 Under torch.distributed every rank runs the same number of passes: a rank
 with fewer micro-batches replays a zero-weight pass. ``micro_batch_size="auto"``
@@ -28,7 +39,8 @@ that an out-of-memory error on one rank makes every rank retry
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +49,13 @@ import torch
 from torch import nn
 
 from truebatch import _context
-from truebatch.batching import Batch, Counter, map_tensors, slice_samples
+from truebatch.batching import Batch, map_tensors, slice_samples
 from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
-from truebatch.losses import LossFn, LossTotals, local_count
+from truebatch.losses import LossFn, LossTotals, local_counts
 from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
+from truebatch.terms import Counts, TermSpec, term_spec
 
 __all__ = [
     "OutOfMemoryError",
@@ -63,16 +76,42 @@ class WindowTotals:
     """What :meth:`Accumulator.accumulate` returns; the window's gradient is in ``.grad``.
 
     Attributes:
-        loss_sum: sum of the loss sums over all micro-batches and ranks.
-        count: N, the window's item count over all ranks.
+        loss_sum: sum of the loss sums over all micro-batches and ranks; with
+            loss terms, the window's loss ``sum_t w_t * S_t / N_t`` (over the
+            terms with N_t > 0).
+        count: N, the window's item count over all ranks; with loss terms,
+            the sum of the terms' counts.
         micro_batches: micro-batches run on this rank.
         micro_batch_size: largest micro-batch run on this rank.
+        term_sums: with loss terms, each term's sum S_t over all
+            micro-batches and ranks; else ``None``.
+        term_counts: with loss terms, each term's count N_t; else ``None``.
     """
 
     loss_sum: float
     count: float
     micro_batches: int
     micro_batch_size: int
+    term_sums: dict[str, float] | None = None
+    term_counts: dict[str, float] | None = None
+
+    @property
+    def loss(self) -> float:
+        """The window's loss: ``loss_sum / count``, or with terms ``loss_sum``;
+        ``nan`` when the window has no items."""
+        if self.term_sums is not None:
+            return self.loss_sum if self.count else math.nan
+        return self.loss_sum / self.count if self.count else math.nan
+
+    @property
+    def term_means(self) -> dict[str, float] | None:
+        """With loss terms, each term's mean ``S_t / N_t`` (``nan`` when N_t == 0)."""
+        if self.term_sums is None or self.term_counts is None:
+            return None
+        return {
+            name: total / self.term_counts[name] if self.term_counts[name] else math.nan
+            for name, total in self.term_sums.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -124,26 +163,30 @@ class OutOfMemoryOnSomeRank(Exception):
 
 class GlobalCounts:
     """The window's numbers over all ranks, from one gather of a row per rank
-    ``[item count, passes, samples, can replay]``; waited for on first need."""
+    ``[item count per term..., passes, samples, can replay]``; waited for on first need."""
 
-    n_items: float  # N; set by wait(), so reading one before is an error, not a silent 0
+    term_counts: list[float]  # N_t per term (one entry without terms)
+    n_items: float  # N, the sum of term_counts; set by wait(), so reading early is an error
     passes: int  # of the busiest rank
     rank_offset: int  # samples on lower ranks
     all_can_replay: bool
 
-    def __init__(self, wait: Callable[[], list[list[float]]], rank: int) -> None:
+    def __init__(self, wait: Callable[[], list[list[float]]], rank: int, *, terms: int) -> None:
         self._wait: Callable[[], list[list[float]]] | None = wait
         self._rank = rank
+        self._terms = terms
 
     def wait(self) -> GlobalCounts:
         if self._wait is None:
             return self
         table, self._wait = self._wait(), None
-        self.n_items = sum(row[0] for row in table)
-        self.passes = int(max(row[1] for row in table))
-        self.rank_offset = int(sum(row[2] for row in table[: self._rank]))
-        self.all_can_replay = all(row[3] for row in table)
-        stranded = [r for r, row in enumerate(table) if row[1] < self.passes and row[3] == 0]
+        k = self._terms
+        self.term_counts = [sum(row[t] for row in table) for t in range(k)]
+        self.n_items = sum(self.term_counts)
+        self.passes = int(max(row[k] for row in table))
+        self.rank_offset = int(sum(row[k + 1] for row in table[: self._rank]))
+        self.all_can_replay = all(row[k + 2] for row in table)
+        stranded = [r for r, row in enumerate(table) if row[k] < self.passes and row[k + 2] == 0]
         if stranded and self.n_items > 0:
             raise RuntimeError(
                 f"ranks {stranded} have no data in their first window and cannot take part in "
@@ -166,23 +209,29 @@ class Window:
         history: WindowHistory,
         plan: Plan,
         loss_fn: LossFn,
-        count: Counter | None,
+        count: Counts,
         *,
         share_out_of_memory: bool = False,
     ) -> None:
         self.setup, self.history, self.plan = setup, history, plan
-        self.loss_fn, self.count = loss_fn, count
+        self.loss_fn = loss_fn
+        self.terms: TermSpec | None = term_spec(count)
+        self.count = count if self.terms is None else self.terms
         self.share_out_of_memory = share_out_of_memory
         self.sizes = [size for _, size in plan]
         device = setup.parameters.devices[0]
-        self.totals = LossTotals(setup.sync, count_given=count is not None, device=device)
+        names = None if self.terms is None else self.terms.names
+        self.totals = LossTotals(
+            setup.sync, count_given=count is not None, device=device, names=names
+        )
         self.sums = GradientSums(
             setup.parameters.trainable,
             setup.accumulate_dtype,
             round_before_sync=setup.sync.distributed,
         )
         # The N every backward is weighted by: the window's, or an assumed one until it
-        # arrives (the previous window's under DDP, 1 when loss_fn returns counts).
+        # arrives (the previous window's under DDP, 1 when loss_fn returns counts). With
+        # loss terms, each term's N_t (self.counts.term_counts) and never an assumed one.
         self.n_items = 0.0
 
     def run(self) -> WindowTotals:
@@ -193,8 +242,10 @@ class Window:
         self.counts = self.exchange_counts()
         # Weight: the N of world_size / N (run_pass); the DDP overlap starts with the last N.
         previous = None if self.share_out_of_memory else self.history.previous_count
+        if self.terms is not None:
+            previous = None  # see the module docstring: terms cannot be corrected afterwards
         if previous is None and self.counts.wait().n_items == 0:
-            return WindowTotals(0.0, 0.0, len(self.plan), largest)
+            return self.window_totals([0.0] * len(self.counts.term_counts), largest)
         self.n_items = previous or self.counts.n_items
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
@@ -211,7 +262,7 @@ class Window:
                     self.passes_sharing_out_of_memory()
                 else:
                     self.passes(started_with_previous_count=previous is not None)
-                loss_sum, returned_count = self.totals.finish()
+                loss_sums, returned_count = self.totals.finish()
                 if returned_count:
                     # loss_fn returned the counts: every rank's passes assumed N = 1 (even a
                     # rank that only replayed). Divide the wide sums before they are
@@ -224,17 +275,48 @@ class Window:
             clear_gradients(params.model)
             raise
         self.remember_count()
-        n_items = self.counts.n_items if returned_count is None else returned_count
-        return WindowTotals(loss_sum, n_items, len(self.plan), largest)
+        if returned_count is not None:
+            return WindowTotals(loss_sums[0], returned_count, len(self.plan), largest)
+        return self.window_totals(loss_sums, largest)
+
+    def weights(self) -> list[float]:
+        """The one normalization, per loss term: weight_t = world_size * w_t / N_t (0 for a
+        term without items). A single loss is one term with w = 1 and N = ``n_items``."""
+        world_size = self.setup.sync.world_size
+        if self.terms is None:
+            return [world_size / self.n_items]
+        return [
+            world_size * w / n if n else 0.0
+            for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
+        ]
+
+    def window_totals(self, loss_sums: list[float], largest: int) -> WindowTotals:
+        """The window's totals over all ranks, from the loss sums per term."""
+        counts = self.counts
+        if self.terms is None:
+            return WindowTotals(loss_sums[0], counts.n_items, len(self.plan), largest)
+        names, weights = self.terms.names, self.terms.weights
+        loss = math.fsum(
+            w * s / n for w, s, n in zip(weights, loss_sums, counts.term_counts, strict=True) if n
+        )
+        return WindowTotals(
+            loss,
+            counts.n_items,
+            len(self.plan),
+            largest,
+            term_sums=dict(zip(names, loss_sums, strict=True)),
+            term_counts=dict(zip(names, counts.term_counts, strict=True)),
+        )
 
     def exchange_counts(self) -> GlobalCounts:
         """Count this rank's items (before any backward) and start the window's one exchange:
         item count, passes, samples, and whether this rank can replay a micro-batch."""
         can_replay = self.history.replay_batch is not None or bool(self.sizes)
         # Python numbers: a few tensor ops per window would cost more than the rest.
-        row = [local_count(self.plan, self.count), len(self.sizes), sum(self.sizes), can_replay]
+        counts = local_counts(self.plan, self.count)
+        row = [*counts, len(self.sizes), sum(self.sizes), can_replay]
         sync = self.setup.sync
-        return GlobalCounts(sync.exchange([float(v) for v in row]), sync.rank)
+        return GlobalCounts(sync.exchange([float(v) for v in row]), sync.rank, terms=len(counts))
 
     def passes(self, *, started_with_previous_count: bool) -> None:
         """This rank's passes, then zero-weight replays up to the busiest rank's number.
@@ -279,13 +361,15 @@ class Window:
         with where, setup.autocast_context():
             output = self.loss_fn(setup.model, micro_batch)
         check_gradients_unchanged(trainable, before)
-        loss_sum = self.totals.add(output)
+        losses = self.totals.add(output)
         if self.totals.returns_pairs:
             self.n_items = 1.0  # the counts arrive with the totals: correct_count then
         if last:
             self.totals.start()
-        weight = setup.sync.world_size / self.n_items
-        scaled = loss_sum * weight
+        weights = self.weights()
+        scaled = losses[0] * weights[0]
+        for term in range(1, len(losses)):
+            scaled = scaled + losses[term] * weights[term]
         if setup.scaler is not None:
             scaled = setup.scaler.scale(scaled)
         scaled.backward()
@@ -313,7 +397,8 @@ class Window:
         float16, where a gradient weighted by a much smaller N could overflow."""
         counts, sync = self.counts, self.setup.sync
         correctable = (
-            sync.gradient_stays_local
+            self.terms is None
+            and sync.gradient_stays_local
             and counts.n_items > 0
             and counts.all_can_replay
             and all(p.dtype != torch.float16 for p in self.setup.parameters.trainable)
@@ -371,6 +456,8 @@ class Window:
             with _context.micro_batch(self.history.index, 0), setup.autocast_context():
                 output = self.loss_fn(setup.model, self.history.replay_batch)
             loss = output[0] if isinstance(output, tuple | list) else output
+            if isinstance(output, Mapping):
+                loss = sum(output.values())
             if last:
                 self.totals.start()
             (loss * 0.0).backward()
