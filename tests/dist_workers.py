@@ -375,6 +375,11 @@ def _wrap(model: nn.Module, wrapper: str) -> tuple[nn.Module, Any]:
 _CALLS = {"reduce_scatter_single": 0, "all_gather": 0, "all_reduce": 0}
 
 
+def collective_calls() -> dict[str, int]:
+    """Calls so far in this process of the ``torch.distributed`` functions counted here."""
+    return dict(_CALLS)
+
+
 def _count_calls() -> None:
     """Wrap the functions of :data:`_CALLS` in ``torch.distributed`` to count their calls."""
     for name in _CALLS:

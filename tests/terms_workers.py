@@ -9,12 +9,6 @@ global batch.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
-import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import dist_workers
 import truebatch as tb
 from terms_cases import Batch, case, seeded
 
@@ -30,15 +25,15 @@ MICRO_BATCH_SIZE = 2
 # Samples per window on (rank 0, rank 1): uneven, and rank 1 empty in the last window.
 LAYOUT = [(5, 2), (1, 4), (3, 0)]
 SCENARIOS = {
-    "policy_kl-ddp": ("policy_kl", "ddp"),
-    "policy_kl-fsdp2": ("policy_kl", "fsdp2"),
-    "token_mean-ddp": ("token_mean", "ddp"),
-    "seq_mean_token_mean-ddp": ("seq_mean_token_mean", "ddp"),
-    "seq_mean_token_sum_norm-fsdp2": ("seq_mean_token_sum_norm", "fsdp2"),
-    "moe_sequence-ddp": ("moe_sequence", "ddp"),
-    "moe_batch-ddp": ("moe_batch", "ddp"),
+    "policy_kl-ddp": ("policy_kl", "ddp", MICRO_BATCH_SIZE),
+    "policy_kl-fsdp2": ("policy_kl", "fsdp2", MICRO_BATCH_SIZE),
+    "token_mean-ddp": ("token_mean", "ddp", MICRO_BATCH_SIZE),
+    "seq_mean_token_mean-ddp": ("seq_mean_token_mean", "ddp", MICRO_BATCH_SIZE),
+    "seq_mean_token_sum_norm-fsdp2": ("seq_mean_token_sum_norm", "fsdp2", MICRO_BATCH_SIZE),
+    "moe_sequence-ddp": ("moe_sequence", "ddp", MICRO_BATCH_SIZE),
+    "moe_batch-ddp": ("moe_batch", "ddp", MICRO_BATCH_SIZE),
     # "auto" under DDP: the passes that share an out-of-memory error (one more exchange)
-    "policy_kl-ddp-auto": ("policy_kl", "ddp"),
+    "policy_kl-ddp-auto": ("policy_kl", "ddp", "auto"),
 }
 
 
@@ -55,52 +50,13 @@ def rank_batch(name: str, window: int, rank: int) -> Batch:
 
 
 def launch(out_dir: Path, timeout: float) -> None:
-    """Run every scenario on two spawned gloo processes; fail if they hang or raise."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_main, args=(rank, port, str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(10)
-    errors = "".join(path.read_text() for path in sorted(out_dir.glob("error-*.txt")))
-    if hung:
-        raise AssertionError(f"ranks {hung} still ran after {timeout} s (a hang?)\n{errors}")
-    failed = {rank: p.exitcode for rank, p in enumerate(processes) if p.exitcode != 0}
-    if failed:
-        raise AssertionError(f"ranks exited with codes {failed}\n{errors}")
+    """Run :data:`SCENARIOS` on two spawned gloo processes; fail if they hang or raise."""
+    dist_workers.launch(SCENARIOS, out_dir, timeout, run=run_scenario)
 
 
-def _main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)  # two processes on two shared cores
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60))
-    for name in CALLS:  # count truebatch's collectives (DDP and FSDP2 call neither function)
-        setattr(dist, name, _counting(name, getattr(dist, name)))
-    try:
-        for scenario, (name, wrapper) in SCENARIOS.items():
-            try:
-                size = "auto" if scenario.endswith("-auto") else MICRO_BATCH_SIZE
-                record = _run(name, wrapper, rank, size)
-            except BaseException:
-                Path(out_dir, f"error-{scenario}-{rank}.txt").write_text(
-                    f"rank {rank}, scenario {scenario}:\n{traceback.format_exc()}"
-                )
-                raise
-            torch.save(record, Path(out_dir, f"{scenario}-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def run_scenario(scenario: tuple[str, str, int | str], rank: int) -> dict[str, list]:
+    """One scenario ``(case, wrapper, micro_batch_size)`` on this rank, all windows."""
+    return _run(*scenario[:2], rank, scenario[2])
 
 
 def _run(name: str, wrapper: str, rank: int, micro_batch_size: int | str) -> dict[str, list]:
@@ -122,27 +78,19 @@ def _run(name: str, wrapper: str, rank: int, micro_batch_size: int | str) -> dic
         batch = rank_batch(name, window, rank)
         if name == "moe_batch":
             fractions[:] = [_global_switch_fractions(module, batch)]
-        before = dict(CALLS)
+        before = dist_workers.collective_calls()
         result = accumulator.step(batch, this.loss_fn, this.count)
         record["results"].append(
             {"loss": result.loss, "terms": result.terms, "counts": result.counts}
         )
-        record["collectives"].append({k: CALLS[k] - before[k] for k in CALLS})
+        after = dist_workers.collective_calls()
+        record["collectives"].append({k: after[k] - before[k] for k in COUNTED})
         record["params"].append([_full(p) for p in model.parameters()])
     return record
 
 
-# Calls so far in this process: truebatch exchanges the counts with all_gather and sums the
-# loss totals with all_reduce.
-CALLS = {"all_gather": 0, "all_reduce": 0}
-
-
-def _counting(name: str, original: Any) -> Any:
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        CALLS[name] += 1
-        return original(*args, **kwargs)
-
-    return counting
+# truebatch exchanges the counts with all_gather and sums the loss totals with all_reduce.
+COUNTED = ("all_gather", "all_reduce")
 
 
 def _global_switch_fractions(module: nn.Module, batch: Batch) -> torch.Tensor:

@@ -311,7 +311,7 @@ def distributed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list
 def test_terms_on_two_ranks_with_uneven_data(distributed_runs: dict, scenario: str) -> None:
     """Every rank ends each window with the parameters of one process stepping on the
     window's global batch, and reports the global batch's loss, term means and counts."""
-    name, _ = SCENARIOS[scenario]
+    name, *_ = SCENARIOS[scenario]
     model = seeded(case(name).model)
     for window in range(len(LAYOUT)):
         batch = window_batch(name, window)

@@ -8,27 +8,20 @@ global batch.
 
 from __future__ import annotations
 
-import datetime
 import math
-import multiprocessing
-import os
-import socket
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import dist_workers
 import truebatch as tb
 from models import IGNORE_INDEX, PAD_ID, VOCAB, GRULanguageModel, lm_loss, seeded
 
-WORLD_SIZE = 2
-TIMEOUT = datetime.timedelta(seconds=60)
+WORLD_SIZE = dist_workers.WORLD_SIZE
 
 
 def variable_length_batch(n: int, seed: int, shortest: int, longest: int) -> dict[str, Any]:
@@ -195,38 +188,9 @@ def run_case(case: Case, rank: int) -> dict[str, list]:
 
 def launch(out_dir: Path, timeout: float) -> None:
     """Run :data:`CASES` on two spawned gloo processes; fail if one fails or hangs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=_main, args=(rank, port, str(out_dir)), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    alive = [rank for rank, process in enumerate(processes) if process.is_alive()]
-    for rank in alive:
-        processes[rank].terminate()
-        processes[rank].join(10)
-    errors = "".join(path.read_text() for path in sorted(out_dir.glob("error-*.txt")))
-    assert not alive, f"ranks {alive} still ran after {timeout} s (a hang?)\n{errors}"
-    codes = {rank: p.exitcode for rank, p in enumerate(processes)}
-    assert set(codes.values()) == {0}, f"ranks exited with codes {codes}\n{errors}"
+    # By name: the cases hold lambdas, which the spawned processes cannot unpickle.
+    dist_workers.launch({name: name for name in CASES}, out_dir, timeout, run=run_named)
 
 
-def _main(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=TIMEOUT)
-    try:
-        for name, case in CASES.items():
-            torch.save(run_case(case, rank), Path(out_dir, f"{name}-{rank}.pt"))
-    except BaseException:
-        Path(out_dir, f"error-{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
-        dist.destroy_process_group()
+def run_named(name: str, rank: int) -> dict[str, list]:
+    return run_case(CASES[name], rank)
