@@ -1,4 +1,5 @@
-"""Tiny Transformers setups shared by tests/test_trainer.py and its 2-rank workers.
+"""Tiny Transformers setups shared by the tests of the Trainer, the checker and the
+integrations, and their 2-rank workers.
 
 Models are built from configs with random weights (no download), in float64;
 the tokenizer is a word-level vocabulary built in memory, padding on the right,
@@ -61,35 +62,79 @@ def padding_collator() -> transformers.DataCollatorWithPadding:
     return transformers.DataCollatorWithPadding(tokenizer())
 
 
-def gpt2(*, dropout: float = 0.0) -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+def gpt2_config(
+    *,
+    vocab: int = VOCAB,
+    layers: int = 2,
+    positions: int = 32,
+    dropout: float = 0.0,
+    attention_dropout: float | None = None,
+) -> transformers.GPT2Config:
+    """GPT-2 of width 16; ``attention_dropout`` defaults to ``dropout``."""
+    attention = dropout if attention_dropout is None else attention_dropout
+    return transformers.GPT2Config(
+        vocab_size=vocab, n_positions=positions, n_embd=16, n_layer=layers, n_head=2,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=attention, num_labels=3,
         bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD, use_cache=False,
     )  # fmt: skip
+
+
+def llama_config(
+    *,
+    vocab: int = VOCAB,
+    layers: int = 2,
+    positions: int = 32,
+    heads: int = 4,
+    kv_heads: int = 2,
+    attention_dropout: float = 0.0,
+) -> transformers.LlamaConfig:
+    """Llama of width 16 with grouped-query attention (``kv_heads`` < ``heads``)."""
+    return transformers.LlamaConfig(
+        attention_dropout=attention_dropout,
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=positions,
+        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD, use_cache=False,
+    )  # fmt: skip
+
+
+def bert_config(
+    *,
+    vocab: int = VOCAB,
+    positions: int = 32,
+    dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+) -> transformers.BertConfig:
+    """Two-layer BERT of width 16 with a 3-class head."""
+    return transformers.BertConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=positions, num_labels=3, pad_token_id=PAD,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout,
+    )  # fmt: skip
+
+
+def from_config(
+    cls: type[transformers.PreTrainedModel], config: Any, *, attention: str | None = None
+) -> nn.Module:
+    """``cls`` with the weights drawn after ``torch.manual_seed(0)``, in float64 and train
+    mode; ``attention`` picks the attention implementation ("eager", "sdpa")."""
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double()
+    model = cls._from_config(config, attn_implementation=attention)
+    return model.double().train()
+
+
+def gpt2(*, dropout: float = 0.0) -> nn.Module:
+    return from_config(transformers.GPT2LMHeadModel, gpt2_config(dropout=dropout))
 
 
 def llama(*, attention_dropout: float = 0.0) -> nn.Module:
-    config = transformers.LlamaConfig(
-        attention_dropout=attention_dropout,
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        bos_token_id=PAD, eos_token_id=PAD, pad_token_id=PAD, use_cache=False,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).double()
+    config = llama_config(attention_dropout=attention_dropout)
+    return from_config(transformers.LlamaForCausalLM, config)
 
 
 def bert(*, dropout: float = 0.0, attention_dropout: float = 0.0) -> nn.Module:
-    config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=32, num_labels=3, pad_token_id=PAD,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).double()
+    config = bert_config(dropout=dropout, attention_dropout=attention_dropout)
+    return from_config(transformers.BertForSequenceClassification, config)
 
 
 def arguments(out: Path, batch: int, accumulation: int, **overrides: Any) -> Any:

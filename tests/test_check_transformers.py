@@ -18,8 +18,9 @@ import torch.nn.functional as F
 import truebatch as tb
 
 transformers = pytest.importorskip("transformers")
+import hf_setups as S  # noqa: E402
 
-VOCAB, LENGTHS = 40, [10, 7, 5, 10, 3, 8]
+VOCAB, LENGTHS = S.VOCAB, [10, 7, 5, 10, 3, 8]
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
 
@@ -41,49 +42,17 @@ def padded_batch(*, causal: bool) -> dict[str, torch.Tensor]:
 def build(kind: str, implementation: str, *, dropout: float = 0.0, attention_dropout: float = 0.0):
     """A float64 model with fixed random weights, in train mode."""
     if kind == "bert":
-        config = transformers.BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=32,
-            max_position_embeddings=16,
-            num_labels=3,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=attention_dropout,
-        )
+        config = S.bert_config(positions=16, dropout=dropout, attention_dropout=attention_dropout)
         cls = transformers.BertForSequenceClassification
     elif kind == "gpt2":
-        config = transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=16,
-            n_layer=2,
-            n_head=2,
-            n_positions=16,
-            num_labels=3,
-            pad_token_id=0,
-            embd_pdrop=dropout,
-            resid_pdrop=dropout,
-            attn_pdrop=attention_dropout,
-        )
+        config = S.gpt2_config(positions=16, dropout=dropout, attention_dropout=attention_dropout)
         cls = transformers.GPT2ForSequenceClassification
     else:
-        config = transformers.LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=16,
-            attention_dropout=attention_dropout,
-            pad_token_id=0,
+        config = S.llama_config(
+            positions=16, heads=2, kv_heads=1, attention_dropout=attention_dropout
         )
         cls = transformers.LlamaForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = cls._from_config(config, attn_implementation=implementation)
-    return model.double().train()
+    return S.from_config(cls, config, attention=implementation)
 
 
 def classification_loss(model, micro_batch):

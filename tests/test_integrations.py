@@ -148,41 +148,18 @@ def lm_big_batch_loss(batch: dict[str, torch.Tensor]) -> Callable[[nn.Module], t
 def tiny_gpt2() -> nn.Module:
     """One-layer GPT-2 with random weights, no dropout, float64."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config).double()
+    import hf_setups as S
+
+    return S.from_config(transformers.GPT2LMHeadModel, S.gpt2_config(vocab=VOCAB, layers=1))
 
 
 def tiny_llama() -> nn.Module:
     """One-layer Llama with random weights, float64."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).double()
+    import hf_setups as S
+
+    config = S.llama_config(vocab=VOCAB, layers=1, heads=2, kv_heads=2)
+    return S.from_config(transformers.LlamaForCausalLM, config)
 
 
 def truebatch_gradient(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> Tensors:
