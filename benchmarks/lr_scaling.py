@@ -158,7 +158,7 @@ def main() -> None:
     data = digits()
     runs = [(r, b, s) for r in RECIPES for b in batches for s in range(seeds)]
     results: dict[tuple[Recipe, int], list[float]] = {}
-    for recipe, batch, seed in tqdm(runs, desc="training runs"):
+    for recipe, batch, seed in tqdm(runs, desc="training runs", disable=None):
         results.setdefault((recipe, batch), []).append(train(recipe, batch, epochs, seed, data))
     print(f"test accuracy after {epochs} epochs, mean ± std over {seeds} seeds")
     print(f"{'recipe':<52}" + "".join(f"{b:>15}" for b in batches))

@@ -149,7 +149,7 @@ def main() -> int:
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     torch.set_num_threads(1)
     runs: dict[tuple[int, str, str], list[float]] = {}
-    for k, seed in tqdm([(k, s) for k in ks for s in range(seeds)], desc="windows"):
+    for k, seed in tqdm([(k, s) for k in ks for s in range(seeds)], desc="windows", disable=None):
         for (method, reference), value in errors(k, seed).items():
             runs.setdefault((k, method, reference), []).append(value)
     table = {key: statistics.median(values) for key, values in runs.items()}

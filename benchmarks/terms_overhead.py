@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU, float32, 1 thread, {args.clock} time")
     clock = CLOCKS[args.clock]
-    with tqdm(total=len(CASES) * len(ks) * args.repeats, desc="rounds") as progress:
+    with tqdm(total=len(CASES) * len(ks) * args.repeats, desc="rounds", disable=None) as progress:
         rows = [(c, k, measure(c, k, args.repeats, clock, progress)) for c in CASES for k in ks]
     print(f"\n{'model':<6}{'k':>3}{'hand-written':>15}{'one loss':>12}{'two terms':>13}", end="")
     print(f"{'one loss / hand':>17}{'two terms / one loss':>22}")

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for epoch in range(args.epochs):
         windows = list(tb.windows(data, args.accumulation))[: args.steps_per_epoch]
         losses = []
-        for window in tqdm(windows, desc=f"epoch {epoch}", leave=False):
+        for window in tqdm(windows, desc=f"epoch {epoch}", leave=False, disable=None):
             result = acc.step_window(window, causal_lm_loss, count=tb.count_tokens())
             losses.append(result.loss)
         mean = sum(losses) / len(losses)
