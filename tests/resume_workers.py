@@ -19,7 +19,6 @@ appends the window it started at to ``OUT.starts``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import random
 import signal
@@ -34,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import truebatch as tb
+from dist_workers import COLLECTIVE_TIMEOUT
 
 EPOCHS = 2
 SIZE = 3
@@ -141,7 +141,7 @@ def init_process_group() -> None:
     the default group of a restarted FSDP2 run can read the dead workers'
     addresses and time out connecting, unless each attempt has its own prefix.
     """
-    timeout = datetime.timedelta(seconds=60)
+    timeout = COLLECTIVE_TIMEOUT
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timeout
