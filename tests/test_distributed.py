@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock  # a dependency of torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import truebatch as tb
@@ -428,19 +427,14 @@ def test_ddp_and_fsdp2_models_are_detected_with_their_default_sync(one_rank_grou
     assert GradientSync(sharded, "window").mode == "window"
 
 
-def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
-    one_rank_group: None,
-) -> None:
+def test_fsdp2_refuses_auto_micro_batch_size(one_rank_group: None) -> None:
+    # 2-D meshes: tests/test_mesh.py.
     sharded = nn.Linear(2, 2)
     fully_shard(sharded)
     with pytest.raises(ValueError, match="'auto' is not available for FSDP2 models"):
         tb.Accumulator(
             sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), micro_batch_size="auto"
         )
-    hybrid = nn.Linear(2, 2)
-    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
-    with pytest.raises(ValueError, match="expected one 1-D mesh"):
-        tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
@@ -527,7 +521,8 @@ def test_zero_grad_on_the_ddp_inner_module_is_reported_as_zero_grad(
 
 def test_unknown_gradient_sync_is_refused() -> None:
     with pytest.raises(
-        ValueError, match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch'"
+        ValueError,
+        match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch', 'hybrid' or",
     ):
         GradientSync(torch.nn.Linear(2, 2), "every_step")
 
