@@ -1,6 +1,7 @@
 """What the 4 gloo processes spawned by ``test_mesh.py`` run: 2-D device meshes.
 
-Three layouts of 4 ranks, each a (2, 2) mesh:
+Three layouts of 4 ranks, each a (2, 2) mesh, and plain DDP (``"ddp"``, for the
+two-node run of ``nodes_worker.py``):
 
 - ``"hsdp"``: ``fully_shard`` on a (replicate, shard) mesh; every rank holds
   its own data (4 data-parallel ranks).
@@ -66,7 +67,7 @@ class MeshScenario:
     """One run of ``WINDOWS`` windows on a (2, 2) mesh.
 
     Attributes:
-        layout: ``"hsdp"``, ``"tp"`` or ``"cp"``.
+        layout: ``"hsdp"``, ``"tp"``, ``"cp"`` or ``"ddp"``.
         gradient_sync: passed to the Accumulator.
         max_grad_norm: passed to the Accumulator.
     """
@@ -78,12 +79,12 @@ class MeshScenario:
     @property
     def data_ranks(self) -> int:
         """Ranks that hold different samples."""
-        return 4 if self.layout == "hsdp" else 2
+        return 2 if self.layout in ("tp", "cp") else 4
 
 
 def data_rank(scenario: MeshScenario, rank: int) -> int:
     """Which data-parallel rank's samples ``rank`` holds (ranks are row-major in the mesh)."""
-    return rank if scenario.layout == "hsdp" else rank // 2
+    return rank // 2 if scenario.layout in ("tp", "cp") else rank
 
 
 def rank_data(scenario: MeshScenario, data: int) -> list[list[Any]]:
@@ -195,6 +196,8 @@ def run(scenario: MeshScenario, rank: int) -> dict[str, list]:
         fully_shard(model[4], mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
         options["data_parallel"] = mesh["dp"]
+    elif scenario.layout == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
     else:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
         model.group = mesh.get_group("cp")

@@ -13,6 +13,11 @@ tokens), ``backward``, ``clip_grad_norm_`` and an SGD step.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,13 +43,13 @@ from mesh_workers import (
 from models import IGNORE_INDEX, VOCAB, concat, lm_loss, parameters
 
 EXACT = 1e-12
+TESTS = Path(__file__).resolve().parent
 
 SCENARIOS: dict[str, MeshScenario] = {
     "hsdp-hybrid-clip": MeshScenario("hsdp", max_grad_norm=0.3),
     "hsdp-micro_batch": MeshScenario("hsdp", gradient_sync="micro_batch"),
     "hsdp-window": MeshScenario("hsdp", gradient_sync="window"),
     "tp-clip": MeshScenario("tp", max_grad_norm=0.3),
-    "tp-window": MeshScenario("tp", gradient_sync="window"),
     "cp": MeshScenario("cp", max_grad_norm=0.8),
 }
 # The sharded Linear layers of the "hsdp" model: FSDP2 reduces each one's gradients.
@@ -166,6 +171,71 @@ def test_hsdp_all_reduces_across_replicas_once_per_window(
             assert calls["reduce_scatter_single"] == SHARDED_LAYERS * times[reduce_scatters]
             # truebatch's loss all-reduce, then FSDP2's: one per sharded layer and sync.
             assert calls["all_reduce"] == 1 + SHARDED_LAYERS * times[all_reduces], (rank, window)
+
+
+@pytest.mark.processes
+def test_two_torchrun_nodes_match_one_process(tmp_path: Path) -> None:
+    """Two ``torchrun --nnodes 2`` agents on this machine, 2 processes each, one c10d
+    rendezvous on localhost: DDP and HSDP (replicate across the nodes, shard within
+    each) on uneven data give one process's update on the global batch."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is installed with torch"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        torchrun,
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"truebatch-{port}",
+        str(TESTS / "nodes_worker.py"),
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A session each, so that a hung node is killed with its workers, not left running.
+    nodes = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=240)[0])
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)
+        pytest.fail(
+            "the two nodes did not finish in 240 s:\n"
+            + "\n".join((node.communicate()[0] or "")[-2000:] for node in nodes)
+        )
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    expected = reference(MeshScenario("hsdp"))  # the same data on the same 4 ranks
+    for name in ("nodes-ddp", "nodes-hsdp"):
+        saved = [torch.load(tmp_path / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
+        # Each agent ran two of the four ranks.
+        assert sorted(record["node"] for record in saved) == [[0, 0], [0, 1], [1, 0], [1, 1]]
+        for rank, record in enumerate(saved):
+            for window, want in enumerate(expected):
+                got, where = record["results"][window], f"{name}, rank {rank}, window {window}"
+                assert got["count"] == want["count"], where
+                assert got["loss"] == pytest.approx(want["loss"], rel=EXACT), where
+                gap = tb.max_relative_difference(record["params"][window], want["params"])
+                assert gap <= EXACT, where
 
 
 @pytest.fixture
