@@ -177,7 +177,6 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], first: int) ->
 def run(scenario: MeshScenario, rank: int) -> dict[str, list]:
     """``WINDOWS`` windows of ``scenario`` on this rank; what the test compares."""
     model = build_model(scenario)
-    options: dict[str, Any] = {}
     cp_rank = 0
     if scenario.layout == "hsdp":
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -194,8 +193,7 @@ def run(scenario: MeshScenario, rank: int) -> dict[str, list]:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
         fully_shard(model[4], mesh=mesh["dp"])
-        fully_shard(model, mesh=mesh["dp"])
-        options["data_parallel"] = mesh["dp"]
+        fully_shard(model, mesh=mesh["dp"])  # the Accumulator finds mesh["dp"] there
     elif scenario.layout == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
@@ -209,7 +207,6 @@ def run(scenario: MeshScenario, rank: int) -> dict[str, list]:
         micro_batch_size=2,
         max_grad_norm=scenario.max_grad_norm,
         gradient_sync=scenario.gradient_sync,
-        **options,
     )
     if scenario.layout == "cp":
         first = cp_rank * SEQUENCE_LENGTH // 2

@@ -254,17 +254,38 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def test_tensor_parallel_mesh_needs_the_data_parallel_mesh_named(one_rank_group: None) -> None:
+def test_tensor_parallel_model_counts_over_the_mesh_given_to_fully_shard(
+    one_rank_group: None,
+) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
-    model = nn.Sequential(nn.Linear(2, 4))
+    model = nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 2))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel()})
     fully_shard(model, mesh=mesh["dp"])
-    with pytest.raises(ValueError, match=r"ambiguous .* Fix: pass data_parallel=mesh\['dp'\]"):
+    for data_parallel in (None, mesh["dp"]):
+        acc = tb.Accumulator(model, sgd(model), data_parallel=data_parallel)
+        assert acc.sync.group is mesh.get_group("dp")
+        assert (acc.sync.kind, acc.sync.mode, acc.sync.ranks.hybrid) == (
+            "fsdp2",
+            "micro_batch",
+            False,
+        )
+    # The tensor-parallel dimension holds the same items: counting over it is refused.
+    with pytest.raises(
+        ValueError, match=r"got the mesh \('tp',\); expected the mesh given to fully_shard"
+    ):
+        tb.Accumulator(model, sgd(model), data_parallel=mesh["tp"])
+
+
+def test_modules_sharded_on_different_meshes_need_the_mesh_named(one_rank_group: None) -> None:
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("a", "b"))
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    fully_shard(model[0], mesh=mesh["a"])
+    fully_shard(model[1], mesh=mesh["b"])
+    fully_shard(model, mesh=mesh["a"])
+    with pytest.raises(ValueError, match=r"ambiguous\. Fix: pass data_parallel=mesh\['dp'\]"):
         tb.Accumulator(model, sgd(model))
-    acc = tb.Accumulator(model, sgd(model), data_parallel=mesh["dp"])
-    assert (acc.sync.kind, acc.sync.world_size, acc.sync.mode) == ("fsdp2", 1, "micro_batch")
 
 
 def test_hsdp_is_detected_and_defers_only_the_all_reduce(one_rank_group: None) -> None:
@@ -341,3 +362,27 @@ def test_split_sequences_refuses_a_length_that_does_not_divide() -> None:
         tb.split_sequences(batch, rank=0, ranks=2)
     with pytest.raises(ValueError, match="`rank` got 2; expected 0 <= rank < ranks = 2"):
         tb.split_sequences(batch, rank=2, ranks=2)
+
+
+def test_a_failed_window_leaves_hsdp_all_reducing(
+    one_rank_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "hybrid" defers the cross-replica all-reduce until the window's last pass; an error
+    # in an earlier pass must not leave it off (a plain backward would then not all-reduce).
+    model = nn.Linear(3, 1)
+    fully_shard(model, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("rep", "shard")))
+    acc = tb.Accumulator(model, sgd(model))
+    assert acc.sync.mode == "hybrid"
+
+    def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1:
+            raise ValueError("bad micro-batch")
+        return model(x).sum()
+
+    with pytest.raises(ValueError, match="bad micro-batch"):
+        acc.step_window([torch.ones(2, 3), torch.ones(1, 3), torch.ones(2, 3)], loss_fn)
+    calls = []
+    all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or all_reduce(*a, **k))
+    model(torch.ones(2, 3)).sum().backward()
+    assert calls and all(p.grad is not None for p in model.parameters())

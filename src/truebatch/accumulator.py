@@ -110,9 +110,9 @@ class Accumulator:
             :class:`GradientSync`).
         data_parallel: for an FSDP2 model, the ``DeviceMesh`` given to
             ``fully_shard`` (e.g. ``mesh["dp"]`` beside tensor parallelism):
-            N is counted over its ranks only. ``None`` reads it from the
-            parameters (plain FSDP2 and HSDP); a mesh with other dimensions
-            is refused with this fix.
+            N is counted over its ranks only. ``None`` reads it from FSDP2
+            (plain, HSDP, beside tensor parallelism); a mesh other than
+            FSDP2's is refused.
         max_tokens: instead of ``micro_batch_size``, cut each window into
             micro-batches of consecutive samples holding at most this many
             tokens (padding excluded; :func:`truebatch.split`).

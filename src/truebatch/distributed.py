@@ -116,17 +116,18 @@ def data_parallel_ranks(model: nn.Module, *, mesh: Any = None) -> DataParallelRa
     Args:
         model: the model the Accumulator trains.
         mesh: the ``DeviceMesh`` given to ``fully_shard`` (1-D, or 2-D for
-            HSDP); ``None`` reads it from the parameters when that is
-            unambiguous: one 1-D mesh, or one 2-D mesh on which every
-            parameter is (Replicate, Shard), i.e. HSDP.
+            HSDP), checked against FSDP2's record of it; ``None`` reads that
+            record (or, where torch keeps it elsewhere, the parameters' mesh
+            when it can only be FSDP2's: one 1-D mesh, or one 2-D mesh on
+            which every parameter is (Replicate, Shard), i.e. HSDP).
 
     Returns:
         :data:`LOCAL` (one rank) for a model that is neither DDP nor FSDP2.
 
     Raises:
         ValueError: ``mesh`` for a model that is not FSDP2, a mesh of more than
-            2 dimensions, or parameters on a mesh that also has model-parallel
-            dimensions (tensor parallelism) while ``mesh`` is ``None``.
+            2 dimensions, a mesh other than the one given to ``fully_shard``,
+            or (``mesh=None``) modules sharded on different meshes.
     """
     kind = _kind(model)
     if mesh is not None and kind != "fsdp2":
@@ -139,7 +140,7 @@ def data_parallel_ranks(model: nn.Module, *, mesh: Any = None) -> DataParallelRa
     if kind == "ddp":
         group = model.process_group
         return DataParallelRanks(group, dist.get_world_size(group), dist.get_rank(group))
-    mesh = _check_mesh(mesh) if mesh is not None else _fsdp2_mesh(model)
+    mesh = _fsdp2_mesh(model, _check_mesh(mesh) if mesh is not None else None)
     if mesh.ndim == 1:
         group = mesh.get_group()
     elif mesh.size() == dist.get_world_size():
@@ -165,24 +166,55 @@ def _check_mesh(mesh: Any) -> Any:
     return mesh
 
 
-def _fsdp2_mesh(model: nn.Module) -> Any:
-    """The mesh of FSDP2's parameters when it is FSDP2's own: 1-D, or HSDP's 2-D."""
+def _fsdp2_mesh(model: nn.Module, given: Any) -> Any:
+    """The mesh given to ``fully_shard``: FSDP2's own record of it, checked against
+    ``given``; else ``given``; else the parameters' mesh when it can only be FSDP2's."""
+    own = _fully_shard_meshes(model)
+    if given is not None:
+        if own is not None and own != {given}:
+            raise ValueError(
+                f"`data_parallel` got the mesh {_names(given)}; expected the mesh given to "
+                f"fully_shard, {', '.join(sorted(map(_names, own)))}. Fix: pass that mesh."
+            )
+        return given
+    if own is not None and len(own) == 1:
+        return next(iter(own))
     params = [p for p in model.parameters() if hasattr(p, "device_mesh")]
     meshes = {p.device_mesh for p in params}
-    if len(meshes) == 1:
+    if own is None and len(meshes) == 1:
         (mesh,) = meshes
         hsdp = mesh.ndim == 2 and all(
             p.placements[0].is_replicate() and p.placements[1].is_shard() for p in params
         )
         if mesh.ndim == 1 or hsdp:
             return mesh
-    names = sorted({str(m.mesh_dim_names or f"{m.ndim}-D") for m in meshes})
+    found = ", ".join(sorted(map(_names, own if own is not None else meshes)))
     raise ValueError(
-        f"`model` got FSDP2 parameters on device mesh(es) {', '.join(names)}; expected the "
-        "mesh of fully_shard alone (1-D, or HSDP's 2-D): which dimensions hold different items "
-        "is ambiguous (tensor-parallel ranks share theirs). Fix: pass "
-        "data_parallel=mesh['dp'], the mesh given to fully_shard."
+        f"`model` got FSDP2 modules on device mesh(es) {found}; expected one mesh given to "
+        "fully_shard: which ranks hold different items is ambiguous. Fix: pass "
+        "data_parallel=mesh['dp'], the mesh whose ranks hold different items."
     )
+
+
+def _fully_shard_meshes(model: nn.Module) -> set[Any] | None:
+    """The meshes FSDP2 records for the modules it shards; ``None`` when this torch
+    keeps them elsewhere. FSDP2 has no public accessor: the record is private (torch
+    2.4 to 2.13 keep it here), hence the fallbacks of :func:`_fsdp2_mesh`."""
+    fsdp2 = _fsdp2_module_type()
+    meshes = set()
+    try:
+        for module in model.modules():
+            if isinstance(module, fsdp2):
+                group = module._get_fsdp_state()._fsdp_param_group
+                if group is not None:
+                    meshes.add(group.mesh_info.mesh)
+    except AttributeError:
+        return None
+    return meshes or None
+
+
+def _names(mesh: Any) -> str:
+    return str(mesh.mesh_dim_names or f"{mesh.ndim}-D")
 
 
 def gather_rows(
