@@ -21,13 +21,11 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from filelock import FileLock  # a dependency of torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -399,18 +397,6 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     assert sync.mode == "window"
     assert sync.exchange([3.0, 1.0])() == [[3.0, 1.0]]
     assert sync.all_reduce(torch.tensor([2.0, 5.0], dtype=torch.float64))() == [2.0, 5.0]
-
-
-@pytest.fixture
-def one_rank_group(tmp_path: Path) -> Iterator[None]:
-    """A gloo process group of one rank, in this process: enough to wrap models."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_and_fsdp2_models_are_detected_with_their_default_sync(one_rank_group: None) -> None:

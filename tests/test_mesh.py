@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,18 +235,6 @@ def test_two_torchrun_nodes_match_one_process(tmp_path: Path) -> None:
                 assert got["loss"] == pytest.approx(want["loss"], rel=EXACT), where
                 gap = tb.max_relative_difference(record["params"][window], want["params"])
                 assert gap <= EXACT, where
-
-
-@pytest.fixture
-def one_rank_group(tmp_path: Path) -> Iterator[None]:
-    """A gloo process group of one rank, in this process: enough to build meshes."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
