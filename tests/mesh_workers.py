@@ -15,7 +15,8 @@ two-node run of ``nodes_worker.py``):
   has no sharding strategy in torch 2.13): each ``cp`` rank holds one half of
   every sequence (:func:`truebatch.split_sequences`) and attention all-gathers
   the keys and values over ``cp`` (the collective of torch's all-gather
-  context parallelism); DDP averages over all 4 ranks (dp x cp).
+  context parallelism); DDP averages over all 4 ranks (dp x cp), or FSDP2 on
+  the flattened dp x cp mesh (torchtitan's ``dp_shard_cp``).
 
 Each rank saves, per scenario and window, the ``StepResult``, the full
 parameters and the collectives the window called.
@@ -70,11 +71,13 @@ class MeshScenario:
         layout: ``"hsdp"``, ``"tp"``, ``"cp"`` or ``"ddp"``.
         gradient_sync: passed to the Accumulator.
         max_grad_norm: passed to the Accumulator.
+        wrapper: for ``"cp"``, ``"ddp"`` or ``"fsdp2"`` (on the flattened mesh).
     """
 
     layout: str
     gradient_sync: str | None = None
     max_grad_norm: float | None = None
+    wrapper: str = "ddp"
 
     @property
     def data_ranks(self) -> int:
@@ -200,7 +203,11 @@ def run(scenario: MeshScenario, rank: int) -> dict[str, list]:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
         model.group = mesh.get_group("cp")
         cp_rank = mesh.get_local_rank("cp")
-        model = nn.parallel.DistributedDataParallel(model)  # averages over dp x cp
+        if scenario.wrapper == "fsdp2":
+            # One 1-D mesh over dp x cp, as torchtitan shards: FSDP2 averages over all 4.
+            fully_shard(model, mesh=mesh["dp", "cp"]._flatten("dp_cp"))
+        else:
+            model = nn.parallel.DistributedDataParallel(model)  # averages over dp x cp
     accumulator = tb.Accumulator(
         model,
         build_optimizer(model.parameters()),

@@ -50,6 +50,7 @@ SCENARIOS: dict[str, MeshScenario] = {
     "hsdp-window": MeshScenario("hsdp", gradient_sync="window"),
     "tp-clip": MeshScenario("tp", max_grad_norm=0.3),
     "cp": MeshScenario("cp", max_grad_norm=0.8),
+    "cp-fsdp2": MeshScenario("cp", wrapper="fsdp2"),
 }
 # The sharded Linear layers of the "hsdp" model: FSDP2 reduces each one's gradients.
 SHARDED_LAYERS = 3
