@@ -26,7 +26,9 @@ rank, which is what keeps uneven data from hanging:
    the first;
 2. the gradient synchronization of the wrapper: once, on the last pass, when
    gradients are synchronized per window (DDP's default), or on every pass
-   (FSDP2's default); every rank runs the same number of passes;
+   (FSDP2's default); under HSDP by default a reduce-scatter within the
+   replica every pass and the all-reduce across replicas on the last
+   (``"hybrid"``); every rank runs the same number of passes;
 3. one ``all_reduce`` of the loss sum (and of the counts ``loss_fn`` returned),
    started just before the window's last backward and waited for after it, so
    that it travels while the backward computes.
