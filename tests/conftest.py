@@ -1,7 +1,11 @@
 """Shared pytest configuration: one hypothesis profile and one intra-op thread per process."""
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import settings
 
 # Exactness examples run real forward/backward passes: no per-example deadline,
@@ -18,6 +22,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    """A gloo process group of one rank, in this process: enough to wrap models in DDP
+    and FSDP2 and to build device meshes."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

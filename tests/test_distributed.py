@@ -21,16 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 from filelock import FileLock  # a dependency of torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import truebatch as tb
@@ -402,18 +399,6 @@ def test_a_model_without_a_wrapper_trains_locally() -> None:
     assert sync.all_reduce(torch.tensor([2.0, 5.0], dtype=torch.float64))() == [2.0, 5.0]
 
 
-@pytest.fixture
-def one_rank_group(tmp_path: Path) -> Iterator[None]:
-    """A gloo process group of one rank, in this process: enough to wrap models."""
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_and_fsdp2_models_are_detected_with_their_default_sync(one_rank_group: None) -> None:
     ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
     sharded = nn.Linear(2, 2)
@@ -428,19 +413,14 @@ def test_ddp_and_fsdp2_models_are_detected_with_their_default_sync(one_rank_grou
     assert GradientSync(sharded, "window").mode == "window"
 
 
-def test_fsdp2_refuses_auto_micro_batch_size_and_multi_dimensional_meshes(
-    one_rank_group: None,
-) -> None:
+def test_fsdp2_refuses_auto_micro_batch_size(one_rank_group: None) -> None:
+    # 2-D meshes: tests/test_mesh.py.
     sharded = nn.Linear(2, 2)
     fully_shard(sharded)
     with pytest.raises(ValueError, match="'auto' is not available for FSDP2 models"):
         tb.Accumulator(
             sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), micro_batch_size="auto"
         )
-    hybrid = nn.Linear(2, 2)
-    fully_shard(hybrid, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "shard")))
-    with pytest.raises(ValueError, match="expected one 1-D mesh"):
-        tb.Accumulator(hybrid, torch.optim.SGD(hybrid.parameters(), lr=0.1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
@@ -527,7 +507,8 @@ def test_zero_grad_on_the_ddp_inner_module_is_reported_as_zero_grad(
 
 def test_unknown_gradient_sync_is_refused() -> None:
     with pytest.raises(
-        ValueError, match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch'"
+        ValueError,
+        match="`gradient_sync` got 'every_step'; expected 'window', 'micro_batch', 'hybrid' or",
     ):
         GradientSync(torch.nn.Linear(2, 2), "every_step")
 

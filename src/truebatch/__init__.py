@@ -25,6 +25,7 @@ from truebatch.check import Finding, Report, check
 from truebatch.checkpoint import load_checkpoint, save_checkpoint
 from truebatch.compare import max_relative_difference, relative_differences
 from truebatch.schedule import scale_lr, windows_per_epoch
+from truebatch.sequences import split_sequences
 from truebatch.terms import Term, term
 from truebatch.windows import Windows, windows
 
@@ -50,6 +51,7 @@ __all__ = [
     "scale_lr",
     "shared",
     "split",
+    "split_sequences",
     "term",
     "testing",
     "token_budget_sizes",

@@ -17,10 +17,13 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 from truebatch.arguments import (
     check_accumulator_micro_batch_size,
@@ -102,8 +105,14 @@ class Accumulator:
             round them once per window.
         skip_nonfinite: a window whose gradient holds NaN or inf does not step.
         max_micro_batch_size: first size ``"auto"`` tries.
-        gradient_sync: ``"window"`` or ``"micro_batch"``: when a data-parallel
-            wrapper synchronizes gradients (see :class:`GradientSync`).
+        gradient_sync: ``"window"``, ``"micro_batch"`` or (HSDP) ``"hybrid"``:
+            when a data-parallel wrapper synchronizes gradients (see
+            :class:`GradientSync`).
+        data_parallel: for an FSDP2 model, the ``DeviceMesh`` given to
+            ``fully_shard`` (e.g. ``mesh["dp"]`` beside tensor parallelism):
+            N is counted over its ranks only. ``None`` reads it from FSDP2
+            (plain, HSDP, beside tensor parallelism); a mesh other than
+            FSDP2's is refused.
         max_tokens: instead of ``micro_batch_size``, cut each window into
             micro-batches of consecutive samples holding at most this many
             tokens (padding excluded; :func:`truebatch.split`).
@@ -142,6 +151,7 @@ class Accumulator:
         skip_nonfinite: bool = True,
         max_micro_batch_size: int | None = None,
         gradient_sync: SyncMode | None = None,
+        data_parallel: DeviceMesh | None = None,
         atomic_step: bool = False,
         max_tokens: int | None = None,
         tokens: TokenCounter = "attention_mask",
@@ -164,7 +174,7 @@ class Accumulator:
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
         self.skip_nonfinite = skip_nonfinite
         self.atomic_step = atomic_step
-        self.sync = GradientSync(model, gradient_sync)
+        self.sync = GradientSync(model, gradient_sync, mesh=data_parallel)
         if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
             raise ValueError(
                 "`micro_batch_size` got 'auto' for an FSDP2 model; 'auto' is not available for "

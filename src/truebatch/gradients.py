@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "GradientSums",
     "ParameterSets",
+    "by_mesh",
     "clear_gradients",
     "clip_gradients",
     "parameters_and_buffers",
@@ -129,13 +130,14 @@ def present_gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
 
 def scale_gradients(params: list[nn.Parameter], factor: float) -> None:
     """Multiply every present gradient of ``params`` by ``factor``, in place."""
-    present = present_gradients(params)
-    if present:
-        torch._foreach_mul_(present, factor)
+    for group in by_mesh(present_gradients(params)):
+        torch._foreach_mul_(group, factor)
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors)."""
+    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors, on
+    any number of device meshes: FSDP2 + tensor parallelism puts some on (dp, tp), the
+    rest on dp)."""
     first = grads[0]
     if all(
         type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
@@ -144,11 +146,29 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
         # The common case in one fused kernel: get_total_norm first groups the tensors by
         # device and dtype, which costs more than the norm of a small model.
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if hasattr(torch.nn.utils, "get_total_norm"):
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-    else:  # torch < 2.6
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    # DTensors of different meshes cannot be stacked: one norm per mesh, each made a full
+    # tensor (a collective over its mesh, in the same order on every rank), then combined.
+    norms = []
+    for group in by_mesh(grads):
+        if hasattr(torch.nn.utils, "get_total_norm"):
+            norm = torch.nn.utils.get_total_norm(group, 2.0)
+        else:  # torch < 2.6
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g) for g in group])
+            )
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``grads`` grouped by their DTensor device mesh (plain tensors together), in the
+    order of first appearance: the same on every rank."""
+    groups: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        groups.setdefault(getattr(grad, "device_mesh", None), []).append(grad)
+    return list(groups.values())
 
 
 def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
@@ -162,7 +182,9 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     value = float(norm.item())
     if max_norm is not None and math.isfinite(value):
         coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
+        coefficient = coefficient.to(grads[0].device)
+        for group in by_mesh(grads):  # a DTensor op takes the tensors of one mesh only
+            torch._foreach_mul_(group, coefficient)
     return value
 
 
