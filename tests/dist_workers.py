@@ -162,8 +162,10 @@ def launch(
     out_dir: Path,
     timeout: float,
     run: Callable[[Any, int], dict[str, list]] | None = None,
+    *,
+    world_size: int = WORLD_SIZE,
 ) -> None:
-    """Run ``scenarios`` on ``WORLD_SIZE`` spawned gloo processes; fail if they hang.
+    """Run ``scenarios`` on ``world_size`` spawned gloo processes; fail if they hang.
 
     ``run(scenario, rank)`` (a module-level function, default: this module's
     scenarios through ``step_window``) returns what is saved per scenario and rank.
@@ -176,9 +178,11 @@ def launch(
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
-            target=_main, args=(rank, port, str(out_dir), scenarios, run or _run), daemon=True
+            target=_main,
+            args=(rank, world_size, port, str(out_dir), scenarios, run or _run),
+            daemon=True,
         )
-        for rank in range(WORLD_SIZE)
+        for rank in range(world_size)
     ]
     for process in processes:
         process.start()
@@ -206,6 +210,7 @@ def _free_port() -> int:
 
 def _main(
     rank: int,
+    world_size: int,
     port: int,
     out_dir: str,
     scenarios: dict[str, Any],
@@ -214,7 +219,7 @@ def _main(
     # Two processes share two cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     _count_calls()
     try:
         for name, scenario in scenarios.items():

@@ -315,7 +315,10 @@ class PipelineAccumulator:
     def _synchronize(self) -> float:
         """The data-parallel all-reduce of the gradient, once; returns the loss sum (over
         the replicas)."""
-        loss_sum = float(torch.stack(self.loss.sums).double().sum()) if self.loss.sums else 0.0
+        # The micro-batches' k losses are the last k calls: on its first run a schedule
+        # calls loss_fn once more before them, on placeholder tensors, to infer shapes.
+        sums = self.loss.sums[-self.n_microbatches :]
+        loss_sum = float(torch.stack(sums).double().sum()) if sums else 0.0
         group = self.data_parallel_group
         if group is None:
             return loss_sum
