@@ -20,11 +20,12 @@ together (a barrier) and a window's time is the slower rank's. Prints the
 median ms per window of each method and the median of the per-round ratios
 truebatch / own_scaling (the same within noise is the target).
 
-Gradients: from the same weights and batch, the first window's gradient of each
-method against one process on the whole model and batch (the mean over all N
-tokens), per tensor (``tb.max_relative_difference``): truebatch's is the big
-batch's up to float32 rounding, the schedule's own scaling is the mean of the
-micro-batches' means, which differs as soon as their token counts do.
+Gradients: from the same weights and batch, in float64, the first window's
+gradient of each method against one process on the whole model and batch (the
+mean over all N tokens), per tensor (``tb.max_relative_difference``):
+truebatch's is the big batch's up to rounding (1e-12, the contract), the
+schedule's own scaling is the mean of the micro-batches' means, which differs
+as soon as their token counts do. The timed windows run in float32.
 
     python benchmarks/pipeline.py [--rounds 20] [--k 4] [--rows 32] [--length 64]
     python benchmarks/pipeline.py --quick   (a smoke run, too short to judge)
@@ -97,46 +98,49 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
     dist.init_process_group(
         "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120)
     )
-    model = build_model()
-    methods: dict[str, Any] = {}
-    for name in METHODS:
-        module = stage_module(copy.deepcopy(model), rank)
-        stage = PipelineStage(module, rank, 2, torch.device("cpu"))
-        own = name == "own_scaling"
-        schedule = ScheduleGPipe(
-            stage, n_microbatches=args.k, loss_fn=loss_mean if own else loss_sum
-        )
-        optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-        acc = None if own else tb.PipelineAccumulator(schedule, optimizer)
-        methods[name] = (module, schedule, optimizer, acc)
+    count = tb.count_tokens("target", shift=False)
 
-    def window(name: str, seed: int) -> None:
-        _, schedule, optimizer, acc = methods[name]
+    def build_methods(model: nn.Sequential) -> dict[str, Any]:
+        """Each method's stage module (a copy of ``model``'s), schedule, optimizer."""
+        methods = {}
+        for name in METHODS:
+            module = stage_module(copy.deepcopy(model), rank)
+            stage = PipelineStage(module, rank, 2, torch.device("cpu"))
+            own = name == "own_scaling"
+            schedule = ScheduleGPipe(
+                stage, n_microbatches=args.k, loss_fn=loss_mean if own else loss_sum
+            )
+            optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
+            acc = None if own else tb.PipelineAccumulator(schedule, optimizer)
+            methods[name] = (module, schedule, optimizer, acc)
+        return methods
+
+    def window(method: tuple, seed: int) -> None:
+        _, schedule, optimizer, acc = method
         ids, target = batch(args, seed)
         inputs = (ids,) if rank == 0 else ()
         targets = target if rank == 1 else None
         if acc is not None:
-            acc.step(*inputs, target=targets, count=tb.count_tokens("target", shift=False))
+            acc.step(*inputs, target=targets, count=count)
         else:
             schedule.step(*inputs, target=targets)
             optimizer.step()
             optimizer.zero_grad()
 
-    # Gradients of the first window (lr = 1: the update is minus the gradient).
+    # The first window's gradient in float64 (lr = 1: the update is minus the gradient),
+    # so that only the methods differ, not float32 rounding.
+    model = build_model().double()
     before = [p.detach().clone() for p in stage_module(model, rank).parameters()]
-    gradients = {}
-    for name in METHODS:
-        window(name, 0)
-        module = methods[name][0]
-        gradients[name] = [b - p.detach() for p, b in zip(module.parameters(), before, strict=True)]
-    reference = stage_module(model, rank)
+    differences = {}
     ids, target = batch(args, 0)
     (loss_sum(model(ids), target) / (target != IGNORE).sum()).backward()
-    differences = {
-        name: tb.max_relative_difference(gradients[name], [p.grad for p in reference.parameters()])
-        for name in METHODS
-    }
+    exact = [p.grad for p in stage_module(model, rank).parameters()]
+    for name, method in build_methods(model).items():
+        window(method, 0)
+        update = [b - p.detach() for p, b in zip(method[0].parameters(), before, strict=True)]
+        differences[name] = tb.max_relative_difference(update, exact)
 
+    methods = build_methods(build_model())
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     for round_index in range(args.warmup + args.rounds):
         order = METHODS[round_index % 2 :] + METHODS[: round_index % 2]
@@ -145,7 +149,7 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
             for name in order:
                 dist.barrier()
                 start = time.perf_counter()
-                window(name, 1 + w)
+                window(methods[name], 1 + w)
                 elapsed = torch.tensor([time.perf_counter() - start])
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 spent[name] += float(elapsed)
@@ -191,7 +195,7 @@ def main() -> None:
     ratios = [a / b for a, b in zip(times["truebatch"], times["own_scaling"], strict=True)]
     ratio = statistics.median(ratios)
     print(f"truebatch / own_scaling = {ratio:.3f}  (median of {len(ratios)} rounds)")
-    print("first window's gradient vs one process on the whole batch (max over tensors):")
+    print("first window's gradient (float64) vs one process on the whole batch, max over tensors:")
     for name in METHODS:
         worst = max(by_rank[rank][0][name] for rank in by_rank)
         print(f"  {name:<12}{worst:.1e}")

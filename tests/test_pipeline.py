@@ -12,6 +12,7 @@ scaling.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from pipeline_workers import (
     replica_batch,
     run,
 )
+from scripts import EXAMPLES, run_torchrun
 
 pytestmark = pytest.mark.processes
 
@@ -311,3 +313,11 @@ def test_state_dict_round_trip(one_rank_group: None) -> None:
         acc.load_state_dict({"window": 3})
     acc.load_state_dict({**state, "window": 5})
     assert acc.windows == 5
+
+
+@pytest.mark.slow
+def test_torchrun_example_trains(tmp_path: Path) -> None:
+    out = run_torchrun(EXAMPLES / "pipeline.py", 2, "--windows", "6", cwd=tmp_path)
+    rows = re.findall(r"^window +(\d+) loss ([\d.]+) tokens (\d+) grad_norm", out, re.M)
+    assert [int(step) for step, _, _ in rows] == list(range(1, 7)), out
+    assert float(rows[-1][1]) < float(rows[0][1]), out
