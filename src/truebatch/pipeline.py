@@ -154,8 +154,8 @@ class PipelineAccumulator:
         get there: the inputs on the first stage, ``target`` on the last one.
 
         Args:
-            args, kwargs: the whole batch's inputs, cut by the schedule into
-                k micro-batches along dim 0.
+            *args: the whole batch's inputs, cut by the schedule into k
+                micro-batches along dim 0.
             target: the last stage's targets, cut the same way (tensor rows,
                 ``torch.tensor_split``).
             count: ``count({"target": target_micro_batch})`` gives the item
@@ -163,6 +163,7 @@ class PipelineAccumulator:
                 backward; ``None`` counts samples (rows). For token losses:
                 ``tb.count_tokens("target", shift=False)`` when the targets
                 are already aligned with the outputs.
+            **kwargs: keyword inputs of the schedule, as ``schedule.step``'s.
 
         Returns:
             the window's :class:`~truebatch.StepResult`, the same on every
