@@ -3,7 +3,7 @@
 A 2-stage pipeline (stage 0: embedding and a tanh layer, stage 1: a tanh layer
 and the vocabulary head) on CPU, one process per stage, trains on batches of
 variable-length token sequences padded to one length, ``--k`` micro-batches
-per schedule run, one SGD step per run. Two methods, each on its own copy of
+per schedule run, one SGD step per run. Three methods, each on its own copy of
 the model (same initial weights) and its own schedule:
 
 - ``truebatch``: ``tb.PipelineAccumulator(schedule, optimizer).step(...)``, the
@@ -12,13 +12,19 @@ the model (same initial weights) and its own schedule:
   the two stages after it;
 - ``own_scaling``: ``schedule.step(...)`` with a loss_fn returning each
   micro-batch's MEAN token loss and the schedule's ``scale_grads=True`` (it divides
-  the gradient by k), then ``optimizer.step()`` and ``zero_grad()``: the usual loop.
+  the gradient by k), then ``optimizer.step()`` and ``zero_grad()``: the usual loop;
+- ``own_scaling_clip``: the same loop with what truebatch also computes, the
+  gradient norm over both stages (one all-reduce of the squared norms) for
+  ``clip_grads_with_norm_``, as pipeline trainers clip.
+
+truebatch clips with ``max_grad_norm=MAX_NORM`` too, a norm no window reaches:
+both compute the global norm and never change the gradient.
 
 Timing: rounds of ``--windows`` windows per method, interleaved window by
 window, the order rotating from round to round; both ranks start every window
 together (a barrier) and a window's time is the slower rank's. Prints the
-median ms per window of each method and the median of the per-round ratios
-truebatch / own_scaling (the same within noise is the target).
+median ms per window of each method and the medians of the per-round ratios
+truebatch / each loop (the same within noise is the target).
 
 Gradients: from the same weights and batch, in float64, the first window's
 gradient of each method against one process on the whole model and batch (the
@@ -52,7 +58,8 @@ from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 import truebatch as tb
 
 VOCAB, HIDDEN, IGNORE = 256, 128, -100
-METHODS = ("truebatch", "own_scaling")
+MAX_NORM = 1e9  # clipping computes the global norm; no window is actually clipped
+METHODS = ("truebatch", "own_scaling", "own_scaling_clip")
 
 
 def build_model() -> nn.Sequential:
@@ -106,44 +113,56 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         for name in METHODS:
             module = stage_module(copy.deepcopy(model), rank)
             stage = PipelineStage(module, rank, 2, torch.device("cpu"))
-            own = name == "own_scaling"
+            own = name != "truebatch"
             schedule = ScheduleGPipe(
                 stage, n_microbatches=args.k, loss_fn=loss_mean if own else loss_sum
             )
-            optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-            acc = None if own else tb.PipelineAccumulator(schedule, optimizer)
-            methods[name] = (module, schedule, optimizer, acc)
+            optimizer = torch.optim.SGD(module.parameters(), lr=0.01)
+            acc = (
+                None if own else tb.PipelineAccumulator(schedule, optimizer, max_grad_norm=MAX_NORM)
+            )
+            methods[name] = (module, schedule, optimizer, acc, name == "own_scaling_clip")
         return methods
 
     def window(method: tuple, seed: int) -> None:
-        _, schedule, optimizer, acc = method
+        module, schedule, optimizer, acc, clip = method
         ids, target = batch(args, seed)
         inputs = (ids,) if rank == 0 else ()
         targets = target if rank == 1 else None
         if acc is not None:
             acc.step(*inputs, target=targets, count=count)
-        else:
-            schedule.step(*inputs, target=targets)
-            optimizer.step()
-            optimizer.zero_grad()
+            return
+        schedule.step(*inputs, target=targets)
+        if clip:  # the norm of the whole model: the stages' squared norms, summed
+            grads = [p.grad for p in module.parameters()]
+            squared = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) ** 2
+            dist.all_reduce(squared)
+            nn.utils.clip_grads_with_norm_(grads, MAX_NORM, squared.sqrt())
+        optimizer.step()
+        optimizer.zero_grad()
 
-    # The first window's gradient in float64 (lr = 1: the update is minus the gradient),
+    # The first window's gradient in float64, as the optimizer sees it (a step pre-hook),
     # so that only the methods differ, not float32 rounding.
     model = build_model().double()
-    before = [p.detach().clone() for p in stage_module(model, rank).parameters()]
-    differences = {}
     ids, target = batch(args, 0)
     (loss_sum(model(ids), target) / (target != IGNORE).sum()).backward()
     exact = [p.grad for p in stage_module(model, rank).parameters()]
+    differences = {}
     for name, method in build_methods(model).items():
+        seen: list[torch.Tensor] = []
+
+        def capture(optimizer: Any, *_: Any, seen: list = seen) -> None:
+            seen.extend(p.grad.clone() for group in optimizer.param_groups for p in group["params"])
+
+        method[2].register_step_pre_hook(capture)
         window(method, 0)
-        update = [b - p.detach() for p, b in zip(method[0].parameters(), before, strict=True)]
-        differences[name] = tb.max_relative_difference(update, exact)
+        differences[name] = tb.max_relative_difference(seen, exact)
 
     methods = build_methods(build_model())
     times: dict[str, list[float]] = {name: [] for name in METHODS}
     for round_index in range(args.warmup + args.rounds):
-        order = METHODS[round_index % 2 :] + METHODS[: round_index % 2]
+        shift = round_index % len(METHODS)
+        order = METHODS[shift:] + METHODS[:shift]
         spent = dict.fromkeys(METHODS, 0.0)
         for w in range(args.windows):
             for name in order:
@@ -191,14 +210,15 @@ def main() -> None:
     times = by_rank[0][1]  # every window's time is already the slower rank's
     median = {name: statistics.median(times[name]) for name in METHODS}
     for name in METHODS:
-        print(f"  {name:<12}{1000 * median[name]:8.2f} ms per window")
-    ratios = [a / b for a, b in zip(times["truebatch"], times["own_scaling"], strict=True)]
-    ratio = statistics.median(ratios)
-    print(f"truebatch / own_scaling = {ratio:.3f}  (median of {len(ratios)} rounds)")
+        print(f"  {name:<18}{1000 * median[name]:8.2f} ms per window")
+    for baseline in METHODS[1:]:
+        ratios = [a / b for a, b in zip(times["truebatch"], times[baseline], strict=True)]
+        ratio = statistics.median(ratios)
+        print(f"truebatch / {baseline} = {ratio:.3f}  (median of {len(ratios)} rounds)")
     print("first window's gradient (float64) vs one process on the whole batch, max over tensors:")
     for name in METHODS:
         worst = max(by_rank[rank][0][name] for rank in by_rank)
-        print(f"  {name:<12}{worst:.1e}")
+        print(f"  {name:<18}{worst:.1e}")
 
 
 if __name__ == "__main__":
