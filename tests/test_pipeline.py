@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -28,6 +30,7 @@ from dist_workers import launch
 from models import IGNORE_INDEX
 from pipeline_workers import (
     COUNT,
+    LENGTH,
     MICRO_BATCHES,
     STAGES,
     WINDOWS,
@@ -203,6 +206,43 @@ def test_one_stage_gradient_is_the_big_batchs_with_either_scale_grads(
     assert tb.max_relative_difference(update, [p.grad for p in plain.parameters()]) <= EXACT
     assert result.count == n_items and result.stepped
     assert result.loss == pytest.approx(loss.item(), rel=EXACT)
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    k=st.integers(1, 4),
+    rows_per_micro_batch=st.integers(1, 3),
+    lengths=st.lists(st.integers(0, LENGTH), min_size=12, max_size=12),
+    gpipe=st.booleans(),
+)
+def test_any_split_and_any_token_counts_give_the_big_batchs_gradient(
+    one_rank_group: None, k: int, rows_per_micro_batch: int, lengths: list[int], gpipe: bool
+) -> None:
+    """k not a power of two included: the schedule's division by k is then undone with
+    one rounding; micro-batches may hold no scored token at all. (The one-rank group is
+    the same for every example: nothing of it changes.)"""
+    rows = k * rows_per_micro_batch
+    model = nn.Sequential(*build_stages())
+    plain = copy.deepcopy(model)
+    stage = PipelineStage(model, 0, 1, torch.device("cpu"))
+    schedule_type = ScheduleGPipe if gpipe else Schedule1F1B
+    schedule = schedule_type(stage, n_microbatches=k, loss_fn=loss_sum)
+    acc = tb.PipelineAccumulator(schedule, torch.optim.SGD(model.parameters(), lr=1.0))
+    batches = [replica_batch(window, 0) for window in range(2)]  # 16 rows
+    input_ids = torch.cat([ids for ids, _ in batches])[:rows]
+    target = torch.cat([t for _, t in batches])[:rows]
+    for row, length in enumerate(lengths[:rows]):
+        target[row, length:] = IGNORE_INDEX  # length 0: a row without scored tokens
+    n_items = int((target != IGNORE_INDEX).sum())
+    assume(n_items > 0)
+    seen = []
+    acc.optimizer.register_step_pre_hook(
+        lambda optimizer, *_: seen.extend(p.grad.clone() for p in model.parameters())
+    )
+    result = acc.step(input_ids, target=target, count=COUNT)
+    (loss_sum(plain(input_ids), target) / n_items).backward()
+    assert tb.max_relative_difference(seen, [p.grad for p in plain.parameters()]) <= EXACT
+    assert result.count == n_items
 
 
 def test_a_failure_in_the_schedule_leaves_no_trace_and_the_next_run_is_exact(
