@@ -351,6 +351,10 @@ def test_state_dict_round_trip(one_rank_group: None) -> None:
     assert state["window"] == 1 and state["optimizer"]["state"]
     with pytest.raises(KeyError, match="no keys"):
         acc.load_state_dict({"window": 3})
+    scheduler = {"last_epoch": 0}
+    with pytest.raises(ValueError, match="`state` got a scheduler; expected none"):
+        acc.load_state_dict({**state, "window": 7, "scheduler": scheduler})
+    assert acc.windows == 1
     acc.load_state_dict({**state, "window": 5})
     assert acc.windows == 5
 

@@ -247,6 +247,8 @@ class PipelineAccumulator:
 
         Raises:
             KeyError: ``state`` lacks a key of :meth:`state_dict`; nothing is loaded.
+            ValueError: ``state`` was saved with(out) a scheduler, unlike this
+                PipelineAccumulator; nothing is loaded.
         """
         missing = {"window", "optimizer", "scheduler", "rng"} - set(state)
         if missing:
@@ -254,8 +256,15 @@ class PipelineAccumulator:
                 f"`state` got no keys {sorted(missing)}; expected the dict of "
                 "PipelineAccumulator.state_dict(). Fix: pass the dict it returned."
             )
+        if (self.scheduler is None) != (state["scheduler"] is None):
+            saved = "no" if state["scheduler"] is None else "a"
+            raise ValueError(
+                f"`state` got {saved} scheduler; expected "
+                f"{'none' if self.scheduler is None else 'one'}, as this PipelineAccumulator "
+                "has. Fix: construct it the same way as the one that was saved."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
+        if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.windows = int(state["window"])
         set_rng_state(state["rng"], self.parameters.devices)
