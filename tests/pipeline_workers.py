@@ -45,6 +45,8 @@ class PipelineScenario:
         scale_grads: passed to the schedule.
         max_grad_norm: passed to the PipelineAccumulator.
         nan_window: the window in which stage 0's gradient turns NaN.
+        ddp: wrap every stage in DDP over its data-parallel group (instead of
+            passing ``data_parallel_group``).
     """
 
     schedule: str = "gpipe"
@@ -53,6 +55,7 @@ class PipelineScenario:
     scale_grads: bool = True
     max_grad_norm: float | None = None
     nan_window: int | None = None
+    ddp: bool = False
 
 
 def build_stages() -> list[nn.Module]:
@@ -122,7 +125,12 @@ def run(scenario: PipelineScenario, rank: int) -> dict[str, list]:
     if replica >= scenario.replicas:
         return {}  # one pipeline on ranks 0 and 1: the others wait for the next scenario
     module = build_stages()[stage_index]
-    stage = PipelineStage(module, stage_index, STAGES, torch.device("cpu"), group=pipeline_group)
+    wrapped = (
+        nn.parallel.DistributedDataParallel(module, process_group=data_group)
+        if scenario.ddp
+        else module
+    )
+    stage = PipelineStage(wrapped, stage_index, STAGES, torch.device("cpu"), group=pipeline_group)
     schedule_type = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[scenario.schedule]
     schedule = schedule_type(
         stage,
@@ -136,7 +144,7 @@ def run(scenario: PipelineScenario, rank: int) -> dict[str, list]:
             schedule,
             optimizer,
             max_grad_norm=scenario.max_grad_norm,
-            data_parallel_group=data_group,
+            data_parallel_group=None if scenario.ddp else data_group,
         )
         if scenario.truebatch
         else None

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 import truebatch as tb
@@ -58,6 +59,7 @@ ONE_PIPELINE = {
 TWO_REPLICAS = {
     "dp2-pp2-gpipe": PipelineScenario("gpipe", replicas=2),
     "dp2-pp2-1f1b-clip": PipelineScenario("1f1b", replicas=2, max_grad_norm=0.05),
+    "dp2-pp2-ddp-1f1b": PipelineScenario("1f1b", replicas=2, ddp=True),
 }
 ALL = {**ONE_PIPELINE, **TWO_REPLICAS}
 
@@ -120,7 +122,7 @@ def test_same_update_as_one_process_on_the_global_batch(runs: dict, name: str) -
             assert difference <= EXACT, (rank, window, difference)
 
 
-@pytest.mark.parametrize("name", ["gpipe", "dp2-pp2-1f1b-clip", "1f1b-nan"])
+@pytest.mark.parametrize("name", ["gpipe", "dp2-pp2-1f1b-clip", "dp2-pp2-ddp-1f1b", "1f1b-nan"])
 def test_every_stage_reports_the_global_loss_count_and_norm(runs: dict, name: str) -> None:
     scenario = ALL[name]
     _, expected = reference(scenario)
@@ -308,8 +310,15 @@ def test_what_cannot_work_is_refused_before_anything_changes(one_rank_group: Non
         tb.PipelineAccumulator(schedule, optimizer)
     ddp = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
     wrapped = ScheduleGPipe(PipelineStage(ddp, 0, 1, torch.device("cpu")), 2, loss_fn=loss_sum)
-    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel"):
-        tb.PipelineAccumulator(wrapped, torch.optim.SGD(ddp.parameters(), lr=1.0))
+    with pytest.raises(ValueError, match="other than the DDP stage's process group"):
+        tb.PipelineAccumulator(
+            wrapped, torch.optim.SGD(ddp.parameters()), data_parallel_group=dist.new_group([0])
+        )
+    sharded = nn.Linear(2, 2)
+    fully_shard(sharded)
+    on_fsdp2 = ScheduleGPipe(PipelineStage(sharded, 0, 1, torch.device("cpu")), 2, loss_fn=loss_sum)
+    with pytest.raises(ValueError, match="sharded with FSDP2"):
+        tb.PipelineAccumulator(on_fsdp2, torch.optim.SGD(sharded.parameters()))
     input_ids, target = replica_batch(0, 0)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="multiple of n_microbatches=4"):

@@ -27,7 +27,9 @@ Per window, after the schedule, in the same order on every rank:
 
 1. with ``data_parallel_group``, on every stage: one all-reduce (sum) of the
    stage's gradient (flattened into one buffer), and on the last stage one of
-   the loss sum: the gradient synchronizes once per window, not per micro-batch;
+   the loss sum: the gradient synchronizes once per window, not per micro-batch
+   (a stage in DDP: DDP's own all-reduce on the last backward, which averages,
+   so the weight is then ``replicas / N``);
 2. with more than one stage: one all-reduce over the pipeline group of this
    stage's squared gradient norm and the last stage's loss sum, N and
    micro-batch size, so every stage clips by the global norm and skips a
@@ -90,8 +92,10 @@ class PipelineAccumulator:
         data_parallel_group: the process group of this stage's replicas (the
             same stage of the other pipelines), or ``None`` for one pipeline.
             N is summed over it before the schedule runs and the gradient
-            once per window after it. The stage module must be a plain module:
-            truebatch makes the gradient all-reduce itself.
+            once per window after it. A stage module wrapped in
+            ``DistributedDataParallel`` needs none: its process group is the
+            data-parallel group, and DDP averages the gradient on the window's
+            last backward (the schedule runs the others under ``no_sync``).
         atomic_step: copy the parameters and the optimizer state before the
             step, so that an exception in the step restores them too (as
             :class:`truebatch.Accumulator`).
@@ -99,7 +103,8 @@ class PipelineAccumulator:
     Raises:
         TypeError: ``schedule`` is not a single-stage schedule with a
             ``loss_fn``, or is already wrapped by another PipelineAccumulator.
-        ValueError: the stage module is wrapped in DDP or sharded with FSDP2.
+        ValueError: the stage module is sharded with FSDP2, or wrapped in DDP
+            with another ``data_parallel_group``.
 
     Example:
         >>> def loss_fn(logits, labels):          # the SUM over scored tokens
@@ -125,7 +130,11 @@ class PipelineAccumulator:
         model = self.stage.submod
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
-        _check_plain_module(model)
+        # A stage in DDP: DDP all-reduces (averages) the gradient on the last backward,
+        # over its own process group, which is then the data-parallel group.
+        self.ddp = _ddp_group(model, data_parallel_group)
+        if self.ddp is not None:
+            data_parallel_group = self.ddp
         self.schedule = schedule
         self.model = model
         self.optimizer = optimizer
@@ -194,7 +203,8 @@ class PipelineAccumulator:
         try:
             n_items, largest = self._count(target, count)
             self.loss.open(self._weight(n_items))
-            with WindowGuard(self.optimizer, self.model, self.model):
+            inner = self.model.module if self.ddp is not None else self.model
+            with WindowGuard(self.optimizer, self.model, inner):
                 self.schedule.step(*args, target=target, **kwargs)
             loss_sum = self._synchronize()
             grad_norm, loss_sum, n_items, largest = self._pipeline_totals(
@@ -320,7 +330,9 @@ class PipelineAccumulator:
         and for an empty window."""
         if not n_items:
             return 0.0
-        return (self.n_microbatches if self.schedule.scale_grads else 1) / n_items
+        divided = self.n_microbatches if self.schedule.scale_grads else 1
+        averaged = dist.get_world_size(self.ddp) if self.ddp is not None else 1
+        return divided * averaged / n_items
 
     def _synchronize(self) -> float:
         """The data-parallel all-reduce of the gradient, once; returns the loss sum (over
@@ -333,7 +345,7 @@ class PipelineAccumulator:
         if group is None:
             return loss_sum
         grads = present_gradients(self.parameters.trainable)
-        if grads:
+        if grads and self.ddp is None:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat, group=group)
             pieces = flat.split([g.numel() for g in grads])
@@ -441,13 +453,23 @@ def _stage_of(schedule: Any) -> Any:
     return schedule._stage
 
 
-def _check_plain_module(model: nn.Module) -> None:
+def _ddp_group(model: nn.Module, data_parallel_group: Any) -> Any:
+    """The process group of a stage wrapped in DDP (None for a plain module); an FSDP2
+    stage is refused, as is a DDP stage with another ``data_parallel_group``."""
     from torch.distributed.fsdp import FSDPModule  # torch.distributed.pipelining needs it too
 
-    if isinstance(model, nn.parallel.DistributedDataParallel | FSDPModule):
+    if isinstance(model, FSDPModule):
         raise ValueError(
-            f"`schedule` got a stage module wrapped in {type(model).__name__}; expected a "
-            "plain module: the PipelineAccumulator all-reduces the stage's gradient over "
-            "its replicas once per window itself. Fix: build the stage from the unwrapped "
+            "`schedule` got a stage module sharded with FSDP2; expected a plain module or "
+            "one wrapped in DistributedDataParallel. Fix: build the stage from the plain "
             "module and pass data_parallel_group=."
         )
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return None
+    if data_parallel_group is not None and data_parallel_group is not model.process_group:
+        raise ValueError(
+            "`data_parallel_group` got a group other than the DDP stage's process group; "
+            "expected None for a stage in DDP, which averages over its own group. Fix: "
+            "drop data_parallel_group= or build DDP with process_group=data_parallel_group."
+        )
+    return model.process_group
