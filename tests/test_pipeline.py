@@ -369,8 +369,9 @@ def test_state_dict_round_trip(one_rank_group: None) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_example_trains(tmp_path: Path) -> None:
-    out = run_torchrun(EXAMPLES / "pipeline.py", 2, "--windows", "6", cwd=tmp_path)
+def test_torchrun_example_trains_two_replicas_of_a_two_stage_pipeline(tmp_path: Path) -> None:
+    out = run_torchrun(EXAMPLES / "pipeline.py", 4, "--windows", "6", cwd=tmp_path)
+    assert out.startswith("2 replica(s) x 2 stages, 1f1b, 4 micro-batches"), out
     rows = re.findall(r"^window +(\d+) loss ([\d.]+) tokens (\d+) grad_norm", out, re.M)
     assert [int(step) for step, _, _ in rows] == list(range(1, 7)), out
     assert float(rows[-1][1]) < float(rows[0][1]), out
