@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +24,35 @@ def run_script(path: Path, *args: str, timeout: float = 240) -> str:
     )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
+
+
+def run_torchrun(path: Path, processes: int, *args: str, cwd: Path, timeout: float = 180) -> str:
+    """Run ``torchrun --standalone --nproc-per-node processes path *args``; return its stdout.
+
+    A single-node rendezvous on a free port (``--master-port 0`` would hand every
+    worker MASTER_PORT=0). The run gets a session of its own, so that a hung rank is
+    killed with torchrun, not left running. Fails with the end of stderr on a
+    non-zero exit or after ``timeout`` seconds.
+    """
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None, "torchrun is installed with torch"
+    command = [torchrun, "--standalone", "--nproc-per-node", str(processes), str(path), *args]
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(
+                f"{path.name} did not finish in {timeout} s:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+            ) from None
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout

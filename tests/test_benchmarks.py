@@ -150,3 +150,19 @@ def test_compile_benchmark_reports_compile_time_graphs_and_the_gradient_differen
     (found,) = re.findall(row, out, re.M)
     # Shapes 32 and the ragged 4: at most one graph each; aot_eager runs eager's kernels.
     assert 1 <= int(found[3]) <= 2 and float(found[4]) <= 1e-5, out
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_pipeline_benchmark_times_both_methods_and_prints_their_gradient_differences() -> None:
+    out = run_benchmark("pipeline.py", "--quick")
+    per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.M)
+    methods = ["truebatch", "own_scaling", "own_scaling_clip"]
+    assert [name for name, _ in per_window] == methods, out
+    ratios = re.findall(r"^truebatch / (\w+) = \d+\.\d{3}  \(median of 3 rounds\)$", out, re.M)
+    assert ratios == methods[1:], out
+    differences = dict(re.findall(r"^  (\w+)\s+(\d\.\de[-+]\d+)$", out, flags=re.M))
+    # float64: truebatch within the contract's 1e-12, the schedule's own scaling far off.
+    assert float(differences["truebatch"]) <= 1e-12, out
+    assert float(differences["own_scaling"]) > 1e-2, out
+    assert differences["own_scaling_clip"] == differences["own_scaling"], out

@@ -1,5 +1,5 @@
 """The plain-loop example runs as a script and trains (the other examples are tested with
-their features: tests/test_distributed.py, tests/test_integrations.py)."""
+their features: tests/test_distributed.py, tests/test_integrations.py, tests/test_pipeline.py)."""
 
 from __future__ import annotations
 

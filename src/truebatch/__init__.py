@@ -24,6 +24,7 @@ from truebatch.batching import (
 from truebatch.check import Finding, Report, check
 from truebatch.checkpoint import load_checkpoint, save_checkpoint
 from truebatch.compare import max_relative_difference, relative_differences
+from truebatch.pipeline import PipelineAccumulator
 from truebatch.schedule import scale_lr, windows_per_epoch
 from truebatch.sequences import split_sequences
 from truebatch.terms import Term, term
@@ -32,6 +33,7 @@ from truebatch.windows import Windows, windows
 __all__ = [
     "Accumulator",
     "Finding",
+    "PipelineAccumulator",
     "Report",
     "StepResult",
     "Term",

@@ -28,6 +28,7 @@ __all__ = [
     "by_mesh",
     "clear_gradients",
     "clip_gradients",
+    "clip_to_norm",
     "parameters_and_buffers",
     "present_gradients",
     "scale_gradients",
@@ -181,11 +182,17 @@ def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
     norm = total_norm(grads)
     value = float(norm.item())
     if max_norm is not None and math.isfinite(value):
-        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        coefficient = coefficient.to(grads[0].device)
-        for group in by_mesh(grads):  # a DTensor op takes the tensors of one mesh only
-            torch._foreach_mul_(group, coefficient)
+        clip_to_norm(grads, norm, max_norm)
     return value
+
+
+def clip_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Multiply ``grads`` in place by ``min(1, max_norm / (norm + 1e-6))``, the coefficient
+    of ``torch.nn.utils.clip_grad_norm_``, for a ``norm`` measured by the caller (the
+    global norm of a gradient spread over processes)."""
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].device)
+    for group in by_mesh(grads):  # a DTensor op takes the tensors of one mesh only
+        torch._foreach_mul_(group, coefficient)
 
 
 class GradientSums:
