@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile cells")
+    parser.add_argument("--only", default="", help="run only the cells whose name contains this")
     parser.add_argument(
         "--quick", action="store_true", help="2 rounds, 1 warm-up, no compile: check that it runs"
     )
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     for count in threads:
         torch.set_num_threads(count)
         for cell in cells(dtypes, compiled=not args.no_compile):
+            if args.only not in cell.name:
+                continue
             native, ratio = measure(cell, args.repeats, args.warmup)
             load = os.getloadavg()[0]
             passed = ratio <= cell.target
