@@ -65,6 +65,7 @@ def make_pair(kind: str, ghost: int, **kwargs: object) -> tuple[nn.Module, nn.Mo
     with torch.no_grad():
         if layer.affine:
             layer.weight.copy_(1 + randn(channels, seed=1).abs())
+        if layer.bias is not None:
             layer.bias.copy_(randn(channels, seed=2))
         if layer.track_running_stats:
             layer.running_mean.copy_(randn(channels, seed=3))
@@ -242,6 +243,30 @@ def test_every_way_is_the_written_out_ghost_batchnorm(
         ("output", "gradients", "stats"), ours, theirs, strict=True
     ):
         assert mine <= 2 * native_error + 2**-8, (what, mine, native_error)
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize(
+    "options", [{"affine": False}, {"bias": False}, {"track_running_stats": False}]
+)
+def test_every_way_without_affine_parameters_or_running_stats(
+    kind: str, options: dict[str, bool], layout: str
+) -> None:
+    """Without weight, without bias, without running statistics: still BatchNorm on each
+    ghost batch in turn (8 samples, ghost batches of 3: a block of 2 and a short last one)."""
+    layer, native = make_pair(kind, 3, **options)
+    x = input_for(kind, 8)
+    ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = layer(ours_x)
+    theirs = torch.cat([native(chunk) for chunk in their_x.split(3)])
+    assert relative_difference(ours, theirs) <= EXACT
+    grad = randn(*ours.shape, seed=10)
+    ours_inputs = [ours_x, *(p for p in layer.parameters())]
+    their_inputs = [their_x, *(p for p in native.parameters())]
+    ours_grads = torch.autograd.grad(ours, ours_inputs, grad)
+    their_grads = torch.autograd.grad(theirs, their_inputs, grad)
+    assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
+    assert_same_state(layer, native)
 
 
 @pytest.mark.parametrize("kind", sorted(BATCHNORMS))
