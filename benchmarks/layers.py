@@ -18,6 +18,11 @@ the cores during the cell: its ratio is then unreliable, and the line says so.
 Run: python benchmarks/layers.py [--repeats 15] [--threads 1,2] [--no-compile]
      python benchmarks/layers.py --quick   (2 rounds per cell, no compiled cells: a smoke
                                             run, exit 0 whatever the ratios)
+     python benchmarks/layers.py --only "GhostBatchNorm1d"   (the cells whose name has it)
+     python benchmarks/layers.py --compiled-batchnorm   (adds GhostBatchNorm under
+                                            torch.compile vs compiled BatchNorm)
+The default grid takes about 2 minutes on 2 idle CPUs (half of it compiling the
+dropout cells); --compiled-batchnorm adds 48 compilations.
 """
 
 from __future__ import annotations
@@ -62,22 +67,32 @@ class Cell:
     target: float
 
 
-def cells(dtypes: list[torch.dtype], *, compiled: bool) -> Iterator[Cell]:
+def cells(
+    dtypes: list[torch.dtype], *, compiled: bool, compiled_batchnorm: bool = False
+) -> Iterator[Cell]:
     for dtype in dtypes:
-        for kind, native_cls, ghost_cls, shape in BATCHNORMS:
-            for ghost in GHOST_SIZES:
-                yield Cell(
-                    "GhostBatchNorm",
-                    f"GhostBatchNorm{kind}(g={ghost}) {'x'.join(map(str, shape))}",
-                    native_cls(shape[1]).to(dtype),
-                    ghost_cls(shape[1], ghost).to(dtype),
-                    shape,
-                    dtype,
-                    BATCHNORM_TARGET,
-                )
+        for mode in ("eager", "compiled") if compiled_batchnorm else ("eager",):
+            for kind, native_cls, ghost_cls, shape in BATCHNORMS:
+                for ghost in GHOST_SIZES:
+                    ours: nn.Module = ghost_cls(shape[1], ghost).to(dtype)
+                    theirs: nn.Module = native_cls(shape[1]).to(dtype)
+                    if mode == "compiled":
+                        torch._dynamo.reset()
+                        ours, theirs = torch.compile(ours), torch.compile(theirs)
+                    yield Cell(
+                        "GhostBatchNorm",
+                        f"GhostBatchNorm{kind}(g={ghost})"
+                        + (" compiled" if mode == "compiled" else "")
+                        + f" {'x'.join(map(str, shape))}",
+                        theirs,
+                        ours,
+                        shape,
+                        dtype,
+                        BATCHNORM_TARGET,
+                    )
         for mode in ("eager", "compiled") if compiled else ("eager",):
             for kind, native, channelwise, shape in DROPOUTS:
-                ours: nn.Module = tnn.SplitInvariantDropout(0.1, channelwise=channelwise)
+                ours = tnn.SplitInvariantDropout(0.1, channelwise=channelwise)
                 theirs = native()
                 if mode == "compiled":
                     torch._dynamo.reset()  # each cell compiles afresh, within the recompile limit
@@ -136,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile cells")
+    parser.add_argument("--only", default="", help="run only the cells whose name contains this")
+    parser.add_argument(
+        "--compiled-batchnorm",
+        action="store_true",
+        help="add GhostBatchNorm cells under torch.compile (vs compiled BatchNorm; slow to run)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="2 rounds, 1 warm-up, no compile: check that it runs"
     )
@@ -155,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     failed, unreliable = False, 0
     for count in threads:
         torch.set_num_threads(count)
-        for cell in cells(dtypes, compiled=not args.no_compile):
+        for cell in cells(
+            dtypes, compiled=not args.no_compile, compiled_batchnorm=args.compiled_batchnorm
+        ):
+            if args.only not in cell.name:
+                continue
             native, ratio = measure(cell, args.repeats, args.warmup)
             load = os.getloadavg()[0]
             passed = ratio <= cell.target

@@ -65,6 +65,7 @@ def make_pair(kind: str, ghost: int, **kwargs: object) -> tuple[nn.Module, nn.Mo
     with torch.no_grad():
         if layer.affine:
             layer.weight.copy_(1 + randn(channels, seed=1).abs())
+        if layer.bias is not None:
             layer.bias.copy_(randn(channels, seed=2))
         if layer.track_running_stats:
             layer.running_mean.copy_(randn(channels, seed=3))
@@ -141,6 +142,129 @@ def test_every_kernel_path_is_sequential_batchnorm(
     grad = randn(*ours.shape, seed=10)
     ours_grads = torch.autograd.grad(ours, (ours_x, layer.weight, layer.bias), grad)
     their_grads = torch.autograd.grad(theirs, (their_x, native.weight, native.bias), grad)
+    assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
+    assert_same_state(layer, native)
+
+
+def reference_ghost_batchnorm(
+    x: torch.Tensor, layer: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ghost BatchNorm written out in float64: output, running mean and running variance.
+
+    Each chunk of ``ghost_batch_size`` samples: ``(x - mean) / sqrt(var + eps) * w + b``
+    with its biased variance; then ``r <- (1 - m) r + m s`` with the unbiased one.
+    """
+    channels, momentum = x.shape[1], layer.momentum
+    shape = (1, channels, *[1] * (x.dim() - 2))
+    weight, bias = layer.weight.double().view(shape), layer.bias.double().view(shape)
+    running_mean, running_var = layer.running_mean.double(), layer.running_var.double()
+    outputs = []
+    for chunk in x.split(layer.ghost_batch_size):
+        dims = [0, *range(2, x.dim())]
+        n = chunk.numel() // channels
+        mean = chunk.mean(dims, keepdim=True)
+        var = ((chunk - mean) ** 2).sum(dims, keepdim=True) / n
+        outputs.append((chunk - mean) / torch.sqrt(var + layer.eps) * weight + bias)
+        running_mean = (1 - momentum) * running_mean + momentum * mean.flatten()
+        running_var = (1 - momentum) * running_var + momentum * var.flatten() * n / (n - 1)
+    return torch.cat(outputs), running_mean, running_var
+
+
+def ghost_errors(
+    layer: nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[float, float, float]:
+    """Relative differences of ``layer``'s output, gradients (input, weight, bias) and
+    running statistics from :func:`reference_ghost_batchnorm` on the same values."""
+    reference_layer = copy.deepcopy(layer).double()
+    x64 = x.detach().double().requires_grad_()
+    expected, running_mean, running_var = reference_ghost_batchnorm(x64, reference_layer)
+    expected_grads = torch.autograd.grad(
+        expected, (x64, reference_layer.weight, reference_layer.bias), grad.double()
+    )
+    x = x.detach().clone().requires_grad_()
+    out = layer(x)
+    grads = torch.autograd.grad(out, (x, layer.weight, layer.bias), grad)
+    return (
+        relative_difference(out.double(), expected),
+        tb.max_relative_difference([g.double() for g in grads], list(expected_grads)),
+        tb.max_relative_difference(
+            [layer.running_mean.double(), layer.running_var.double()], [running_mean, running_var]
+        ),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "kind, channels_last",
+    [(kind, False) for kind in sorted(BATCHNORMS)] + [("2d", True), ("3d", True)],
+)
+@pytest.mark.parametrize(
+    "ghost, batch",
+    [(1, 4), (2, 2), (2, 16), (2, 7), (3, 13), (8, 8), (8, 40)],
+)
+def test_every_way_is_the_written_out_ghost_batchnorm(
+    kind: str, channels_last: bool, ghost: int, batch: int, dtype: torch.dtype, layout: str
+) -> None:
+    """Every way ghost BatchNorm computes a block (BatchNorm's kernel per ghost batch,
+    reductions over a view, GroupNorm on a copy; ghost_kernels), on ghost batches of 1-2
+    samples, one ghost batch, a short last one and channels-last inputs, in float64 and
+    bfloat16, against the formula in float64. bfloat16 must be as close to it as
+    BatchNorm2d in bfloat16 called on each chunk (plus one bfloat16 rounding)."""
+    layer, native = make_pair(kind, ghost)
+    layer, native = layer.to(dtype), native.to(dtype)
+    x = input_for(kind, batch).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=MEMORY_FORMATS[x.dim()])
+    grad = randn(*x.shape, seed=10).to(dtype)
+    if x[:1].numel() == x.shape[1] and 1 in (ghost, batch % ghost or ghost):
+        with pytest.raises(ValueError, match="1 value per channel"):
+            layer(x)
+        return
+    ours = ghost_errors(layer, x, grad)
+    if dtype == torch.float64:
+        assert max(ours) <= EXACT, ours
+        return
+
+    class Sequential(nn.Module):  # BatchNorm on each chunk in turn, as one layer
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = native
+            self.weight, self.bias = native.weight, native.bias
+            self.running_mean, self.running_var = native.running_mean, native.running_var
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.inner(chunk) for chunk in x.split(ghost)])
+
+    sequential = Sequential()
+    sequential.ghost_batch_size, sequential.eps = ghost, native.eps
+    sequential.momentum = native.momentum
+    theirs = ghost_errors(sequential, x, grad)
+    for what, mine, native_error in zip(
+        ("output", "gradients", "stats"), ours, theirs, strict=True
+    ):
+        assert mine <= 2 * native_error + 2**-8, (what, mine, native_error)
+
+
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize(
+    "options", [{"affine": False}, {"bias": False}, {"track_running_stats": False}]
+)
+def test_every_way_without_affine_parameters_or_running_stats(
+    kind: str, options: dict[str, bool], layout: str
+) -> None:
+    """Without weight, without bias, without running statistics: still BatchNorm on each
+    ghost batch in turn (8 samples, ghost batches of 3: a block of 2 and a short last one)."""
+    layer, native = make_pair(kind, 3, **options)
+    x = input_for(kind, 8)
+    ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = layer(ours_x)
+    theirs = torch.cat([native(chunk) for chunk in their_x.split(3)])
+    assert relative_difference(ours, theirs) <= EXACT
+    grad = randn(*ours.shape, seed=10)
+    ours_inputs = [ours_x, *(p for p in layer.parameters())]
+    their_inputs = [their_x, *(p for p in native.parameters())]
+    ours_grads = torch.autograd.grad(ours, ours_inputs, grad)
+    their_grads = torch.autograd.grad(theirs, their_inputs, grad)
     assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
     assert_same_state(layer, native)
 

@@ -16,7 +16,6 @@ micro-batches, as long as every micro-batch boundary is a ghost batch boundary.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -26,17 +25,17 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 
 from truebatch import _context
+from truebatch.nn import ghost_kernels
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
 
-# Ghost batches with at least this many elements are normalized one kernel call
-# each, directly on the input; smaller ones are normalized together in one call
-# on a copy of the input, because per-call overhead would dominate. Measured on
-# CPU: the two costs cross between 16k and 128k elements per ghost batch.
+# Ghost batches with at least this many elements are normalized one BatchNorm
+# call each, directly on the input; smaller ones all at once (benchmarks/layers.py
+# measures both sides of the threshold).
 _DIRECT_CHUNK_NUMEL = 65536
 
-# (first sample, number of ghost batches, samples per ghost batch, through GroupNorm)
-_Block = tuple[int, int, int, bool]
+# (first sample, number of ghost batches, samples per ghost batch, way: ghost_kernels.FORWARD)
+_Block = tuple[int, int, int, str]
 
 
 def check_ghost_batch_size(ghost_batch_size: Any) -> int:
@@ -55,174 +54,53 @@ def check_ghost_batch_size(ghost_batch_size: Any) -> int:
 
 
 def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
-    """Group the ghost batches of ``x`` into kernel calls, in data order.
+    """The kernel calls for the ghost batches of ``x``, in data order (the ways are
+    those of :mod:`truebatch.nn.ghost_kernels`).
 
-    Several small ghost batches go into one call: GroupNorm on ``(G, C, g, L)``
-    (each channel a group) when samples have several values per channel and
-    ``x`` is contiguous; otherwise BatchNorm on the gathered ``(g, G*C, L)``,
-    which is faster when ``L = 1`` (``benchmarks/layers.py`` measures both).
+    A ghost batch alone in its call (the only one, the short last one, or one of
+    at least ``_DIRECT_CHUNK_NUMEL`` values) goes through BatchNorm's own kernel.
+    The full ghost batches of a smaller ghost size go together: by reductions
+    over a view of the input, except reduced-precision inputs with several values
+    per channel and sample, for which GroupNorm's kernels, which stay in bfloat16
+    or float16, are faster than float32 reductions despite a copy.
     """
     batch, sample_numel = x.shape[0], math.prod(x.shape[1:])
     full, rest = divmod(batch, ghost)
-    per_call = 1 if ghost * sample_numel >= _DIRECT_CHUNK_NUMEL else max(full, 1)
-    grouped = per_call > 1 and sample_numel > x.shape[1] and x.is_contiguous()
-    blocks = [
-        (j * ghost, min(per_call, full - j), ghost, grouped) for j in range(0, full, per_call)
-    ]
+    if full > 1 and ghost * sample_numel < _DIRECT_CHUNK_NUMEL:
+        low_precision = ghost_kernels.compute_dtype(x.dtype) != x.dtype
+        way = "grouped" if low_precision and sample_numel > x.shape[1] else "reduced"
+        blocks = [(0, full, ghost, way)]
+    else:
+        blocks = [(j * ghost, 1, ghost, "native") for j in range(full)]
     if rest:
-        blocks.append((full * ghost, 1, rest, False))
+        blocks.append((full * ghost, 1, rest, "native"))
     return blocks
-
-
-def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``: GroupNorm's groups are
-    the (ghost batch, channel) pairs."""
-    size, channels = x.shape[0] // chunks, x.shape[1]
-    return x.reshape(chunks, size, channels, -1).transpose(1, 2).contiguous()
-
-
-def _ungroup(source: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
-    """Inverse of :func:`_grouped`: write ``source`` into ``out`` (contiguous)."""
-    size, channels = out.shape[0] // chunks, out.shape[1]
-    out.view(chunks, size, channels, -1).copy_(source.transpose(1, 2))
-
-
-def _normalize_grouped(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    chunks: int,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-    out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_normalize_block` through GroupNorm: same statistics, one call, no tiling.
-
-    GroupNorm returns ``1 / sqrt(var + eps)``; the unbiased variance for the
-    running statistics is ``(rstd**-2 - eps) * n / (n - 1)`` over the ``n``
-    values of a (ghost batch, channel).
-    """
-    grouped = _grouped(x, chunks)
-    _, channels, size, length = grouped.shape
-    y, save_mean, save_rstd = torch.native_group_norm(
-        grouped, weight, bias, chunks, channels, size * length, channels, eps
-    )
-    _ungroup(y, out, chunks)
-    n = size * length
-    mean.copy_(save_mean)
-    var.copy_(save_rstd.double().pow(-2).sub_(eps).clamp_(min=0).mul_(n / (n - 1)))
-    return save_mean.view(-1), save_rstd.view(-1)
-
-
-def _gather(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """``(chunks*g, C, ...)`` -> ``(g, chunks*C, L)``: ghost batch ``j`` becomes channels ``j*C..``.
-
-    BatchNorm reduces over every dim but 1, so in the gathered layout one call
-    computes the statistics of every (ghost batch, channel) pair at once.
-    """
-    if chunks == 1:
-        return x
-    size, channels = x.shape[0] // chunks, x.shape[1]
-    blocked = x.reshape(chunks, size, channels, -1).transpose(0, 1)
-    return blocked.reshape(size, chunks * channels, -1)
-
-
-def _scatter(source: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
-    """Inverse of :func:`_gather`: write ``source`` into ``out`` (a slice of the result)."""
-    if chunks == 1:
-        out.copy_(source)
-        return
-    size, channels = out.shape[0] // chunks, out.shape[1]
-    out.view(chunks, size, channels, -1).copy_(
-        source.view(size, chunks, channels, -1).transpose(0, 1)
-    )
-
-
-def _tile(parameter: torch.Tensor | None, chunks: int) -> torch.Tensor | None:
-    """Per-channel parameter for the gathered layout of :func:`_gather`."""
-    return parameter if parameter is None or chunks == 1 else parameter.repeat(chunks)
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return part if total is None else total + part
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout of a tensor returned by :func:`_dense`."""
+    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dims and not x.is_contiguous() and x.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
+
+
 def _dense(x: torch.Tensor) -> torch.Tensor:
     """``x`` if it is contiguous or channels-last, else a contiguous copy.
 
     BatchNorm's out= kernel assumes the input and the output share a layout;
-    with ``x`` dense, ``torch.empty_like(x)`` has exactly its strides.
+    with ``x`` dense, ``torch.empty_like(x)`` has exactly its strides, and
+    ``ghost_kernels.ghost_view`` is a view of both.
     """
-    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
-        if x.dim() == dims and x.is_contiguous(memory_format=layout):
-            return x
-    return x.contiguous()
-
-
-@functools.cache
-def _saved_stat_dtype(
-    device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype | None
-) -> torch.dtype:
-    """Dtype of the mean / invstd that BatchNorm's kernel saves for backward (device-specific)."""
-    x = torch.ones(2, 1, dtype=dtype, device=device_type)
-    weight = None if weight_dtype is None else torch.ones(1, dtype=weight_dtype, device=device_type)
-    return torch.native_batch_norm(x, weight, weight, None, None, True, 0.0, 1e-5)[1].dtype
-
-
-def _normalize_block(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    chunks: int,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    eps: float,
-    out: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchNorm each of the ``chunks`` ghost batches of ``x`` on its own, into ``out``.
-
-    Writes the batch mean and unbiased variance of ghost batch ``j`` into rows
-    ``mean[j]`` and ``var[j]`` (zero on entry): with momentum 1 BatchNorm's
-    running-statistics update stores exactly them. Returns the kernel's saved
-    mean and inverse standard deviation, flat, for the backward pass.
-    """
-    if chunks > 1:
-        y, save_mean, save_invstd = torch.native_batch_norm(
-            _gather(x, chunks),
-            _tile(weight, chunks),
-            _tile(bias, chunks),
-            mean.view(-1),
-            var.view(-1),
-            True,
-            1.0,
-            eps,
-        )
-        _scatter(y, out, chunks)
-        return save_mean, save_invstd
-    # One ghost batch: the out= kernel writes straight into the result, saving a copy.
-    saved_dtype = _saved_stat_dtype(
-        x.device.type, x.dtype, None if weight is None else weight.dtype
-    )
-    save_mean, save_invstd = x.new_empty(0, dtype=saved_dtype), x.new_empty(0, dtype=saved_dtype)
-    torch.ops.aten.native_batch_norm.out(
-        x,
-        weight,
-        bias,
-        mean.view(-1),
-        var.view(-1),
-        True,
-        1.0,
-        eps,
-        out=out,
-        save_mean=save_mean,
-        save_invstd=save_invstd,
-    )
-    return save_mean, save_invstd
+    return x if _memory_format(x) != torch.contiguous_format else x.contiguous()
 
 
 class _GhostBatchNormFunction(torch.autograd.Function):
-    """Per-ghost-batch BatchNorm through ATen's own BatchNorm kernels.
+    """Per-ghost-batch BatchNorm, block by block (:func:`_blocks`).
 
     Returns the output and, per ghost batch and channel, the mean and the
     unbiased variance (what BatchNorm feeds into its running statistics).
@@ -245,20 +123,15 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         # Zero-initialized because BatchNorm blends them with weight 0 (0 * garbage may be NaN).
         mean = x.new_zeros(total, x.shape[1], dtype=stat_dtype)
         var = torch.zeros_like(mean)
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        saved: list[torch.Tensor] = []
         row = 0
-        for start, chunks, size, grouped in blocks:
+        for start, chunks, size, way in blocks:
             stop, rows = start + chunks * size, slice(row, row + chunks)
-            normalize = _normalize_grouped if grouped else _normalize_block
-            saved.append(
-                normalize(
-                    x[start:stop], weight, bias, chunks, mean[rows], var[rows], eps, out[start:stop]
-                )
+            saved += ghost_kernels.FORWARD[way](
+                x[start:stop], weight, bias, chunks, eps, out[start:stop], mean[rows], var[rows]
             )
             row += chunks
-        save_mean = torch.cat([m for m, _ in saved]) if saved else mean.view(-1)
-        save_invstd = torch.cat([s for _, s in saved]) if saved else var.view(-1)
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.save_for_backward(x, weight, *saved)
         ctx.blocks, ctx.eps = blocks, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
@@ -268,53 +141,30 @@ class _GhostBatchNormFunction(torch.autograd.Function):
     def backward(
         ctx: Any, grad_out: torch.Tensor, _grad_mean: Any, _grad_var: Any
     ) -> tuple[torch.Tensor | None, ...]:
-        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        x, weight, *saved = ctx.saved_tensors
         mask = list(ctx.needs_input_grad[:3])
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
         grad_x = torch.empty_like(x) if mask[0] else None
         grad_weight: torch.Tensor | None = None
         grad_bias: torch.Tensor | None = None
-        channels, first = x.shape[1], 0
-        for start, chunks, size, grouped in ctx.blocks:
-            stop, params = start + chunks * size, slice(first, first + chunks * channels)
-            first += chunks * channels
-            if grouped:
-                x_grouped = _grouped(x[start:stop], chunks)
-                _, _, rows, length = x_grouped.shape
-                gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-                    _grouped(grad_out[start:stop], chunks),
-                    x_grouped,
-                    save_mean[params].view(chunks, channels),
-                    save_invstd[params].view(chunks, channels),
-                    weight,
-                    chunks,
-                    channels,
-                    rows * length,
-                    channels,
-                    mask,
-                )
-                if grad_x is not None:
-                    _ungroup(gx, grad_x[start:stop], chunks)
-                grad_weight = _add(grad_weight, gw) if mask[1] else None
-                grad_bias = _add(grad_bias, gb) if mask[2] else None
-                continue
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                _gather(grad_out[start:stop], chunks),
-                _gather(x[start:stop], chunks),
-                _tile(weight, chunks),
-                None,
-                None,
-                save_mean[params],
-                save_invstd[params],
-                True,
+        for (start, chunks, size, way), first, second in zip(
+            ctx.blocks, saved[::2], saved[1::2], strict=True
+        ):
+            stop = start + chunks * size
+            gw, gb = ghost_kernels.BACKWARD[way](
+                grad_out[start:stop],
+                x[start:stop],
+                weight,
+                chunks,
+                (first, second),
                 ctx.eps,
                 mask,
+                None if grad_x is None else grad_x[start:stop],
             )
-            if grad_x is not None:
-                _scatter(gx, grad_x[start:stop], chunks)
             if mask[1]:
-                grad_weight = _add(grad_weight, gw.view(chunks, -1).sum(0))
+                grad_weight = _add(grad_weight, gw.to(weight.dtype))
             if mask[2]:
-                grad_bias = _add(grad_bias, gb.view(chunks, -1).sum(0))
+                grad_bias = _add(grad_bias, gb.to(weight.dtype))
         return grad_x, grad_weight, grad_bias, None, None
 
 

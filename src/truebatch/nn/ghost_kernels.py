@@ -1,0 +1,278 @@
+"""The three ways ghost BatchNorm normalizes a block of ghost batches.
+
+Each way computes, for every ghost batch ``j`` and channel ``c`` of a block,
+BatchNorm's training-mode forward and backward over the ``n`` values of that
+(ghost batch, channel)::
+
+    y = (x - mean) * rstd * weight + bias,   rstd = 1 / sqrt(var + eps)
+    dx = rstd * weight * (dy - S(dy) / n - x_hat * S(dy * x_hat) / n)
+
+with ``mean`` and the biased ``var`` over those values, ``x_hat = (x - mean) * rstd``
+and ``S`` the sum over them; the weight and bias gradients are ``S(dy * x_hat)``
+and ``S(dy)`` summed over ghost batches. Forwards write ``y`` into ``out`` and
+the mean and unbiased variance (BatchNorm's running-statistics inputs) into
+``mean`` and ``var`` rows, and return two tensors that their backward needs.
+
+- ``native``: one ghost batch, through BatchNorm's own kernels, on the input.
+- ``reduced``: the ghost batches of a ``(G, g, C, L)`` view, by sums over dims
+  1 and 3 (no copy of the input, float32 arithmetic for reduced precision).
+- ``grouped``: GroupNorm's kernels on a ``(G, C, g, L)`` copy, each (ghost
+  batch, channel) a group; reduced-precision inputs stay in their dtype there.
+
+Which way a block takes is a measured choice (``GhostBatchNormBase``'s plan,
+``benchmarks/layers.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# Below this many samples per ghost batch, the sums over a ghost batch's samples are
+# taken by pairwise halving: ATen's reduction over a short middle dim is slower.
+_PAIRWISE_BELOW = 32
+
+Saved = tuple[torch.Tensor, torch.Tensor]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reduced-precision inputs are normalized in float32, as BatchNorm's kernels do."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def ghost_view(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(chunks*g, C, ...)`` -> the ``(chunks, g, C, L)`` view (``x`` contiguous or
+    channels-last: both give a view)."""
+    return x.view(chunks, x.shape[0] // chunks, x.shape[1], -1)
+
+
+def ghost_sum(v: torch.Tensor) -> torch.Tensor:
+    """Sum of ``v`` ``(G, g, C, L)`` over dims 1 and 3, as ``(G, 1, C, 1)``."""
+    if v.shape[3] > 1:
+        v = v.sum(3, keepdim=True)
+    if v.shape[1] >= _PAIRWISE_BELOW:
+        return v.sum(1, keepdim=True)
+    while v.shape[1] > 1:
+        half = v.shape[1] // 2
+        total = v[:, :half] + v[:, half : 2 * half]
+        if v.shape[1] % 2:
+            total[:, :1] += v[:, 2 * half :]
+        v = total
+    return v
+
+
+def ghost_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``ghost_sum(a * b)``; with one value per channel and sample, the first halving
+    multiplies and adds in one pass instead of writing the whole product."""
+    size = a.shape[1]
+    if a.shape[3] > 1 or size >= _PAIRWISE_BELOW or size == 1:
+        return ghost_sum(a * b)
+    half = size // 2
+    total = a[:, :half] * b[:, :half]
+    total.addcmul_(a[:, half : 2 * half], b[:, half : 2 * half])
+    if size % 2:
+        total[:, :1].addcmul_(a[:, 2 * half :], b[:, 2 * half :])
+    return ghost_sum(total)
+
+
+def _per_channel(parameter: torch.Tensor | None) -> torch.Tensor | None:
+    return None if parameter is None else parameter.view(1, 1, -1, 1)
+
+
+def reduced_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> Saved:
+    """``mean = S(x) / n``, ``var = S(d * d) / n`` with ``d = x - mean`` (two passes,
+    as BatchNorm's kernel, so a large mean costs no precision), then
+    ``y = d * (rstd * weight) + bias``. Saves ``d`` and ``rstd``."""
+    view = ghost_view(x, chunks)
+    n = view.shape[1] * view.shape[3]
+    # One explicit conversion: ATen's mixed-dtype elementwise kernels are not vectorized.
+    xc = view.to(compute_dtype(x.dtype))
+    block_mean = ghost_sum(xc).div_(n)
+    d = xc.sub_(block_mean) if xc is not view else view - block_mean
+    block_var = ghost_dot(d, d).div_(n)
+    rstd = (block_var + eps).rsqrt_()
+    scale = rstd if weight is None else rstd * _per_channel(weight)
+    shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias).to(rstd.dtype)
+    # Explicit outputs: an addcmul whose first operand is the (G, 1, C, 1) one lays its
+    # result out after that operand, which is slow to traverse.
+    out_view = ghost_view(out, chunks)
+    if out.dtype == d.dtype:
+        torch.addcmul(shift, d, scale, out=out_view)
+    else:
+        out_view.copy_(torch.addcmul(shift, d, scale, out=torch.empty_like(d)))
+    mean.copy_(block_mean.view(chunks, -1))
+    var.copy_(block_var.view(chunks, -1).mul_(n / (n - 1)))
+    return d, rstd
+
+
+def reduced_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dx = k * dy + b * d + a`` with per-(ghost batch, channel) ``k = rstd * weight``,
+    ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes."""
+    d, rstd = saved
+    n = d.shape[1] * d.shape[3]
+    dy = ghost_view(grad_out, chunks).to(d.dtype)
+    sum_dy = ghost_sum(dy)
+    sum_dy_xhat = ghost_dot(dy, d).mul_(rstd)
+    if grad_x is not None:
+        k = rstd if weight is None else rstd * _per_channel(weight)
+        minus_k_over_n = k * (-1.0 / n)
+        a = minus_k_over_n * sum_dy
+        b = minus_k_over_n.mul_(rstd).mul_(sum_dy_xhat)
+        grad_view = ghost_view(grad_x, chunks)
+        partial = grad_view if grad_x.dtype == d.dtype else torch.empty_like(d)
+        torch.addcmul(a, d, b, out=partial).addcmul_(dy, k)
+        if partial is not grad_view:
+            grad_view.copy_(partial)
+    return sum_dy_xhat.sum((0, 1, 3)), sum_dy.sum((0, 1, 3))
+
+
+def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``."""
+    return ghost_view(x, chunks).transpose(1, 2).contiguous()
+
+
+def grouped_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> Saved:
+    """GroupNorm on ``(G, C, g, L)``; the unbiased variance is
+    ``(rstd**-2 - eps) * n / (n - 1)``. Saves GroupNorm's mean and rstd."""
+    grouped = _grouped(x, chunks)
+    _, channels, size, length = grouped.shape
+    y, save_mean, save_rstd = torch.native_group_norm(
+        grouped, weight, bias, chunks, channels, size * length, channels, eps
+    )
+    ghost_view(out, chunks).copy_(y.transpose(1, 2))
+    n = size * length
+    mean.copy_(save_mean)
+    var.copy_(save_rstd.double().pow(-2).sub_(eps).clamp_(min=0).mul_(n / (n - 1)))
+    return save_mean, save_rstd
+
+
+def grouped_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    grouped = _grouped(x, chunks)
+    _, channels, size, length = grouped.shape
+    gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+        _grouped(grad_out, chunks),
+        grouped,
+        saved[0],
+        saved[1],
+        weight,
+        chunks,
+        channels,
+        size * length,
+        channels,
+        [grad_x is not None, *mask[1:]],
+    )
+    if grad_x is not None:
+        ghost_view(grad_x, chunks).copy_(gx.transpose(1, 2))
+    return gw, gb
+
+
+@functools.cache
+def _saved_stat_dtype(
+    device_type: str, dtype: torch.dtype, weight_dtype: torch.dtype | None
+) -> torch.dtype:
+    """Dtype of the mean / invstd that BatchNorm's kernel saves for backward (device-specific)."""
+    x = torch.ones(2, 1, dtype=dtype, device=device_type)
+    weight = None if weight_dtype is None else torch.ones(1, dtype=weight_dtype, device=device_type)
+    return torch.native_batch_norm(x, weight, weight, None, None, True, 0.0, 1e-5)[1].dtype
+
+
+def native_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> Saved:
+    """BatchNorm's out= kernel on one ghost batch, straight into ``out``; with momentum 1
+    its running-statistics update stores the mean and unbiased variance into the
+    (zero) rows. Saves the kernel's mean and invstd."""
+    assert chunks == 1
+    saved_dtype = _saved_stat_dtype(
+        x.device.type, x.dtype, None if weight is None else weight.dtype
+    )
+    save_mean, save_invstd = x.new_empty(0, dtype=saved_dtype), x.new_empty(0, dtype=saved_dtype)
+    torch.ops.aten.native_batch_norm.out(
+        x,
+        weight,
+        bias,
+        mean.view(-1),
+        var.view(-1),
+        True,
+        1.0,
+        eps,
+        out=out,
+        save_mean=save_mean,
+        save_invstd=save_invstd,
+    )
+    return save_mean, save_invstd
+
+
+def native_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        grad_out,
+        x,
+        weight,
+        None,
+        None,
+        saved[0],
+        saved[1],
+        True,
+        eps,
+        [grad_x is not None, *mask[1:]],
+    )
+    if grad_x is not None:
+        grad_x.copy_(gx)
+    return gw, gb
+
+
+FORWARD = {"native": native_forward, "reduced": reduced_forward, "grouped": grouped_forward}
+BACKWARD = {"native": native_backward, "reduced": reduced_backward, "grouped": grouped_backward}
