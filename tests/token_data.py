@@ -63,6 +63,54 @@ class DocumentAttentionLM(nn.Module):
         return self.head(torch.tanh(h + self.out(attention @ v)))
 
 
+class _OutOfMemoryInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, message: str) -> torch.Tensor:
+        ctx.message = message
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        raise torch.OutOfMemoryError(ctx.message)
+
+
+class TokenRoom(nn.Module):
+    """:class:`GRULanguageModel` on a device with room for ``limit`` real tokens per pass.
+
+    A pass over more tokens raises ``torch.OutOfMemoryError`` in forward or in
+    backward (``where``), after the embedding ran and a random number was drawn,
+    so a failed attempt has built a graph and moved the RNG. Under
+    torch.distributed ``limit`` may be one per rank. ``seen`` records the real
+    tokens of every pass.
+    """
+
+    def __init__(self, limit: int | tuple[int, ...], where: str = "forward") -> None:
+        super().__init__()
+        self.lm = GRULanguageModel()
+        self.limit, self.where = limit, where
+        self.seen: list[int] = []
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tokens = int((input_ids != PAD_ID).sum())
+        self.seen.append(tokens)
+        h = self.lm.embed(input_ids)
+        torch.rand(())  # moves the RNG: a retry must start from the window's RNG state
+        limit = self.limit
+        if isinstance(limit, tuple):
+            limit = (
+                limit[torch.distributed.get_rank()]
+                if torch.distributed.is_initialized()
+                else max(limit)
+            )
+        if tokens > limit:
+            message = f"injected: {tokens} tokens > room for {limit}"
+            if self.where == "forward":
+                raise torch.OutOfMemoryError(message)
+            h = _OutOfMemoryInBackward.apply(h, message)
+        hidden, _ = self.lm.gru(h)
+        return self.lm.head(hidden)
+
+
 def documents(seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 9, (10,), generator=g).tolist()
