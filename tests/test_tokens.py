@@ -32,6 +32,7 @@ from token_data import (
     packed_loss,
     variable_length_batch,
 )
+from truebatch import _context
 from truebatch.compare import TOLERANCES
 
 TOL = TOLERANCES[torch.float64]
@@ -649,7 +650,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, 
     token_data.launch(out_dir, timeout=240)
     return {
         name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(token_data.WORLD_SIZE)]
-        for name in token_data.CASES
+        for name in [*token_data.CASES, "stuck"]
     }
 
 
@@ -658,19 +659,55 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, 
 def test_two_ranks_give_one_process_gradient_on_the_global_batch(
     ranks: dict[str, list[dict[str, list]]], name: str
 ) -> None:
-    """Token-budget micro-batches (uneven across ranks) and packed rows under DDP: each
-    window's gradient equals one process's on the global batch, at the same weights."""
+    """Under DDP, token-budget micro-batches (uneven across ranks), packed rows,
+    ``max_tokens="auto"`` with an out-of-memory error on one rank, and a transformer with
+    split-invariant dropout under activation checkpointing (both reentrant modes): each
+    window's gradient equals one process's on the global batch, at the same weights (the
+    reference: the whole batch in one pass, not checkpointed, with the window's masks)."""
     case = token_data.CASES[name]
     for w in range(case.windows):
         batch, count = case.reference(w)
-        model = case.model()
+        model = case.plain(case.model())
         with torch.no_grad():
             for p, value in zip(model.parameters(), ranks[name][0]["before"][w], strict=True):
                 p.copy_(value)
         n_items = int(count(batch))
-        expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
+        with _context.micro_batch(window=w, offset=0):
+            expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
         for rank in range(token_data.WORLD_SIZE):
+            assert not ranks[name][rank]["errors"]
             assert tb.max_relative_difference(ranks[name][rank]["seen"][w], expected) <= TOL
+
+
+@pytest.mark.processes
+def test_auto_token_budget_under_ddp_retries_every_rank_after_one_rank_runs_out(
+    ranks: dict[str, list[dict[str, list]]],
+) -> None:
+    """Rank 1 runs out above 20 tokens per pass, rank 0 never: rank 1's attempts are
+    those written out by :func:`auto_attempts`, and rank 0 retries with them, at
+    max(its longest sample, rank 1's budget)."""
+    shares = [token_data.rank_share(0, rank)[0] for rank in range(token_data.WORLD_SIZE)]
+    lengths = [share["attention_mask"].sum(1).tolist() for share in shares]
+    failing = auto_attempts(lengths[1], 20)
+    assert len(failing) > 1 and sum(lengths[0]) > 20  # rank 0 alone would not retry
+    budget = failing[-1][0]
+    assert ranks["auto"][1]["budgets"][0] == budget
+    assert ranks["auto"][0]["budgets"][0] == max(max(lengths[0]), budget)
+
+
+@pytest.mark.processes
+def test_a_longest_sample_that_fits_on_no_rank_raises_on_every_rank(
+    ranks: dict[str, list[dict[str, list]]],
+) -> None:
+    """Rank 1's longest sample alone runs out of memory: both ranks raise the error (none
+    waits for the other), and neither changed its parameters."""
+    for record in ranks["stuck"]:
+        assert len(record["errors"]) == 1, record["errors"]
+        assert "still runs out of memory" in record["errors"][0]
+        assert all(
+            torch.equal(a, b) for a, b in zip(record["after"], record["before"][0], strict=True)
+        )
+    assert "the longest sample alone" in ranks["stuck"][1]["errors"][0]
 
 
 # ------------------------------------------------------- per-document means

@@ -429,11 +429,16 @@ class Window:
         pass that runs out of memory before reaching the model cannot leave one
         unmatched. An out-of-memory error stops this rank's passes, every rank
         learns of it through one small exchange (all retry smaller), and only
-        then does a zero-weight pass synchronize the gradients.
+        then does a zero-weight pass synchronize the gradients. The replayed
+        samples are the first of this attempt's first micro-batch, so when they
+        run out of memory that micro-batch would too: this attempt ran out.
         """
-        self.replay(synchronize=False, last=False)
         out_of_memory, offset = False, 0
-        for micro_batch, size in self.plan:
+        try:
+            self.replay(synchronize=False, last=False)
+        except OutOfMemoryError:
+            out_of_memory = True
+        for micro_batch, size in [] if out_of_memory else self.plan:
             try:
                 self.run_pass(micro_batch, offset, synchronize=False, last=False)
             except OutOfMemoryError:
