@@ -403,6 +403,30 @@ def test_token_budget_benchmark_quick_prints_its_ratios() -> None:
     assert verdict and (verdict.group(2) == "PASS") == (float(verdict.group(1)) <= 0.8), out
 
 
+def test_lm_memory_benchmark_quick_reports_every_configuration() -> None:
+    """benchmarks/lm_memory.py runs end to end and prints each configuration's peak
+    (no assertion on the sizes: they are measured)."""
+    import re
+
+    from scripts import BENCHMARKS, run_script
+
+    out = run_script(BENCHMARKS / "lm_memory.py", "--quick", timeout=600)
+    rows = re.findall(
+        r"^  (.+?) +(\d+\.\d) MiB +(\d+) micro-batches, largest +(\d+) padded tokens", out, re.M
+    )
+    assert [name for name, *_ in rows] == [
+        "whole",
+        "fixed",
+        "budget",
+        "fixed + checkpointing",
+        "budget + checkpointing",
+        "budget 4T + checkpointing",
+    ], out
+    largest = {name: int(tokens) for name, _, _, tokens in rows}
+    assert largest["fixed"] == 4 * 256 >= largest["budget"], out  # the window's worst case
+    assert re.search(r"^budget \+ checkpointing / budget += \d+\.\d\d$", out, re.M), out
+
+
 # ------------------------------------------------- max_tokens="auto"
 
 
