@@ -664,6 +664,29 @@ def test_auto_token_budget_refusals() -> None:
         tb.Accumulator(ghost, torch.optim.SGD(ghost.parameters(), lr=0.1), max_tokens="auto")
 
 
+def test_auto_token_budget_is_refused_for_fsdp2(tmp_path: Any) -> None:
+    """As for samples: FSDP2 gathers parameters inside forward, so an out-of-memory error
+    on one rank cannot be shared without a hang."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        sharded = nn.Linear(2, 2)
+        fully_shard(sharded)
+        optimizer = torch.optim.SGD(sharded.parameters(), lr=0.1)
+        with pytest.raises(
+            ValueError,
+            match=r"^`max_tokens` got 'auto' for an FSDP2 model; .* Fix: pass a fixed max_tokens\.",
+        ):
+            tb.Accumulator(sharded, optimizer, max_tokens="auto")
+        assert tb.Accumulator(sharded, optimizer, max_tokens=64).max_tokens == 64
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------ two gloo ranks
 
 
