@@ -117,6 +117,21 @@ def _trainer(
     return trainers[config]
 
 
+def extra_peak_mib(train: Callable[[], object]) -> float:
+    """Extra peak RSS in MiB of ``train()`` over the memory before it: run it once as a
+    warm-up, reset the peak, run it again. Call in a fresh process started with
+    :data:`MEASURE_ENV` (see the module docstring for why)."""
+    train()
+    _reset_peak()
+    baseline = _status_mib("VmRSS")
+    train()
+    return _status_mib("VmHWM") - baseline
+
+
+# The allocator and thread settings the measuring process must start with.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+
+
 def measure(config: str, batch_size: int, micro_batch_size: int) -> float:
     """Extra peak RSS in MiB of one effective batch of ``config`` (call in a fresh process)."""
     torch.set_num_threads(1)
@@ -125,11 +140,7 @@ def measure(config: str, batch_size: int, micro_batch_size: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     batch = (torch.randn(batch_size, 3, IMAGE, IMAGE), torch.randint(0, CLASSES, (batch_size,)))
     train = _trainer(config, model, optimizer, micro_batch_size)
-    train(batch)
-    _reset_peak()
-    baseline = _status_mib("VmRSS")
-    train(batch)
-    return _status_mib("VmHWM") - baseline
+    return extra_peak_mib(lambda: train(batch))
 
 
 def run_in_subprocess(
@@ -137,7 +148,7 @@ def run_in_subprocess(
 ) -> dict[str, float]:
     """:func:`measure` of each config, in turn, in one fresh Python process with the
     allocator settings above; returns the extra peak MiB of each."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    env = dict(os.environ, **MEASURE_ENV)
     command = [sys.executable, __file__, "--measure", ",".join(configs)]
     command += ["--batch", str(batch_size), "--micro", str(micro_batch_size)]
     done = subprocess.run(

@@ -32,6 +32,7 @@ from token_data import (
     packed_loss,
     variable_length_batch,
 )
+from truebatch import _context
 from truebatch.compare import TOLERANCES
 
 TOL = TOLERANCES[torch.float64]
@@ -402,6 +403,290 @@ def test_token_budget_benchmark_quick_prints_its_ratios() -> None:
     assert verdict and (verdict.group(2) == "PASS") == (float(verdict.group(1)) <= 0.8), out
 
 
+def test_lm_memory_benchmark_quick_reports_every_configuration() -> None:
+    """benchmarks/lm_memory.py runs end to end and prints each configuration's peak
+    (no assertion on the sizes: they are measured)."""
+    import re
+
+    from scripts import BENCHMARKS, run_script
+
+    out = run_script(BENCHMARKS / "lm_memory.py", "--quick", timeout=600)
+    rows = re.findall(
+        r"^  (.+?) +(\d+\.\d) MiB +(\d+) micro-batches, largest +(\d+) padded tokens", out, re.M
+    )
+    assert [name for name, *_ in rows] == [
+        "whole",
+        "fixed",
+        "budget",
+        "fixed + checkpointing",
+        "budget + checkpointing",
+        "budget 4T + checkpointing",
+    ], out
+    largest = {name: int(tokens) for name, _, _, tokens in rows}
+    assert largest["fixed"] == 4 * 256 >= largest["budget"], out  # the window's worst case
+    assert re.search(r"^budget \+ checkpointing / budget += \d+\.\d\d$", out, re.M), out
+
+
+# ------------------------------------------------- max_tokens="auto"
+
+
+def auto_attempts(lengths: list[int], limit: int) -> list[tuple[int, list[int]]]:
+    """Written out: the budgets ``max_tokens="auto"`` tries on one piece, each with the
+    tokens of the passes it runs: the whole piece first; while a micro-batch holds more
+    than ``limit`` tokens (its pass fails, the later ones do not run), the budget
+    becomes max(longest sample, failed // 2); at the longest sample it gives up."""
+    budget, longest, attempts = sum(lengths), max(lengths), []
+    while True:
+        sizes = tb.token_budget_sizes(lengths, budget)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        passes = [sum(lengths[a : a + n]) for a, n in zip(starts, sizes, strict=True)]
+        over = [i for i, tokens in enumerate(passes) if tokens > limit]
+        attempts.append((budget, passes[: over[0] + 1] if over else passes))
+        if not over or budget <= longest:
+            return attempts
+        budget = max(longest, budget // 2)
+
+
+def roomy(model: token_data.TokenRoom) -> token_data.TokenRoom:
+    """A copy of ``model`` with room for any batch (the big-batch reference)."""
+    copied = copy.deepcopy(model)
+    copied.limit = 10**9
+    return copied
+
+
+def step_gradients(model: nn.Module, acc: tb.Accumulator) -> list[list[torch.Tensor]]:
+    """Every gradient ``acc`` hands its optimizer, from now on."""
+    seen: list[list[torch.Tensor]] = []
+    acc.optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.clone() for p in model.parameters()])
+    )
+    return seen
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize(("limit", "retries"), [(1000, 0), (60, 1), (30, 2), (25, 3), (12, 4)])
+def test_auto_token_budget_halves_until_it_fits_and_is_the_big_batch(
+    where: str, limit: int, retries: int
+) -> None:
+    """Out-of-memory above ``limit`` tokens per pass: the passes are those written out by
+    :func:`auto_attempts`, the gradient is the big batch's (float64), and the update is
+    bitwise that of ``max_tokens=<final budget>`` from the start."""
+    batch = variable_length_batch(16, seed=4, shortest=2, longest=12)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    attempts = auto_attempts(lengths, limit)
+    assert len(attempts) == retries + 1  # 0 to 4 retries; 12 is the longest sample: the floor
+    final = attempts[-1][0]
+    model = seeded(lambda: token_data.TokenRoom(limit, where))
+    reference = big_batch_gradient(roomy(model), lambda m: lm_loss(m, batch, "mean"))
+    fixed_model = copy.deepcopy(model)
+    fixed_model.limit = final
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), max_tokens="auto")
+    fixed = tb.Accumulator(
+        fixed_model, torch.optim.SGD(fixed_model.parameters(), lr=0.1), max_tokens=final
+    )
+    ours, theirs = step_gradients(model, acc), step_gradients(fixed_model, fixed)
+    model.seen.clear()
+
+    result = acc.step(batch, lm_loss, count=tb.count_tokens())
+    fixed.step(batch, lm_loss, count=tb.count_tokens())
+
+    assert model.seen == [tokens for _, passes in attempts for tokens in passes]
+    assert result.micro_batches == len(attempts[-1][1])
+    assert acc.state_dict()["auto_max_tokens"] == (final if retries else None)
+    assert tb.max_relative_difference(ours[0], reference) <= TOL
+    assert all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0], strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fixed_model.parameters(), strict=True)
+    )
+    assert all(p.grad is None for p in model.parameters())
+
+
+@given(
+    lengths=st.lists(st.integers(2, 12), min_size=1, max_size=12),
+    limit=st.integers(1, 60),
+    where=st.sampled_from(["forward", "backward"]),
+)
+def test_auto_token_budget_any_lengths_and_room(lengths: list[int], limit: int, where: str) -> None:
+    """Any lengths and room: the passes written out, then the big batch's gradient; or, when
+    the longest sample alone does not fit, the error and nothing changed."""
+    g = torch.Generator().manual_seed(len(lengths) * 100 + limit)
+    width = max(lengths)
+    ids = torch.randint(1, VOCAB, (len(lengths), width), generator=g)
+    mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    ids = ids.masked_fill(~mask, PAD_ID)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "labels": ids.masked_fill(~mask, -100),
+    }
+    attempts = auto_attempts(lengths, limit)
+    model = seeded(lambda: token_data.TokenRoom(limit, where))
+    before = [p.detach().clone() for p in model.parameters()]
+    reference = big_batch_gradient(roomy(model), lambda m: lm_loss(m, batch, "mean"))
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), max_tokens="auto")
+    ours = step_gradients(model, acc)
+    model.seen.clear()
+    rng = torch.get_rng_state()
+
+    if max(lengths) > limit:
+        with pytest.raises(
+            RuntimeError, match=rf"the longest sample alone \({max(lengths)} tokens\)"
+        ):
+            acc.step(batch, lm_loss, count=tb.count_tokens())
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+        assert torch.equal(torch.get_rng_state(), rng)
+    else:
+        acc.step(batch, lm_loss, count=tb.count_tokens())
+        assert tb.max_relative_difference(ours[0], reference) <= TOL
+    assert model.seen == [tokens for _, passes in attempts for tokens in passes]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_auto_budget_is_remembered_and_a_longer_sample_raises_it_for_its_window() -> None:
+    """Window 1 finds a budget; window 2 starts there; window 3 holds a sample longer
+    than that budget and runs it alone; window 4 is back at the remembered budget. The
+    budget is saved in ``state_dict`` and a new Accumulator loading it starts there."""
+    short = [variable_length_batch(12, seed=s, shortest=2, longest=5) for s in (1, 2)]
+    windows = [short[0], short[1], with_a_long_sample(short[1], 14), short[0]]
+    lengths = [w["attention_mask"].sum(1).tolist() for w in windows]
+    limit = 15
+    first = auto_attempts(lengths[0], limit)
+    remembered = first[-1][0]
+    assert len(first) > 1 and remembered < 14 <= limit  # the case: a retry, then a longer sample
+    model = seeded(lambda: token_data.TokenRoom(limit))
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), max_tokens="auto")
+    passes = []
+    for window in windows:
+        model.seen.clear()
+        acc.step(window, lm_loss, count=tb.count_tokens())
+        passes.append(list(model.seen))
+
+    def cut(lengths: list[int], budget: int) -> list[int]:
+        sizes = tb.token_budget_sizes(lengths, budget)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [sum(lengths[a : a + n]) for a, n in zip(starts, sizes, strict=True)]
+
+    assert passes[0] == [t for _, p in first for t in p]
+    assert passes[1] == cut(lengths[1], remembered)
+    assert passes[2] == cut(lengths[2], 14)  # max(remembered, longest sample)
+    assert passes[3] == cut(lengths[3], remembered)
+    assert acc.state_dict()["auto_max_tokens"] == remembered
+    assert acc.state_dict()["auto_micro_batch_size"] is None
+
+    resumed_model = seeded(lambda: token_data.TokenRoom(limit))
+    resumed = tb.Accumulator(
+        resumed_model, torch.optim.SGD(resumed_model.parameters(), lr=0.1), max_tokens="auto"
+    )
+    resumed.load_state_dict(acc.state_dict())
+    resumed.step(windows[1], lm_loss, count=tb.count_tokens())
+    assert resumed_model.seen == cut(lengths[1], remembered)
+
+
+def with_a_long_sample(batch: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
+    """``batch`` with one more sample, in the middle, of ``tokens`` real tokens."""
+    g = torch.Generator().manual_seed(tokens)
+    width = max(batch["input_ids"].shape[1], tokens)
+    long_ids = torch.randint(1, VOCAB, (1, width), generator=g)
+    long_mask = (torch.arange(width) < tokens)[None].long()
+    long_ids = long_ids.masked_fill(long_mask == 0, PAD_ID)
+
+    def widen(t: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+
+    middle = batch["input_ids"].shape[0] // 2
+    parts = {
+        "input_ids": (widen(batch["input_ids"], PAD_ID), long_ids),
+        "attention_mask": (widen(batch["attention_mask"], 0), long_mask),
+        "labels": (widen(batch["labels"], -100), long_ids.masked_fill(long_mask == 0, -100)),
+    }
+    return {k: torch.cat([a[:middle], b, a[middle:]]) for k, (a, b) in parts.items()}
+
+
+def test_a_longest_sample_that_does_not_fit_is_a_clear_error_that_leaves_no_trace() -> None:
+    """After a window that stepped (momentum state exists), a window whose longest sample
+    alone runs out of memory raises, its cause the out-of-memory error; parameters,
+    optimizer state, RNG and gradients are as before, and the next window that fits
+    gives what an Accumulator that never saw the failed window gives."""
+    fits = variable_length_batch(10, seed=1, shortest=2, longest=6)
+    hopeless = with_a_long_sample(fits, 15)
+    model = seeded(lambda: token_data.TokenRoom(12))
+    twin = copy.deepcopy(model)
+    accs = [
+        tb.Accumulator(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), max_tokens="auto")
+        for m in (model, twin)
+    ]
+    for acc in accs:
+        acc.step(fits, lm_loss, count=tb.count_tokens())
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [s["momentum_buffer"].clone() for s in accs[0].optimizer.state.values()]
+    budget, rng = accs[0].state_dict()["auto_max_tokens"], torch.get_rng_state()
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"^`max_tokens` got 'auto'; expected a micro-batch that fits in memory, but the "
+        r"longest sample alone \(15 tokens\) still runs out of memory\. Fix: truncate",
+    ) as info:
+        accs[0].step(hopeless, lm_loss, count=tb.count_tokens())
+
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    assert all(
+        torch.equal(s["momentum_buffer"], m)
+        for s, m in zip(accs[0].optimizer.state.values(), momentum, strict=True)
+    )
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert accs[0].state_dict()["auto_max_tokens"] == budget
+    assert (
+        budget == auto_attempts(fits["attention_mask"].sum(1).tolist(), 12)[-1][0]
+    )  # one retry at least
+    torch.set_rng_state(rng)
+    for acc in accs:
+        acc.step(fits, lm_loss, count=tb.count_tokens())
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True)
+    )
+
+
+def test_auto_token_budget_refusals() -> None:
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match="`max_tokens` got 'Auto'; expected a positive int, 'auto'"
+    ):
+        tb.Accumulator(model, optimizer, max_tokens="Auto")
+    with pytest.raises(ValueError, match="expected one of them"):
+        tb.Accumulator(model, optimizer, micro_batch_size="auto", max_tokens="auto")
+    with pytest.raises(ValueError, match="`max_micro_batch_size` got 8"):
+        tb.Accumulator(model, optimizer, max_tokens="auto", max_micro_batch_size=8)
+    ghost = nn.Sequential(nn.Linear(3, 2), tb.nn.GhostBatchNorm1d(2, ghost_batch_size=4))
+    with pytest.raises(ValueError, match="multiples of 4 samples"):
+        tb.Accumulator(ghost, torch.optim.SGD(ghost.parameters(), lr=0.1), max_tokens="auto")
+
+
+def test_auto_token_budget_is_refused_for_fsdp2(tmp_path: Any) -> None:
+    """As for samples: FSDP2 gathers parameters inside forward, so an out-of-memory error
+    on one rank cannot be shared without a hang."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        sharded = nn.Linear(2, 2)
+        fully_shard(sharded)
+        optimizer = torch.optim.SGD(sharded.parameters(), lr=0.1)
+        with pytest.raises(
+            ValueError,
+            match=r"^`max_tokens` got 'auto' for an FSDP2 model; .* Fix: pass a fixed max_tokens\.",
+        ):
+            tb.Accumulator(sharded, optimizer, max_tokens="auto")
+        assert tb.Accumulator(sharded, optimizer, max_tokens=64).max_tokens == 64
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------ two gloo ranks
 
 
@@ -412,7 +697,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, 
     token_data.launch(out_dir, timeout=240)
     return {
         name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(token_data.WORLD_SIZE)]
-        for name in token_data.CASES
+        for name in [*token_data.CASES, "stuck"]
     }
 
 
@@ -421,19 +706,55 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, 
 def test_two_ranks_give_one_process_gradient_on_the_global_batch(
     ranks: dict[str, list[dict[str, list]]], name: str
 ) -> None:
-    """Token-budget micro-batches (uneven across ranks) and packed rows under DDP: each
-    window's gradient equals one process's on the global batch, at the same weights."""
+    """Under DDP, token-budget micro-batches (uneven across ranks), packed rows,
+    ``max_tokens="auto"`` with an out-of-memory error on one rank, and a transformer with
+    split-invariant dropout under activation checkpointing (both reentrant modes): each
+    window's gradient equals one process's on the global batch, at the same weights (the
+    reference: the whole batch in one pass, not checkpointed, with the window's masks)."""
     case = token_data.CASES[name]
     for w in range(case.windows):
         batch, count = case.reference(w)
-        model = case.model()
+        model = case.plain(case.model())
         with torch.no_grad():
             for p, value in zip(model.parameters(), ranks[name][0]["before"][w], strict=True):
                 p.copy_(value)
         n_items = int(count(batch))
-        expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
+        with _context.micro_batch(window=w, offset=0):
+            expected = big_batch_gradient(model, lambda m, b=batch, n=n_items: case.loss(m, b) / n)
         for rank in range(token_data.WORLD_SIZE):
+            assert not ranks[name][rank]["errors"]
             assert tb.max_relative_difference(ranks[name][rank]["seen"][w], expected) <= TOL
+
+
+@pytest.mark.processes
+def test_auto_token_budget_under_ddp_retries_every_rank_after_one_rank_runs_out(
+    ranks: dict[str, list[dict[str, list]]],
+) -> None:
+    """Rank 1 runs out above 20 tokens per pass, rank 0 never: rank 1's attempts are
+    those written out by :func:`auto_attempts`, and rank 0 retries with them, at
+    max(its longest sample, rank 1's budget)."""
+    shares = [token_data.rank_share(0, rank)[0] for rank in range(token_data.WORLD_SIZE)]
+    lengths = [share["attention_mask"].sum(1).tolist() for share in shares]
+    failing = auto_attempts(lengths[1], 20)
+    assert len(failing) > 1 and sum(lengths[0]) > 20  # rank 0 alone would not retry
+    budget = failing[-1][0]
+    assert ranks["auto"][1]["budgets"][0] == budget
+    assert ranks["auto"][0]["budgets"][0] == max(max(lengths[0]), budget)
+
+
+@pytest.mark.processes
+def test_a_longest_sample_that_fits_on_no_rank_raises_on_every_rank(
+    ranks: dict[str, list[dict[str, list]]],
+) -> None:
+    """Rank 1's longest sample alone runs out of memory: both ranks raise the error (none
+    waits for the other), and neither changed its parameters."""
+    for record in ranks["stuck"]:
+        assert len(record["errors"]) == 1, record["errors"]
+        assert "still runs out of memory" in record["errors"][0]
+        assert all(
+            torch.equal(a, b) for a, b in zip(record["after"], record["before"][0], strict=True)
+        )
+    assert "the longest sample alone" in ranks["stuck"][1]["errors"][0]
 
 
 # ------------------------------------------------------- per-document means

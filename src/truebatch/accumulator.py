@@ -14,7 +14,7 @@ scheduler and scaler as before the window (``truebatch.snapshot``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,7 +35,7 @@ from truebatch.arguments import (
     check_scheduler,
     check_scheduler_has_a_step_left,
 )
-from truebatch.autosize import AutoSize
+from truebatch.autosize import AutoSize, TokenLengths
 from truebatch.batching import Batch, Counter, TokenCounter, batch_size, batch_unit, split_window
 from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
@@ -43,7 +43,7 @@ from truebatch.gradients import ParameterSets, clear_gradients, clip_gradients
 from truebatch.losses import LossFn, check_loss_fn_and_count
 from truebatch.snapshot import StepRollback, WindowStart, rng_state, set_rng_state
 from truebatch.terms import Counts
-from truebatch.window import Window, WindowHistory, WindowSetup, WindowTotals
+from truebatch.window import Attempt, Window, WindowHistory, WindowSetup, WindowTotals
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
@@ -115,7 +115,10 @@ class Accumulator:
             FSDP2's is refused.
         max_tokens: instead of ``micro_batch_size``, cut each window into
             micro-batches of consecutive samples holding at most this many
-            tokens (padding excluded; :func:`truebatch.split`).
+            tokens (padding excluded; :func:`truebatch.split`). ``"auto"``
+            finds the largest budget that fits in memory: it starts from the
+            whole window and halves the budget on out-of-memory, never below
+            the longest sample.
         tokens: where ``max_tokens`` reads tokens from: a mask's key (nonzero
             entries are tokens) or ``tokens(batch)`` giving one count per sample.
         atomic_step: copy the parameters the optimizer updates and its state
@@ -153,7 +156,7 @@ class Accumulator:
         gradient_sync: SyncMode | None = None,
         data_parallel: DeviceMesh | None = None,
         atomic_step: bool = False,
-        max_tokens: int | None = None,
+        max_tokens: int | Literal["auto"] | None = None,
         tokens: TokenCounter = "attention_mask",
     ) -> None:
         check_model_and_optimizer(model, optimizer)
@@ -175,12 +178,15 @@ class Accumulator:
         self.skip_nonfinite = skip_nonfinite
         self.atomic_step = atomic_step
         self.sync = GradientSync(model, gradient_sync, mesh=data_parallel)
-        if self.micro_batch_size == "auto" and self.sync.kind == "fsdp2":
+        self._auto = AutoSize(
+            max_micro_batch_size, over="tokens" if self.max_tokens == "auto" else "samples"
+        )
+        if "auto" in (self.micro_batch_size, self.max_tokens) and self.sync.kind == "fsdp2":
+            name = self._auto.argument
             raise ValueError(
-                "`micro_batch_size` got 'auto' for an FSDP2 model; 'auto' is not available for "
+                f"`{name}` got 'auto' for an FSDP2 model; 'auto' is not available for "
                 "FSDP2 models: FSDP2 gathers parameters inside forward, so an out-of-memory "
-                "error on one rank cannot be shared without a hang. Fix: pass a fixed "
-                "micro_batch_size."
+                f"error on one rank cannot be shared without a hang. Fix: pass a fixed {name}."
             )
         self._setup = WindowSetup(
             model=model,
@@ -192,7 +198,6 @@ class Accumulator:
             accumulate_dtype=self.accumulate_dtype,
         )
         self._history = WindowHistory()
-        self._auto = AutoSize(max_micro_batch_size)
 
     def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
@@ -340,7 +345,8 @@ class Accumulator:
         """truebatch's state plus the optimizer, scheduler, scaler and RNG states."""
         return {
             "window": self._history.index,
-            "auto_micro_batch_size": self._auto.size,
+            "auto_micro_batch_size": self._auto.size if self._auto.over == "samples" else None,
+            "auto_max_tokens": self._auto.size if self._auto.over == "tokens" else None,
             # The N the next window starts with under torch.distributed: a resumed run must
             # start with it too, or it rescales (rounds) differently.
             "previous_count": self._history.previous_count,
@@ -379,7 +385,7 @@ class Accumulator:
             if target is not None:
                 target.load_state_dict(state[name])
         self._history.index = int(state["window"])
-        self._auto.size = state.get("auto_micro_batch_size")
+        self._auto.size = state.get(f"auto_{self._auto.argument}")
         self._history.previous_count = state.get("previous_count")
         set_rng_state(state["rng"], self._setup.parameters.devices)
 
@@ -403,13 +409,10 @@ class Accumulator:
         start = WindowStart(self.model, params.devices, params.buffers)
         run = partial(self._run_window, pieces, sizes, loss_fn, count)
         try:
-            if self.micro_batch_size == "auto":
-                unit = batch_unit(self.model)
-                totals = self._auto.run(
-                    sizes, run, start, unit=unit, log_size=self._history.index == 0
-                )
+            if "auto" in (self.micro_batch_size, self.max_tokens):
+                totals = self._run_auto(pieces, sizes, run, start)
             else:
-                totals = run(self.micro_batch_size)
+                totals = run(micro_batch_size=self.micro_batch_size, max_tokens=self.max_tokens)
         except BaseException:
             start.restore()
             clear_gradients(params.model)
@@ -422,21 +425,59 @@ class Accumulator:
         sizes: list[int],
         loss_fn: LossFn,
         count: Counts,
+        *,
         micro_batch_size: int | None,
+        max_tokens: int | None,
+        lengths: list[list[int]] | None = None,
+        attempt: Attempt | None = None,
     ) -> WindowTotals:
-        # "auto" under torch.distributed: every rank learns of any rank's out-of-memory.
-        sharing = self.micro_batch_size == "auto" and self.sync.distributed
         plan = split_window(
             pieces,
             sizes,
             micro_batch_size=micro_batch_size,
-            max_tokens=self.max_tokens,
+            max_tokens=max_tokens,
             tokens=self.tokens,
+            lengths=lengths,
         )
+        # "auto" under torch.distributed: every rank learns of any rank's out-of-memory.
+        sharing = attempt if self.sync.distributed else None
         window = Window(
             self._setup, self._history, plan, loss_fn, count, share_out_of_memory=sharing
         )
         return window.run()
+
+    def _run_auto(
+        self,
+        pieces: list[Batch],
+        sizes: list[int],
+        run: Callable[..., WindowTotals],
+        start: WindowStart,
+    ) -> WindowTotals:
+        """The passes at the size ``"auto"`` finds: samples, or the token budget."""
+        first_window = self._history.index == 0
+        if self._auto.over == "samples":
+            return self._auto.run(
+                max(sizes, default=1),
+                lambda attempt: run(
+                    micro_batch_size=attempt.size, max_tokens=None, attempt=attempt
+                ),
+                start,
+                unit=batch_unit(self.model),
+                log_size=first_window,
+            )
+        tokens = TokenLengths(pieces, self.tokens)  # read once, cut at every attempt
+        return self._auto.run(
+            tokens.largest,
+            lambda attempt: run(
+                micro_batch_size=None,
+                max_tokens=attempt.size,
+                lengths=tokens.lengths,
+                attempt=attempt,
+            ),
+            start,
+            unit=tokens.longest,
+            log_size=first_window,
+        )
 
     def _apply(self, window: WindowTotals, start: WindowStart) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once; if any of it

@@ -128,15 +128,17 @@ def check_accumulator_micro_batch_size(size: Any, max_size: Any) -> int | Litera
     return check_micro_batch_size(size)
 
 
-def check_max_tokens(value: Any, *, micro_batch_size: Any, unit: int) -> int | None:
-    """``None`` or a positive int, given without ``micro_batch_size`` and for a model
-    whose micro-batches need not hold whole ghost batches (``unit`` 1)."""
+def check_max_tokens(
+    value: Any, *, micro_batch_size: Any, unit: int
+) -> int | Literal["auto"] | None:
+    """``None``, ``"auto"`` or a positive int, given without ``micro_batch_size`` and for
+    a model whose micro-batches need not hold whole ghost batches (``unit`` 1)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ValueError(
-            f"`max_tokens` got {value!r}; expected a positive int or None. Fix: pass the "
-            "tokens one micro-batch may hold."
+            f"`max_tokens` got {value!r}; expected a positive int, 'auto' or None. Fix: pass "
+            "the tokens one micro-batch may hold, or 'auto' to find the largest that fits."
         )
     if micro_batch_size is not None:
         raise ValueError(

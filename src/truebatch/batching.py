@@ -150,11 +150,13 @@ def split_window(
     micro_batch_size: int | None = None,
     max_tokens: int | None = None,
     tokens: TokenCounter = "attention_mask",
+    lengths: list[list[int]] | None = None,
 ) -> list[tuple[Batch, int]]:
     """Every piece of a window (of ``sizes`` samples) cut by samples or by tokens.
 
     The Accumulator's plan of a window: ``(micro_batch, its samples)`` pairs, in
     order. A piece that fits is kept whole; neither size keeps every piece.
+    ``lengths``: the tokens of every sample of every piece, if read already.
 
     Raises:
         ValueError: both sizes given, or a sample longer than ``max_tokens``.
@@ -165,8 +167,11 @@ def split_window(
                 f"`micro_batch_size` got {micro_batch_size} and `max_tokens` {max_tokens}; "
                 "expected one of them. Fix: cut by samples or by tokens."
             )
+        per_piece = lengths if lengths is not None else [None] * len(pieces)
         return [
-            pair for piece in pieces for pair in split_by_tokens(piece, max_tokens, tokens=tokens)
+            pair
+            for piece, piece_lengths in zip(pieces, per_piece, strict=True)
+            for pair in split_by_tokens(piece, max_tokens, tokens=tokens, lengths=piece_lengths)
         ]
     if micro_batch_size is None:
         return list(zip(pieces, sizes, strict=True))

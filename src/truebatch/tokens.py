@@ -347,19 +347,26 @@ def token_budget_sizes(
 
 
 def split_by_tokens(
-    batch: Batch, max_tokens: int, *, tokens: TokenCounter = "attention_mask"
+    batch: Batch,
+    max_tokens: int,
+    *,
+    tokens: TokenCounter = "attention_mask",
+    lengths: Sequence[int] | None = None,
 ) -> list[tuple[Batch, int]]:
     """``batch`` cut into consecutive micro-batches of at most ``max_tokens`` tokens.
 
     The Accumulator's token budget: ``(micro_batch, its samples)`` pairs, the
     batch itself when it fits. Tokens per sample come from ``tokens``
-    (:func:`tokens_per_sample`); a micro-batch holds the sum of its samples'.
+    (:func:`tokens_per_sample`), or from ``lengths`` when they were read
+    already; a micro-batch holds the sum of its samples'.
 
     Raises:
         ValueError: one sample is longer than ``max_tokens`` (named).
     """
     size = batch_size(batch)
-    sizes = token_budget_sizes(tokens_per_sample(batch, tokens), max_tokens)
+    if lengths is None:
+        lengths = tokens_per_sample(batch, tokens)
+    sizes = token_budget_sizes(lengths, max_tokens)
     if len(sizes) <= 1:
         return [(batch, size)]
     pieces: list[tuple[Any, int]] = []

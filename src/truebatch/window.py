@@ -58,6 +58,7 @@ from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rn
 from truebatch.terms import Counts, TermSpec, term_spec
 
 __all__ = [
+    "Attempt",
     "OutOfMemoryError",
     "OutOfMemoryOnSomeRank",
     "Window",
@@ -149,16 +150,31 @@ class WindowHistory:
     replay_batch: Batch | None = None
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of ``"auto"`` (``truebatch.autosize``), as the ranks share its outcome.
+
+    Attributes:
+        size: the micro-batch size tried (samples, or tokens with ``max_tokens="auto"``).
+        smallest: whether this rank has no smaller size to retry at.
+    """
+
+    size: int
+    smallest: bool
+
+
 class OutOfMemoryOnSomeRank(Exception):
     """Some rank ran out of memory: every rank redoes the window smaller.
 
-    ``size`` is the smallest micro-batch size that failed on any rank; every
-    rank retries at half of it, so all ranks keep one shared size.
+    ``size`` is the smallest size that failed on any rank; every rank retries
+    at half of it, so all ranks keep one shared size. ``smallest``: a rank
+    that failed has no smaller size, so every rank gives up.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, smallest: bool = False) -> None:
         super().__init__(f"a rank ran out of memory at micro-batch size {size}")
         self.size = size
+        self.smallest = smallest
 
 
 class GlobalCounts:
@@ -211,7 +227,7 @@ class Window:
         loss_fn: LossFn,
         count: Counts,
         *,
-        share_out_of_memory: bool = False,
+        share_out_of_memory: Attempt | None = None,
     ) -> None:
         self.setup, self.history, self.plan = setup, history, plan
         self.loss_fn = loss_fn
@@ -413,11 +429,16 @@ class Window:
         pass that runs out of memory before reaching the model cannot leave one
         unmatched. An out-of-memory error stops this rank's passes, every rank
         learns of it through one small exchange (all retry smaller), and only
-        then does a zero-weight pass synchronize the gradients.
+        then does a zero-weight pass synchronize the gradients. The replayed
+        samples are the first of this attempt's first micro-batch, so when they
+        run out of memory that micro-batch would too: this attempt ran out.
         """
-        self.replay(synchronize=False, last=False)
         out_of_memory, offset = False, 0
-        for micro_batch, size in self.plan:
+        try:
+            self.replay(synchronize=False, last=False)
+        except OutOfMemoryError:
+            out_of_memory = True
+        for micro_batch, size in [] if out_of_memory else self.plan:
             try:
                 self.run_pass(micro_batch, offset, synchronize=False, last=False)
             except OutOfMemoryError:
@@ -425,11 +446,14 @@ class Window:
                 break
             self.sums.stash()
             offset += size
-        largest = max(self.sizes, default=0)
-        table = self.setup.sync.exchange([float(out_of_memory), float(largest)])()
-        failed = [size for ran_out, size in table if ran_out]
+        attempt = self.share_out_of_memory
+        assert attempt is not None  # this branch runs only when sharing
+        row = [float(out_of_memory), float(attempt.size), float(attempt.smallest)]
+        table = self.setup.sync.exchange(row)()
+        failed = [(size, smallest) for ran_out, size, smallest in table if ran_out]
         if failed:
-            raise OutOfMemoryOnSomeRank(int(min(failed)))
+            smallest = any(at_smallest for _, at_smallest in failed)
+            raise OutOfMemoryOnSomeRank(int(min(size for size, _ in failed)), smallest=smallest)
         self.sums.restore()
         self.replay(synchronize=True, last=True)
 
