@@ -16,14 +16,15 @@ across micro-batches in wide buffers and rounded into ``.grad`` once.
 
 from __future__ import annotations
 
-import math
 import operator
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
     "GradientSums",
+    "MaskedStep",
     "ParameterSets",
     "clear_gradients",
     "clip_gradients",
@@ -151,19 +152,77 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
-    """The global L2 norm of the present gradients of ``params`` (0.0 when none);
-    clips them to ``max_norm`` when it is given and the norm is finite, with the
-    coefficient of ``torch.nn.utils.clip_grad_norm_``."""
+def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
+    """The global L2 norm of the present gradients of ``params``, on the device (``None``
+    when there are none); clips them to ``max_norm`` when it is given and the norm is
+    finite, with the coefficient of ``torch.nn.utils.clip_grad_norm_``. Nothing is read
+    to the host: a non-finite norm leaves the gradients as they are (coefficient 1)."""
     grads = present_gradients(params)
     if not grads:
-        return 0.0
+        return None
     norm = total_norm(grads)
-    value = float(norm.item())
-    if max_norm is not None and math.isfinite(value):
+    if max_norm is not None:
         coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coefficient = torch.where(torch.isfinite(norm), coefficient, 1.0)
         torch._foreach_mul_(grads, coefficient.to(grads[0].device))
-    return value
+    return norm
+
+
+class MaskedStep:
+    """An optimizer step that the device undoes where ``skip`` holds: no host read.
+
+    Before the step, the parameters that have a gradient (the only ones an
+    optimizer updates) and the tensors of their optimizer state are copied;
+    after it, each is set to ``where(skip, copy, updated)``. The result is
+    bitwise the state before the step when ``skip`` holds, and the step's
+    otherwise. Costs one copy of those parameters and their state per window.
+
+    What the device cannot undo is detected, and :attr:`possible` is False,
+    before anything changes: a parameter without optimizer state yet (its
+    first step creates it) or state on another device than the parameter
+    (``torch.optim.Adam``'s step counter lives on the host unless
+    ``capturable=True`` or ``fused=True``). :meth:`finish` returns False when
+    the step changed non-tensor state, which only the host can put back.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self.params = [p for p in params if p.grad is not None]
+        states = [optimizer.state.get(p) for p in self.params]
+        self.possible = all(
+            state
+            and all(v.device == p.device for v in state.values() if isinstance(v, torch.Tensor))
+            for p, state in zip(self.params, states, strict=True)
+        )
+        if not self.possible:
+            return
+        self.tensors = list(self.params)
+        self.others: list[tuple[dict[str, Any], str, Any]] = []
+        for state in states:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.tensors.append(value)
+                else:
+                    self.others.append((state, key, value))
+        with torch.no_grad():
+            self.saved = [torch.empty_like(t) for t in self.tensors]
+            torch._foreach_copy_(self.saved, self.tensors)
+
+    def finish(self, skip: torch.Tensor) -> bool:
+        """Undo the step where ``skip``; False (nothing undone) if only the host can."""
+        if any(state.get(key) is not value for state, key, value in self.others):
+            return False
+        with torch.no_grad():
+            for tensor, saved in zip(self.tensors, self.saved, strict=True):
+                tensor.copy_(torch.where(skip, saved, tensor))
+        return True
+
+    def undo(self) -> None:
+        """Put back everything the step changed (after :meth:`finish` returned False)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self.saved)
+        for state, key, value in self.others:
+            state[key] = value
 
 
 class GradientSums:

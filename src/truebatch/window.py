@@ -42,7 +42,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
 from truebatch.losses import LossFn, LossTotals, local_counts
+from truebatch.readout import Pending, Readout, deferred
 from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
 from truebatch.terms import Counts, TermSpec, term_spec
 
@@ -75,6 +76,9 @@ _NO_CONTEXT = nullcontext()  # reusable, and cheaper than a new one per micro-ba
 class WindowTotals:
     """What :meth:`Accumulator.accumulate` returns; the window's gradient is in ``.grad``.
 
+    The sums and counts may still be on the device: the first access of any
+    of them reads them all to the host, in one read (``truebatch.readout``).
+
     Attributes:
         loss_sum: sum of the loss sums over all micro-batches and ranks; with
             loss terms, the window's loss ``sum_t w_t * S_t / N_t`` (over the
@@ -86,14 +90,28 @@ class WindowTotals:
         term_sums: with loss terms, each term's sum S_t over all
             micro-batches and ranks; else ``None``.
         term_counts: with loss terms, each term's count N_t; else ``None``.
+        readout: the device values behind the fields above.
     """
 
-    loss_sum: float
-    count: float
+    loss_sum: float = deferred()
+    count: float = deferred()
     micro_batches: int
     micro_batch_size: int
-    term_sums: dict[str, float] | None = None
-    term_counts: dict[str, float] | None = None
+    term_sums: dict[str, float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
+    term_counts: dict[str, float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
+    readout: Readout | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def pending(cls, readout: Readout, micro_batches: int, micro_batch_size: int) -> WindowTotals:
+        """Totals whose sums and counts are read from ``readout`` on first access."""
+        names = ("loss_sum", "count", "term_sums", "term_counts")
+        fields = {name: Pending(readout, name) for name in names}
+        return cls(
+            **fields,
+            micro_batches=micro_batches,
+            micro_batch_size=micro_batch_size,
+            readout=readout,
+        )
 
     @property
     def loss(self) -> float:
@@ -112,6 +130,42 @@ class WindowTotals:
             name: total / self.term_counts[name] if self.term_counts[name] else math.nan
             for name, total in self.term_sums.items()
         }
+
+
+def read_totals(
+    values: dict[str, Any], names: tuple[str, ...] | None, weights: tuple[float, ...] | None
+) -> dict[str, Any]:
+    """The window's totals from its read parts: ``sums`` (loss sum per term, then the
+    returned count, the number of negative returned counts, and whether counts were
+    returned), ``counts`` (N_t per term, as counted before the passes) and ``n_items``.
+
+    Raises:
+        ValueError: a count was negative (``loss_fn``'s, or a tensor from ``count``).
+    """
+    *sums, _, negative, _ = values["sums"]
+    n_items = values["n_items"]
+    if negative:
+        raise ValueError(
+            f"`loss_fn` returned a negative count for {int(negative)} micro-batch(es); "
+            "expected a number of items (samples, tokens), 0 or more. Fix: return "
+            "(loss_sum, n_items)."
+        )
+    if n_items != n_items:  # nan: a counter's tensor held a negative count
+        raise ValueError(
+            "`count(micro_batch)` returned a negative count; expected a number of items "
+            "(samples, tokens), 0 or more. Fix: count the items the loss sums over."
+        )
+    if names is None or weights is None:
+        return {"loss_sum": sums[0], "count": n_items, "term_sums": None, "term_counts": None}
+    counts = values["counts"]
+    counts = counts if isinstance(counts, list) else [counts]
+    loss = math.fsum(w * s / n for w, s, n in zip(weights, sums, counts, strict=True) if n)
+    return {
+        "loss_sum": loss,
+        "count": n_items,
+        "term_sums": dict(zip(names, sums, strict=True)),
+        "term_counts": dict(zip(names, counts, strict=True)),
+    }
 
 
 @dataclass(frozen=True)
@@ -159,6 +213,28 @@ class OutOfMemoryOnSomeRank(Exception):
     def __init__(self, size: int) -> None:
         super().__init__(f"a rank ran out of memory at micro-batch size {size}")
         self.size = size
+
+
+def ratio(numerator: float, n: float | torch.Tensor) -> float | torch.Tensor:
+    """``numerator / n``, 0 when ``n`` is 0; on the device when ``n`` is a tensor."""
+    if isinstance(n, torch.Tensor):
+        return torch.where(n > 0, numerator / n, 0.0)
+    return numerator / n if n else 0.0
+
+
+def as_weight(weight: float | torch.Tensor, loss: torch.Tensor) -> float | torch.Tensor:
+    """A device weight in the precision a Python number would be applied in: the loss's
+    dtype, or float32 for a 16-bit loss (whose product then rounds once, as with a number)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight
+    dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
+    return weight.to(device=loss.device, dtype=dtype)
+
+
+def trusted_counter(counter: Any) -> bool:
+    """Whether ``counter`` is truebatch's own (``count_tokens``...): its counts are never
+    negative, so a tensor it returns needs no check on the host."""
+    return counter is None or getattr(counter, "__module__", "").startswith("truebatch.")
 
 
 class GlobalCounts:
@@ -235,7 +311,12 @@ class Window:
         self.n_items = 0.0
 
     def run(self) -> WindowTotals:
-        """Count, weight, pass, total; leaves the window's gradient in ``.grad``."""
+        """Count, weight, pass, total; leaves the window's gradient in ``.grad``.
+
+        Nothing here reads a device value on one process: counts from tensors,
+        the weight and the loss totals stay on the device, in the returned
+        totals' readout (see ``truebatch.readout``).
+        """
         setup, sync, params = self.setup, self.setup.sync, self.setup.parameters
         largest = max(self.sizes, default=0)
         # Count: every micro-batch's items, before any backward; one exchange over ranks.
@@ -244,9 +325,10 @@ class Window:
         previous = None if self.share_out_of_memory else self.history.previous_count
         if self.terms is not None:
             previous = None  # see the module docstring: terms cannot be corrected afterwards
-        if previous is None and self.counts.wait().n_items == 0:
-            return self.window_totals([0.0] * len(self.counts.term_counts), largest)
-        self.n_items = previous or self.counts.n_items
+        n_items = self.counts.wait().n_items
+        if previous is None and not isinstance(n_items, torch.Tensor) and n_items == 0:
+            return self.window_totals(None, largest)
+        self.n_items = previous or n_items
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
             # Two samples, per-sample lists cut with the tensors (a loss_fn may zip them).
@@ -262,61 +344,85 @@ class Window:
                     self.passes_sharing_out_of_memory()
                 else:
                     self.passes(started_with_previous_count=previous is not None)
-                loss_sums, returned_count = self.totals.finish()
-                if returned_count:
+                sums = self.totals.finish()
+                if self.totals.returns_pairs or (
+                    sync.distributed and self.totals.returns_pairs is None
+                ):
                     # loss_fn returned the counts: every rank's passes assumed N = 1 (even a
-                    # rank that only replayed). Divide the wide sums before they are
-                    # rounded: one rounding per window.
-                    self.n_items = 1.0
-                    self.correct_count(returned_count)
+                    # rank that only replayed; whether any rank returned counts is in the
+                    # sums). Divide the wide sums before they are rounded: one rounding per
+                    # window.
+                    terms = len(self.counts.term_counts)
+                    returned, count = sums[terms + 2] > 0, sums[terms]
+                    factor = torch.where(returned, 1.0 / count, 1.0)
+                    self.sums.scale(factor)
+                    scale_gradients(params.model, factor)
+                    self.n_items = torch.where(returned, count, n_items)
                 self.sums.restore()
         except BaseException:
             self.sums.discard()
             clear_gradients(params.model)
             raise
         self.remember_count()
-        if returned_count is not None:
-            return WindowTotals(loss_sums[0], returned_count, len(self.plan), largest)
-        return self.window_totals(loss_sums, largest)
+        return self.window_totals(sums, largest)
 
-    def weights(self) -> list[float]:
+    def weights(self) -> list[float | torch.Tensor]:
         """The one normalization, per loss term: weight_t = world_size * w_t / N_t (0 for a
-        term without items). A single loss is one term with w = 1 and N = ``n_items``."""
+        term without items). A single loss is one term with w = 1 and N = ``n_items``.
+        A count still on the device gives a weight on the device."""
         world_size = self.setup.sync.world_size
         if self.terms is None:
-            return [world_size / self.n_items]
+            return [ratio(world_size, self.n_items)]
         return [
-            world_size * w / n if n else 0.0
+            ratio(world_size * w, n)
             for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
         ]
 
-    def window_totals(self, loss_sums: list[float], largest: int) -> WindowTotals:
-        """The window's totals over all ranks, from the loss sums per term."""
+    def window_totals(self, sums: torch.Tensor | None, largest: int) -> WindowTotals:
+        """The window's totals over all ranks, pending on the device until first read.
+        ``sums`` (None: no pass ran) holds the loss sum per term, then the returned count,
+        the number of negative returned counts and whether counts were returned."""
         counts = self.counts
-        if self.terms is None:
-            return WindowTotals(loss_sums[0], counts.n_items, len(self.plan), largest)
-        names, weights = self.terms.names, self.terms.weights
-        loss = math.fsum(
-            w * s / n for w, s, n in zip(weights, loss_sums, counts.term_counts, strict=True) if n
+        terms = len(counts.term_counts)
+        names = None if self.terms is None else self.terms.names
+        weights = None if self.terms is None else self.terms.weights
+        term_counts: Any = counts.term_counts
+        if any(isinstance(n, torch.Tensor) for n in term_counts):
+            device = next(n for n in term_counts if isinstance(n, torch.Tensor)).device
+            term_counts = torch.stack(
+                [torch.as_tensor(n, dtype=torch.float64, device=device) for n in term_counts]
+            )
+        readout = Readout(
+            {
+                "sums": [0.0] * (terms + 3) if sums is None else sums,
+                "counts": term_counts,
+                "n_items": counts.n_items if sums is None else self.n_items,
+            },
+            lambda values: read_totals(values, names, weights),
         )
-        return WindowTotals(
-            loss,
-            counts.n_items,
-            len(self.plan),
-            largest,
-            term_sums=dict(zip(names, loss_sums, strict=True)),
-            term_counts=dict(zip(names, counts.term_counts, strict=True)),
-        )
+        # Counts from loss_fn, or from a user's counter as tensors, are checked when read:
+        # a caller that must not act on a wrong count reads before acting.
+        readout.unchecked = bool(self.totals.returns_pairs) or self.unchecked_count
+        return WindowTotals.pending(readout, len(self.plan), largest)
 
     def exchange_counts(self) -> GlobalCounts:
         """Count this rank's items (before any backward) and start the window's one exchange:
         item count, passes, samples, and whether this rank can replay a micro-batch."""
         can_replay = self.history.replay_batch is not None or bool(self.sizes)
-        # Python numbers: a few tensor ops per window would cost more than the rest.
-        counts = local_counts(self.plan, self.count)
-        row = [*counts, len(self.sizes), sum(self.sizes), can_replay]
         sync = self.setup.sync
-        return GlobalCounts(sync.exchange([float(v) for v in row]), sync.rank, terms=len(counts))
+        # Python numbers where the counter gives them: a few tensor ops per window would
+        # cost more than the rest. One process keeps a counter's tensors on the device.
+        counts = local_counts(self.plan, self.count, on_device=not sync.distributed)
+        self.unchecked_count = any(isinstance(n, torch.Tensor) for n in counts) and not all(
+            trusted_counter(c) for c in self.counters()
+        )
+        row = [*counts, len(self.sizes), sum(self.sizes), can_replay]
+        if sync.distributed:
+            row = [float(v) for v in row]
+        return GlobalCounts(sync.exchange(row), sync.rank, terms=len(counts))
+
+    def counters(self) -> tuple[Any, ...]:
+        return (self.count,) if self.terms is None else self.terms.counters
 
     def passes(self, *, started_with_previous_count: bool) -> None:
         """This rank's passes, then zero-weight replays up to the busiest rank's number.
@@ -367,16 +473,17 @@ class Window:
         if last:
             self.totals.start()
         weights = self.weights()
-        scaled = losses[0] * weights[0]
+        scaled = losses[0] * as_weight(weights[0], losses[0])
         for term in range(1, len(losses)):
-            scaled = scaled + losses[term] * weights[term]
+            scaled = scaled + losses[term] * as_weight(weights[term], losses[term])
         if setup.scaler is not None:
             scaled = setup.scaler.scale(scaled)
         scaled.backward()
 
-    def correct_count(self, n_items: float) -> None:
+    def correct_count(self, n_items: float | torch.Tensor) -> None:
         """The passes so far were weighted with an assumed N; make the gradient so far
-        (and the passes to come) weighted by ``world_size / n_items``: one multiplication."""
+        (and the passes to come) weighted by ``world_size / n_items``: one multiplication
+        (on the device when ``n_items`` is there)."""
         factor = self.n_items / n_items
         self.sums.scale(factor)
         scale_gradients(self.setup.parameters.model, factor)
