@@ -309,6 +309,8 @@ class Window:
         # arrives (the previous window's under DDP, 1 when loss_fn returns counts). With
         # loss terms, each term's N_t (self.counts.term_counts) and never an assumed one.
         self.n_items = 0.0
+        # With (loss_sum, count) returns: N over all ranks, from the loss totals.
+        self.returned_count: torch.Tensor | None = None
 
     def run(self) -> WindowTotals:
         """Count, weight, pass, total; leaves the window's gradient in ``.grad``.
@@ -325,10 +327,11 @@ class Window:
         previous = None if self.share_out_of_memory else self.history.previous_count
         if self.terms is not None:
             previous = None  # see the module docstring: terms cannot be corrected afterwards
-        n_items = self.counts.wait().n_items
-        if previous is None and not isinstance(n_items, torch.Tensor) and n_items == 0:
-            return self.window_totals(None, largest)
-        self.n_items = previous or n_items
+        if previous is None:
+            n_items = self.counts.wait().n_items
+            if not isinstance(n_items, torch.Tensor) and n_items == 0:
+                return self.window_totals(None, largest)
+        self.n_items = previous or self.counts.n_items
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
             # Two samples, per-sample lists cut with the tensors (a loss_fn may zip them).
@@ -357,7 +360,8 @@ class Window:
                     factor = torch.where(returned, 1.0 / count, 1.0)
                     self.sums.scale(factor)
                     scale_gradients(params.model, factor)
-                    self.n_items = torch.where(returned, count, n_items)
+                    self.n_items = torch.where(returned, count, self.counts.wait().n_items)
+                    self.returned_count = self.n_items
                 self.sums.restore()
         except BaseException:
             self.sums.discard()
@@ -396,7 +400,7 @@ class Window:
             {
                 "sums": [0.0] * (terms + 3) if sums is None else sums,
                 "counts": term_counts,
-                "n_items": counts.n_items if sums is None else self.n_items,
+                "n_items": counts.n_items if self.returned_count is None else self.returned_count,
             },
             lambda values: read_totals(values, names, weights),
         )
