@@ -37,7 +37,15 @@ from truebatch.autosize import AutoSize
 from truebatch.batching import Batch, Counter, TokenCounter, batch_size, batch_unit, split_window
 from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
-from truebatch.gradients import MaskedStep, ParameterSets, clear_gradients, clip_gradients
+from truebatch.gradients import (
+    MaskedStep,
+    ParameterSets,
+    clear_gradients,
+    clip_gradients,
+    gradient_norms,
+    present_gradients,
+    total_norm_of,
+)
 from truebatch.losses import LossFn, check_loss_fn_and_count
 from truebatch.readout import Readout
 from truebatch.result import StepResult, read_outcome
@@ -458,21 +466,25 @@ class Accumulator:
     ) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = clip_gradients(self._setup.parameters.updated, self.max_grad_norm)
-        readout.add(grad_norm=math.nan if norm is None else norm)
+        grads = present_gradients(self._setup.parameters.updated)
+        # The norm as one fused kernel's per-tensor norms, combined when read.
+        norms = gradient_norms(grads)
+        readout.add(grad_norm=math.nan if norms is None else norms)
         empty = n_items == 0 if isinstance(n_items, torch.Tensor) else None
-        nonfinite = ~torch.isfinite(norm) if self.skip_nonfinite and norm is not None else None
-        if empty is None and nonfinite is None:  # nothing can skip the window: no read
+        can_skip = empty is not None or (self.skip_nonfinite and norms is not None)
+        if not can_skip and self.max_grad_norm is None:  # nothing to decide: no read
             readout.add(skipped=False)
             stepped = True
-        elif self._can_mask(readout):
-            skip = nonfinite if empty is None else empty
-            if empty is not None and nonfinite is not None:
-                skip = empty.to(nonfinite.device) | nonfinite
-            self._masked_step(readout, rollback, skip, empty)
-            return
         else:
+            updated = self._setup.parameters.updated
+            masked = MaskedStep.when(self._can_mask(readout), self.optimizer, updated)
+            if masked is not None:
+                self._masked_step(readout, rollback, masked, norms, empty)
+                return
             stepped = readout.get("stepped")  # the window's one read
+            norm = readout.get("grad_norm")
+            if self.max_grad_norm is not None and math.isfinite(norm):
+                clip_gradients(grads, self.max_grad_norm / (norm + 1e-6))
         if self._scaler_steps_itself():
             # A scaler with its own step() gets it, as documented; it skips non-finite.
             rollback.optimizer_stage = "stepping"
@@ -511,22 +523,29 @@ class Accumulator:
         self,
         readout: Readout,
         rollback: StepRollback,
-        skip: torch.Tensor,
+        masked: MaskedStep,
+        norms: list[torch.Tensor] | torch.Tensor | None,
         empty: torch.Tensor | None,
     ) -> None:
-        """``host_sync=False``: step, then undo the step on the device where ``skip``."""
-        masked = MaskedStep(self.optimizer, self._setup.parameters.updated)
+        """``host_sync=False``: clip, step, and undo the step on the device where the
+        window has no items or (``skip_nonfinite``) a non-finite gradient norm."""
+        norm = None if norms is None else total_norm_of(norms)
+        if norm is not None and self.max_grad_norm is not None:
+            clip_gradients(
+                masked.grads,
+                torch.where(torch.isfinite(norm), self.max_grad_norm / (norm + 1e-6), 1.0),
+            )
+        device = masked.device
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        if empty is not None:
+            skip = skip | empty.to(device)
+        if self.skip_nonfinite and norm is not None:
+            skip = skip | ~torch.isfinite(norm).to(device)
         readout.add(skipped=skip)
-        if not masked.possible:
-            stepped = readout.get("stepped")  # the host must know: one read
-            if stepped:
-                self._optimizer_step(rollback)
-        else:
-            self._optimizer_step(rollback)
-            device = masked.params[0].device if masked.params else skip.device
-            if not masked.finish(skip.to(device)) and not readout.get("stepped"):
-                masked.undo()
-                rollback.optimizer_stage = "before"
+        self._optimizer_step(rollback)
+        if not masked.finish(skip) and not readout.get("stepped"):
+            masked.undo()  # only the host could: one read
+            rollback.optimizer_stage = "before"
         if self.scaler is not None:
             scale, growth = self.scaler._scale.clone(), self.scaler._growth_tracker.clone()
             self.scaler.update()
@@ -538,6 +557,8 @@ class Accumulator:
                 tracker.copy_(torch.where(empty, growth, tracker))
             if readout.values is None:
                 readout.add(scale=self.scaler._scale.clone())
+        if self.scheduler is not None:
+            self.scheduler.step()  # _can_mask: only when nothing can skip the window
 
     def _optimizer_step(self, rollback: StepRollback) -> None:
         rollback.optimizer_stage = "stepping"

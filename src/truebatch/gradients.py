@@ -16,6 +16,7 @@ across micro-batches in wide buffers and rounded into ``.grad`` once.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -28,10 +29,12 @@ __all__ = [
     "ParameterSets",
     "clear_gradients",
     "clip_gradients",
+    "combine_norms",
+    "gradient_norms",
     "parameters_and_buffers",
     "present_gradients",
     "scale_gradients",
-    "total_norm",
+    "total_norm_of",
 ]
 
 
@@ -135,16 +138,20 @@ def scale_gradients(params: list[nn.Parameter], factor: float) -> None:
         torch._foreach_mul_(present, factor)
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors)."""
+def gradient_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor | None:
+    """The L2 norm of each gradient, from one fused kernel, when they are plain tensors of
+    one device and dtype (combined by :func:`combine_norms` or :func:`total_norm_of`);
+    else their total norm (a full tensor, also for FSDP2's DTensors); ``None`` for none."""
+    if not grads:
+        return None
     first = grads[0]
     if all(
         type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
         for g in grads
     ):
-        # The common case in one fused kernel: get_total_norm first groups the tensors by
-        # device and dtype, which costs more than the norm of a small model.
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # get_total_norm first groups the tensors by device and dtype, which costs more
+        # than the norm of a small model.
+        return list(torch._foreach_norm(grads))
     if hasattr(torch.nn.utils, "get_total_norm"):
         norm = torch.nn.utils.get_total_norm(grads, 2.0)
     else:  # torch < 2.6
@@ -152,20 +159,28 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
-    """The global L2 norm of the present gradients of ``params``, on the device (``None``
-    when there are none); clips them to ``max_norm`` when it is given and the norm is
-    finite, with the coefficient of ``torch.nn.utils.clip_grad_norm_``. Nothing is read
-    to the host: a non-finite norm leaves the gradients as they are (coefficient 1)."""
-    grads = present_gradients(params)
-    if not grads:
-        return None
-    norm = total_norm(grads)
-    if max_norm is not None:
-        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        coefficient = torch.where(torch.isfinite(norm), coefficient, 1.0)
-        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
-    return norm
+def combine_norms(norms: list[float] | float) -> float:
+    """The global norm from the read per-tensor norms: ``sqrt(sum of squares)``, in float64."""
+    if not isinstance(norms, list):
+        return norms
+    return math.sqrt(math.fsum(n * n for n in norms))
+
+
+def total_norm_of(norms: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """:func:`combine_norms` on the device (float64), for a decision that is not read."""
+    if not isinstance(norms, list):
+        return norms.to(torch.float64)
+    return torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
+
+
+def clip_gradients(grads: list[torch.Tensor], coefficient: float | torch.Tensor) -> None:
+    """Multiply ``grads`` by ``min(coefficient, 1)``, in place: the clip of
+    ``torch.nn.utils.clip_grad_norm_`` when ``coefficient = max_norm / (norm + 1e-6)``.
+    A Python coefficient of 1 or more costs nothing; a tensor one stays on the device."""
+    if isinstance(coefficient, torch.Tensor):
+        torch._foreach_mul_(grads, torch.clamp(coefficient, max=1.0).to(grads[0].device))
+    elif coefficient < 1.0:
+        torch._foreach_mul_(grads, coefficient)
 
 
 class MaskedStep:
@@ -185,9 +200,21 @@ class MaskedStep:
     the step changed non-tensor state, which only the host can put back.
     """
 
+    @classmethod
+    def when(
+        cls, wanted: bool, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+    ) -> MaskedStep | None:
+        """A masked step over ``params`` if ``wanted`` and :attr:`possible`, else ``None``."""
+        if not wanted:
+            return None
+        masked = cls(optimizer, params)
+        return masked if masked.possible else None
+
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
         self.optimizer = optimizer
         self.params = [p for p in params if p.grad is not None]
+        self.grads = [p.grad for p in self.params]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
         states = [optimizer.state.get(p) for p in self.params]
         self.possible = all(
             state

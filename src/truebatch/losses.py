@@ -163,7 +163,7 @@ class LossTotals:
         self.returns_pairs: bool | None = None
         self.losses: list[torch.Tensor] = []  # per pass, one per term, in the order of names
         self.counts: list[torch.Tensor] = []
-        self._wait: Callable[[], list[float]] | None = None
+        self._wait: Callable[[], torch.Tensor | list[torch.Tensor]] | None = None
 
     def add(self, output: Any) -> list[torch.Tensor]:
         """Record one pass's ``loss_fn`` output; returns its loss sum(s), one per term."""
@@ -237,8 +237,14 @@ class LossTotals:
         return losses
 
     def start(self) -> None:
-        """Start summing (loss sum per term, returned count, negative counts, counts returned?)."""
+        """Start summing (loss sum per term, returned count, negative counts, counts returned?)
+        over ranks; on one process without returned counts there is nothing to start."""
         if self._wait is not None:
+            return
+        if not (self.counts or self.sync.distributed):
+            # The per-pass losses themselves, summed on the host when read: no tensor op.
+            losses = self.losses
+            self._wait = lambda: losses
             return
         terms = 1 if self.names is None else len(self.names)
         with torch.no_grad():
@@ -253,9 +259,10 @@ class LossTotals:
                 )
         self._wait = self.sync.all_reduce_tensor(values)
 
-    def finish(self) -> torch.Tensor:
+    def finish(self) -> torch.Tensor | list[torch.Tensor]:
         """Over all ranks, on the device: the loss sum per term, the returned count, the
-        number of negative returned counts, and whether any rank returned counts (1 or 0)."""
+        number of negative returned counts, and whether any rank returned counts (1 or 0).
+        On one process without returned counts: the loss of every pass and term, in order."""
         self.start()
         assert self._wait is not None
         return self._wait()

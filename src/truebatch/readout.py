@@ -18,30 +18,39 @@ import torch
 
 __all__ = ["Readout", "deferred", "read"]
 
-Part = float | int | torch.Tensor | list[float]
+Part = float | int | torch.Tensor | list[torch.Tensor] | list[float]
 
 
 def read(parts: dict[str, Part]) -> dict[str, Any]:
     """``parts`` with every tensor as Python numbers, in one host read.
 
-    A 0-dim tensor becomes a float, a 1-d tensor a list of floats; Python
-    numbers pass unchanged. The tensors are joined on the device of the first
-    one (another device's tensor is copied there first) and read with one
-    ``tolist``.
+    A 0-dim tensor becomes a float, a 1-d tensor or a list of 0-dim tensors
+    a list of floats; Python numbers pass unchanged. The tensors are joined on
+    the device of the first one (another device's tensor is copied there
+    first) and read with one ``tolist``: 0-dim tensors of one device, the
+    common case, with a single ``torch.stack``.
     """
-    tensors = {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
+    pieces: list[torch.Tensor] = []
+    layout: list[tuple[str, int, bool]] = []  # name, number of values, one value?
+    for key, value in parts.items():
+        if isinstance(value, torch.Tensor):
+            pieces.append(value)
+            layout.append((key, value.numel(), value.dim() == 0))
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            pieces.extend(value)
+            layout.append((key, len(value), False))
+    if not pieces:
         return dict(parts)
-    device = next(iter(tensors.values())).device
+    device = pieces[0].device
     with torch.no_grad():
-        flat = torch.cat(
-            [t.detach().reshape(-1).to(device, torch.float64) for t in tensors.values()]
-        )
-    values = flat.tolist()
+        if all(t.dim() == 0 and t.device == device for t in pieces):
+            joined = torch.stack(pieces)
+        else:
+            joined = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in pieces])
+    values = joined.tolist()
     out, at = dict(parts), 0
-    for key, tensor in tensors.items():
-        n = tensor.numel()
-        out[key] = values[at] if tensor.dim() == 0 else values[at : at + n]
+    for key, n, one in layout:
+        out[key] = values[at] if one else values[at : at + n]
         at += n
     return out
 
@@ -72,7 +81,10 @@ class Readout:
     @property
     def pending(self) -> bool:
         """Whether reading would wait for the device (some part is still a tensor)."""
-        return self.values is None and any(isinstance(v, torch.Tensor) for v in self.parts.values())
+        return self.values is None and any(
+            isinstance(v, torch.Tensor) or (isinstance(v, list) and v and torch.is_tensor(v[0]))
+            for v in self.parts.values()
+        )
 
     def get(self, name: str) -> Any:
         """The converted value ``name``; the first call reads every part."""

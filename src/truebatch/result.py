@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from truebatch.gradients import combine_norms
 from truebatch.readout import Pending, Readout, deferred
 
 __all__ = ["StepResult", "read_outcome"]
@@ -84,7 +85,7 @@ def read_outcome(totals: dict[str, Any], values: dict[str, Any]) -> dict[str, An
     """
     count = totals["count"]
     term_counts = totals["term_counts"]
-    norm = values["grad_norm"]
+    norm = combine_norms(values["grad_norm"])
     reason = None
     if not count:
         reason = NO_ITEMS if term_counts is None else NO_TERM_ITEMS

@@ -137,12 +137,17 @@ def read_totals(
 ) -> dict[str, Any]:
     """The window's totals from its read parts: ``sums`` (loss sum per term, then the
     returned count, the number of negative returned counts, and whether counts were
-    returned), ``counts`` (N_t per term, as counted before the passes) and ``n_items``.
+    returned) or, on one process, ``losses`` (every pass's loss per term), ``counts``
+    (N_t per term, as counted before the passes) and ``n_items``.
 
     Raises:
         ValueError: a count was negative (``loss_fn``'s, or a tensor from ``count``).
     """
-    *sums, _, negative, _ = values["sums"]
+    if "losses" in values:  # one process: the loss of every pass and term, summed here
+        losses, terms = values["losses"], 1 if names is None else len(names)
+        sums, negative = [math.fsum(losses[t::terms]) for t in range(terms)], 0
+    else:
+        *sums, _, negative, _ = values["sums"]
     n_items = values["n_items"]
     if negative:
         raise ValueError(
@@ -382,10 +387,11 @@ class Window:
             for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
         ]
 
-    def window_totals(self, sums: torch.Tensor | None, largest: int) -> WindowTotals:
+    def window_totals(
+        self, sums: torch.Tensor | list[torch.Tensor] | None, largest: int
+    ) -> WindowTotals:
         """The window's totals over all ranks, pending on the device until first read.
-        ``sums`` (None: no pass ran) holds the loss sum per term, then the returned count,
-        the number of negative returned counts and whether counts were returned."""
+        ``sums`` (None: no pass ran) is what :meth:`LossTotals.finish` returned."""
         counts = self.counts
         terms = len(counts.term_counts)
         names = None if self.terms is None else self.terms.names
@@ -396,9 +402,15 @@ class Window:
             term_counts = torch.stack(
                 [torch.as_tensor(n, dtype=torch.float64, device=device) for n in term_counts]
             )
+        if sums is None:
+            totals: dict[str, Any] = {"sums": [0.0] * (terms + 3)}
+        elif isinstance(sums, list):  # one process: the loss of every pass and term
+            totals = {"losses": sums}
+        else:
+            totals = {"sums": sums}
         readout = Readout(
             {
-                "sums": [0.0] * (terms + 3) if sums is None else sums,
+                **totals,
                 "counts": term_counts,
                 "n_items": counts.n_items if self.returned_count is None else self.returned_count,
             },
