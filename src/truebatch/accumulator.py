@@ -566,9 +566,12 @@ class Accumulator:
         rollback.optimizer_stage = "stepped"
 
     def _result(self, window: WindowTotals) -> StepResult:
-        return StepResult.pending(
-            window.readout,
-            micro_batches=window.micro_batches,
-            micro_batch_size=window.micro_batch_size,
-            step=self._history.index,
-        )
+        plan = {
+            "micro_batches": window.micro_batches,
+            "micro_batch_size": window.micro_batch_size,
+            "step": self._history.index,
+        }
+        readout = window.readout
+        if readout.values is None:
+            return StepResult.pending(readout, **plan)
+        return StepResult(**{name: readout.values[name] for name in StepResult.READ}, **plan)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from truebatch.gradients import combine_norms
 from truebatch.readout import Pending, Readout, deferred
@@ -60,14 +60,24 @@ class StepResult:
     terms: dict[str, float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
     counts: dict[str, int | float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
 
+    # The fields read from the device (the others are known on the host).
+    READ: ClassVar[tuple[str, ...]] = (
+        "loss",
+        "count",
+        "grad_norm",
+        "stepped",
+        "skip_reason",
+        "terms",
+        "counts",
+    )
+
     @classmethod
     def pending(
         cls, readout: Readout, *, micro_batches: int, micro_batch_size: int, step: int
     ) -> StepResult:
         """A result whose numbers are read from ``readout`` (see :func:`read_outcome`)."""
-        names = ("loss", "count", "grad_norm", "stepped", "skip_reason", "terms", "counts")
         return cls(
-            **{name: Pending(readout, name) for name in names},
+            **{name: Pending(readout, name) for name in cls.READ},
             micro_batches=micro_batches,
             micro_batch_size=micro_batch_size,
             step=step,
