@@ -314,6 +314,7 @@ class Window:
         # arrives (the previous window's under DDP, 1 when loss_fn returns counts). With
         # loss terms, each term's N_t (self.counts.term_counts) and never an assumed one.
         self.n_items = 0.0
+        self.weights_of: tuple[Any, list[float | torch.Tensor]] | None = None
         # With (loss_sum, count) returns: N over all ranks, from the loss totals.
         self.returned_count: torch.Tensor | None = None
 
@@ -379,13 +380,18 @@ class Window:
         """The one normalization, per loss term: weight_t = world_size * w_t / N_t (0 for a
         term without items). A single loss is one term with w = 1 and N = ``n_items``.
         A count still on the device gives a weight on the device."""
+        if self.weights_of is not None and self.weights_of[0] is self.n_items:
+            return self.weights_of[1]  # device weights cost tensor ops: once per N
         world_size = self.setup.sync.world_size
         if self.terms is None:
-            return [ratio(world_size, self.n_items)]
-        return [
-            ratio(world_size * w, n)
-            for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
-        ]
+            weights = [ratio(world_size, self.n_items)]
+        else:
+            weights = [
+                ratio(world_size * w, n)
+                for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
+            ]
+        self.weights_of = (self.n_items, weights)
+        return weights
 
     def window_totals(
         self, sums: torch.Tensor | list[torch.Tensor] | None, largest: int
