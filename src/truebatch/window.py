@@ -53,7 +53,7 @@ from truebatch.batching import Batch, map_tensors, slice_samples
 from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
-from truebatch.losses import LossFn, LossTotals, local_counts
+from truebatch.losses import LossFn, LossTotals, local_counts, trusted_counter
 from truebatch.readout import Pending, Readout, deferred
 from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
 from truebatch.terms import Counts, TermSpec, term_spec
@@ -234,12 +234,6 @@ def as_weight(weight: float | torch.Tensor, loss: torch.Tensor) -> float | torch
         return weight
     dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
     return weight.to(device=loss.device, dtype=dtype)
-
-
-def trusted_counter(counter: Any) -> bool:
-    """Whether ``counter`` is truebatch's own (``count_tokens``...): its counts are never
-    negative, so a tensor it returns needs no check on the host."""
-    return counter is None or getattr(counter, "__module__", "").startswith("truebatch.")
 
 
 class GlobalCounts:
