@@ -470,8 +470,8 @@ class Accumulator:
         # The norm as one fused kernel's per-tensor norms, combined when read.
         norms = gradient_norms(grads)
         readout.add(grad_norm=math.nan if norms is None else norms)
-        empty = n_items == 0 if isinstance(n_items, torch.Tensor) else None
-        can_skip = empty is not None or (self.skip_nonfinite and norms is not None)
+        counted_on_device = isinstance(n_items, torch.Tensor)
+        can_skip = counted_on_device or (self.skip_nonfinite and norms is not None)
         if not can_skip and self.max_grad_norm is None:  # nothing to decide: no read
             readout.add(skipped=False)
             stepped = True
@@ -479,6 +479,7 @@ class Accumulator:
             updated = self._setup.parameters.updated
             masked = MaskedStep.when(self._can_mask(readout), self.optimizer, updated)
             if masked is not None:
+                empty = n_items == 0 if counted_on_device else None
                 self._masked_step(readout, rollback, masked, norms, empty)
                 return
             stepped = readout.get("stepped")  # the window's one read

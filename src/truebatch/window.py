@@ -256,8 +256,11 @@ class GlobalCounts:
             return self
         table, self._wait = self._wait(), None
         k = self._terms
-        self.term_counts = [sum(row[t] for row in table) for t in range(k)]
-        self.n_items = sum(self.term_counts)
+        if len(table) == 1:  # one process: its counts as they are (a tensor stays one)
+            self.term_counts = table[0][:k]
+        else:
+            self.term_counts = [sum(row[t] for row in table) for t in range(k)]
+        self.n_items = self.term_counts[0] if k == 1 else sum(self.term_counts)
         self.passes = int(max(row[k] for row in table))
         self.rank_offset = int(sum(row[k + 1] for row in table[: self._rank]))
         self.all_can_replay = all(row[k + 2] for row in table)
@@ -398,10 +401,11 @@ class Window:
         weights = None if self.terms is None else self.terms.weights
         term_counts: Any = counts.term_counts
         if any(isinstance(n, torch.Tensor) for n in term_counts):
+            # A list of 0-dim tensors, read in the window's one stack.
             device = next(n for n in term_counts if isinstance(n, torch.Tensor)).device
-            term_counts = torch.stack(
-                [torch.as_tensor(n, dtype=torch.float64, device=device) for n in term_counts]
-            )
+            term_counts = [
+                torch.as_tensor(n, dtype=torch.float64, device=device) for n in term_counts
+            ]
         if sums is None:
             totals: dict[str, Any] = {"sums": [0.0] * (terms + 3)}
         elif isinstance(sums, list):  # one process: the loss of every pass and term
