@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 from truebatch.arguments import (
     check_accumulator_micro_batch_size,
     check_dtype,
+    check_flag,
     check_max_grad_norm,
     check_max_tokens,
     check_model_and_optimizer,
@@ -39,48 +40,23 @@ from truebatch.autosize import AutoSize, TokenLengths
 from truebatch.batching import Batch, Counter, TokenCounter, batch_size, batch_unit, split_window
 from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
-from truebatch.gradients import ParameterSets, clear_gradients, clip_gradients
+from truebatch.gradients import (
+    MaskedStep,
+    ParameterSets,
+    clear_gradients,
+    clip_gradients,
+    gradient_norms,
+    present_gradients,
+    total_norm_of,
+)
 from truebatch.losses import LossFn, check_loss_fn_and_count
+from truebatch.readout import Readout
+from truebatch.result import StepResult, read_outcome
 from truebatch.snapshot import StepRollback, WindowStart, rng_state, set_rng_state
 from truebatch.terms import Counts
 from truebatch.window import Attempt, Window, WindowHistory, WindowSetup, WindowTotals
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one window did.
-
-    Attributes:
-        loss: mean loss over the N items of the window, all ranks
-            (``sum of loss sums / N``); ``nan`` when N == 0.
-        count: N, the item count of the window over all ranks.
-        grad_norm: global L2 norm of the gradient before clipping (after
-            unscaling); ``nan`` when no gradient was computed.
-        stepped: whether the optimizer stepped.
-        skip_reason: why it did not, else ``None``.
-        micro_batches: micro-batches run on this rank.
-        micro_batch_size: largest micro-batch run on this rank (the size
-            ``"auto"`` settled on).
-        step: windows completed so far, this one included.
-        terms: with loss terms (``count`` a mapping), each term's mean over
-            the window and all ranks, ``S_t / N_t`` (``nan`` when N_t == 0);
-            ``loss`` is then ``sum_t w_t * S_t / N_t`` and ``count`` the sum
-            of the terms' counts. ``None`` for a single loss.
-        counts: with loss terms, each term's count N_t over all ranks.
-    """
-
-    loss: float
-    count: int | float
-    grad_norm: float
-    stepped: bool
-    skip_reason: str | None
-    micro_batches: int
-    micro_batch_size: int
-    step: int
-    terms: dict[str, float] | None = None
-    counts: dict[str, int | float] | None = None
 
 
 class Accumulator:
@@ -128,6 +104,15 @@ class Accumulator:
             to write it; without it, such an exception leaves the update in
             place (and says so in a note on the exception) while gradients,
             buffers, RNG, scheduler and scaler go back.
+        host_sync: ``True`` reads the window's numbers (loss, count, gradient
+            norm) to the host once per window and decides there whether to
+            step. ``False`` reads nothing: the non-finite skip is decided on
+            the device (the step is undone there, at the cost of one copy of
+            the stepped parameters and their optimizer state), and the
+            :class:`StepResult`'s numbers are read on first access. Where the
+            host must know (a scheduler with ``skip_nonfinite``, counts
+            ``loss_fn`` returns, an optimizer's first step, torch.distributed's
+            passes) the window still reads once; see docs/how-to/speed.md.
 
     Examples:
         >>> acc = Accumulator(model, optimizer, micro_batch_size=16)
@@ -158,6 +143,7 @@ class Accumulator:
         atomic_step: bool = False,
         max_tokens: int | Literal["auto"] | None = None,
         tokens: TokenCounter = "attention_mask",
+        host_sync: bool = True,
     ) -> None:
         check_model_and_optimizer(model, optimizer)
         check_scheduler(scheduler, optimizer)
@@ -175,8 +161,9 @@ class Accumulator:
         self.scaler = check_scaler(scaler)
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
-        self.skip_nonfinite = skip_nonfinite
-        self.atomic_step = atomic_step
+        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
+        self.atomic_step = check_flag(atomic_step, "atomic_step")
+        self.host_sync = check_flag(host_sync, "host_sync")
         self.sync = GradientSync(model, gradient_sync, mesh=data_parallel)
         self._auto = AutoSize(
             max_micro_batch_size, over="tokens" if self.max_tokens == "auto" else "samples"
@@ -267,7 +254,7 @@ class Accumulator:
             >>> totals = acc.accumulate([batch], loss_fn)
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
-        return self._window(micro_batches, loss_fn, count)[0]
+        return self._window(micro_batches, loss_fn, count, read=True)[0]
 
     def step_cached(
         self,
@@ -397,10 +384,11 @@ class Accumulator:
         return self._apply(totals, start)
 
     def _window(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts, *, read: bool = False
     ) -> tuple[WindowTotals, WindowStart]:
         """The passes of a window; whatever they raise, buffers, RNG and gradients go back
-        to the window start (returned: the step restores it too if it fails)."""
+        to the window start (returned: the step restores it too if it fails). ``read``:
+        read the totals (and check the counts) before returning."""
         pieces = list(micro_batches)
         sizes = [batch_size(piece) for piece in pieces]
         check_loss_fn_and_count(loss_fn, count)
@@ -413,6 +401,8 @@ class Accumulator:
                 totals = self._run_auto(pieces, sizes, run, start)
             else:
                 totals = run(micro_batch_size=self.micro_batch_size, max_tokens=self.max_tokens)
+            if read:
+                totals.readout.get("count")
         except BaseException:
             start.restore()
             clear_gradients(params.model)
@@ -482,14 +472,23 @@ class Accumulator:
     def _apply(self, window: WindowTotals, start: WindowStart) -> StepResult:
         """Unscale, check, clip, step, update, schedule and zero, once; if any of it
         raises, what :class:`~truebatch.snapshot.StepRollback` saved and the window
-        start are restored."""
+        start are restored.
+
+        Whether to step is decided, in this order of preference, with no read (nothing
+        can make the window skip), on the device (``host_sync=False``: a masked step),
+        or on the host after the window's one read.
+        """
         params = self._setup.parameters
-        if window.count == 0:
+        readout = window.readout
+        totals_convert = readout.convert
+        readout.convert = lambda values: read_outcome(totals_convert(values), values)
+        readout.add(skipped=None, skip_nonfinite=self.skip_nonfinite, scale=None)
+        n_items = readout.parts["n_items"]
+        self._history.index += 1
+        if not isinstance(n_items, torch.Tensor) and n_items == 0:
             clear_gradients(params.model)
-            reason = "the window holds no items (N == 0)"
-            if window.term_counts is not None:
-                reason = "no loss term has items in the window (every N_t == 0)"
-            return self._result(window, math.nan, reason)
+            readout.add(grad_norm=math.nan)
+            return self._result(window)
         rollback = StepRollback(
             self.optimizer,
             self.scheduler,
@@ -497,54 +496,134 @@ class Accumulator:
             updated=params.updated if self.atomic_step else None,
         )
         try:
-            reason, grad_norm = self._step_once(rollback)
+            self._step_once(readout, rollback, n_items)
         except BaseException as error:
+            self._history.index -= 1
             rollback.restore(error)
             start.restore()
             clear_gradients(params.model)
             raise
         clear_gradients(params.model)
-        return self._result(window, grad_norm, reason)
+        result = self._result(window)
+        scale_unknown = self.scaler is not None and readout.parts["scale"] is None
+        if scale_unknown and not readout.pending and not result.stepped and result.count:
+            # The scale the update lowered: read only in a skipped window.
+            reason = f"{result.skip_reason}; GradScaler lowered its scale to "
+            result = replace(result, skip_reason=reason + f"{self.scaler.get_scale():g}")
+        return result
 
-    def _step_once(self, rollback: StepRollback) -> tuple[str | None, float]:
+    def _step_once(
+        self, readout: Readout, rollback: StepRollback, n_items: float | torch.Tensor
+    ) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self._setup.parameters.updated, self.max_grad_norm)
-        finite = math.isfinite(grad_norm)
-        reason = None if finite else f"non-finite gradient (norm {grad_norm})"
+        grads = present_gradients(self._setup.parameters.updated)
+        # The norm as one fused kernel's per-tensor norms, combined when read.
+        norms = gradient_norms(grads)
+        readout.add(grad_norm=math.nan if norms is None else norms)
+        counted_on_device = isinstance(n_items, torch.Tensor)
+        can_skip = counted_on_device or (self.skip_nonfinite and norms is not None)
+        if not can_skip and self.max_grad_norm is None:  # nothing to decide: no read
+            readout.add(skipped=False)
+            stepped = True
+        else:
+            updated = self._setup.parameters.updated
+            masked = MaskedStep.when(self._can_mask(readout), self.optimizer, updated)
+            if masked is not None:
+                empty = n_items == 0 if counted_on_device else None
+                self._masked_step(readout, rollback, masked, norms, empty)
+                return
+            stepped = readout.get("stepped")  # the window's one read
+            norm = readout.get("grad_norm")
+            if self.max_grad_norm is not None and math.isfinite(norm):
+                clip_gradients(grads, self.max_grad_norm / (norm + 1e-6))
+        if self._scaler_steps_itself():
+            # A scaler with its own step() gets it, as documented; it skips non-finite.
+            rollback.optimizer_stage = "stepping"
+            self.scaler.step(self.optimizer)
+            rollback.optimizer_stage = "stepped" if stepped else "before"
+        elif stepped:
+            self._optimizer_step(rollback)
         if self.scaler is not None:
-            rollback.optimizer_stage = "stepping"
-            self.scaler.step(self.optimizer)  # steps the optimizer only if finite
-            rollback.optimizer_stage = "stepped" if finite else "before"
             self.scaler.update()
-            if not finite:
-                reason += f"; GradScaler lowered its scale to {self.scaler.get_scale():g}"
-        elif finite or not self.skip_nonfinite:
-            rollback.optimizer_stage = "stepping"
-            self.optimizer.step()
-            rollback.optimizer_stage = "stepped"
-            reason = None
-        if reason is None and self.scheduler is not None:
+        if stepped and self.scheduler is not None:
             self.scheduler.step()
-        return reason, grad_norm
 
-    def _result(self, window: WindowTotals, grad_norm: float, reason: str | None) -> StepResult:
-        self._history.index += 1
-        counts = window.term_counts
-        return StepResult(
-            loss=window.loss,
-            count=_as_number(window.count),
-            grad_norm=grad_norm,
-            stepped=reason is None,
-            skip_reason=reason,
-            micro_batches=window.micro_batches,
-            micro_batch_size=window.micro_batch_size,
-            step=self._history.index,
-            terms=window.term_means,
-            counts=None if counts is None else {t: _as_number(n) for t, n in counts.items()},
+    def _scaler_steps_itself(self) -> bool:
+        """Whether the scaler overrides ``GradScaler.step``. GradScaler's own step would
+        read its ``found_inf`` to the host again; truebatch has decided already (a
+        non-finite gradient makes the norm non-finite) and steps the optimizer itself."""
+        step = getattr(type(self.scaler), "step", None)
+        return self.scaler is not None and step is not torch.amp.GradScaler.step
+
+    def _can_mask(self, readout: Readout) -> bool:
+        """Whether the step may be decided on the device: ``host_sync=False``, and nothing
+        only the host can do (step a scheduler, check counts, restore another scaler)."""
+        scaler_tensors = self.scaler is None or (
+            isinstance(getattr(self.scaler, "_scale", None), torch.Tensor)
+            and isinstance(getattr(self.scaler, "_growth_tracker", None), torch.Tensor)
+        )
+        return (
+            not self.host_sync
+            and self.scheduler is None
+            and not self._scaler_steps_itself()
+            and not readout.unchecked
+            and scaler_tensors
         )
 
+    def _masked_step(
+        self,
+        readout: Readout,
+        rollback: StepRollback,
+        masked: MaskedStep,
+        norms: list[torch.Tensor] | torch.Tensor | None,
+        empty: torch.Tensor | None,
+    ) -> None:
+        """``host_sync=False``: clip, step, and undo the step on the device where the
+        window has no items or (``skip_nonfinite``) a non-finite gradient norm."""
+        norm = None if norms is None else total_norm_of(norms)
+        if norm is not None and self.max_grad_norm is not None:
+            clip_gradients(
+                masked.grads,
+                torch.where(torch.isfinite(norm), self.max_grad_norm / (norm + 1e-6), 1.0),
+            )
+        device = masked.device
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        if empty is not None:
+            skip = skip | empty.to(device)
+        if self.skip_nonfinite and norm is not None:
+            skip = skip | ~torch.isfinite(norm).to(device)
+        readout.add(skipped=skip)
+        self._optimizer_step(rollback)
+        if not masked.finish(skip) and not readout.get("stepped"):
+            masked.undo()  # only the host could: one read
+            rollback.optimizer_stage = "before"
+        if self.scaler is not None:
+            scale, growth = self.scaler._scale.clone(), self.scaler._growth_tracker.clone()
+            self.scaler.update()
+            if empty is not None:
+                # An empty window leaves the scaler as it was; a non-finite one lowers it.
+                empty = empty.to(scale.device)
+                self.scaler._scale.copy_(torch.where(empty, scale, self.scaler._scale))
+                tracker = self.scaler._growth_tracker
+                tracker.copy_(torch.where(empty, growth, tracker))
+            if readout.values is None:
+                readout.add(scale=self.scaler._scale.clone())
+        if self.scheduler is not None:
+            self.scheduler.step()  # _can_mask: only when nothing can skip the window
 
-def _as_number(count: float) -> int | float:
-    """An item count as an int when it is whole (as counted), else as given."""
-    return int(count) if float(count).is_integer() else count
+    def _optimizer_step(self, rollback: StepRollback) -> None:
+        rollback.optimizer_stage = "stepping"
+        self.optimizer.step()
+        rollback.optimizer_stage = "stepped"
+
+    def _result(self, window: WindowTotals) -> StepResult:
+        plan = {
+            "micro_batches": window.micro_batches,
+            "micro_batch_size": window.micro_batch_size,
+            "step": self._history.index,
+        }
+        readout = window.readout
+        if readout.values is None:
+            return StepResult.pending(readout, **plan)
+        return StepResult(**{name: readout.values[name] for name in StepResult.READ}, **plan)

@@ -17,6 +17,7 @@ from truebatch.batching import check_micro_batch_size
 __all__ = [
     "check_accumulator_micro_batch_size",
     "check_dtype",
+    "check_flag",
     "check_max_grad_norm",
     "check_model_and_optimizer",
     "check_scaler",
@@ -150,6 +151,16 @@ def check_max_tokens(
             f"`max_tokens` got {value!r} for a model whose micro-batches must hold multiples "
             f"of {unit} samples (ghost BatchNorm); expected micro_batch_size. Fix: cut by "
             "samples, a multiple of the ghost batch size."
+        )
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` if it is a bool, else ``TypeError`` naming the option."""
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"`{name}` got {value!r}; expected True or False. Fix: pass {name}=True or "
+            f"{name}=False."
         )
     return value
 

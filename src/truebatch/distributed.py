@@ -333,14 +333,20 @@ class GradientSync:
         numbers. Between the two, the collective travels while the caller
         computes.
         """
+        wait = self.all_reduce_tensor(values)
+        return lambda: wait().tolist()
+
+    def all_reduce_tensor(self, values: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """:meth:`all_reduce` whose wait returns the sum as a tensor (on the collective's
+        device), so that nothing is read to the host."""
         if not self.distributed:
-            return values.tolist
+            return lambda: values
         values = values.to(self._device())
         work = dist.all_reduce(values, group=self.group, async_op=True)
 
-        def wait() -> list[float]:
+        def wait() -> torch.Tensor:
             work.wait()
-            return values.tolist()
+            return values
 
         return wait
 

@@ -18,21 +18,24 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
     "GradientSums",
+    "MaskedStep",
     "ParameterSets",
     "by_mesh",
     "clear_gradients",
     "clip_gradients",
-    "clip_to_norm",
+    "combine_norms",
+    "gradient_norms",
     "parameters_and_buffers",
     "present_gradients",
     "scale_gradients",
-    "total_norm",
+    "total_norm_of",
 ]
 
 
@@ -135,18 +138,22 @@ def scale_gradients(params: list[nn.Parameter], factor: float) -> None:
         torch._foreach_mul_(group, factor)
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all gradients together (a full tensor, also for FSDP2's DTensors, on
-    any number of device meshes: FSDP2 + tensor parallelism puts some on (dp, tp), the
-    rest on dp)."""
+def gradient_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tensor | None:
+    """The L2 norm of each gradient, from one fused kernel, when they are plain tensors of
+    one device and dtype (combined by :func:`combine_norms` or :func:`total_norm_of`);
+    else their total norm (a full tensor, also for FSDP2's DTensors on any number of
+    device meshes: FSDP2 + tensor parallelism puts some on (dp, tp), the rest on dp);
+    ``None`` for none."""
+    if not grads:
+        return None
     first = grads[0]
     if all(
         type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
         for g in grads
     ):
-        # The common case in one fused kernel: get_total_norm first groups the tensors by
-        # device and dtype, which costs more than the norm of a small model.
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        # get_total_norm first groups the tensors by device and dtype, which costs more
+        # than the norm of a small model.
+        return list(torch._foreach_norm(grads))
     # DTensors of different meshes cannot be stacked: one norm per mesh, each made a full
     # tensor (a collective over its mesh, in the same order on every rank), then combined.
     norms = []
@@ -172,27 +179,99 @@ def by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float | None) -> float:
-    """The global L2 norm of the present gradients of ``params`` (0.0 when none);
-    clips them to ``max_norm`` when it is given and the norm is finite, with the
-    coefficient of ``torch.nn.utils.clip_grad_norm_``."""
-    grads = present_gradients(params)
-    if not grads:
-        return 0.0
-    norm = total_norm(grads)
-    value = float(norm.item())
-    if max_norm is not None and math.isfinite(value):
-        clip_to_norm(grads, norm, max_norm)
-    return value
+def combine_norms(norms: list[float] | float) -> float:
+    """The global norm from the read per-tensor norms: ``sqrt(sum of squares)``, in float64."""
+    if not isinstance(norms, list):
+        return norms
+    return math.sqrt(math.fsum(n * n for n in norms))
 
 
-def clip_to_norm(grads: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
-    """Multiply ``grads`` in place by ``min(1, max_norm / (norm + 1e-6))``, the coefficient
-    of ``torch.nn.utils.clip_grad_norm_``, for a ``norm`` measured by the caller (the
-    global norm of a gradient spread over processes)."""
-    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].device)
+def total_norm_of(norms: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """:func:`combine_norms` on the device (float64), for a decision that is not read."""
+    if not isinstance(norms, list):
+        return norms.to(torch.float64)
+    return torch.linalg.vector_norm(torch.stack(norms).to(torch.float64))
+
+
+def clip_gradients(grads: list[torch.Tensor], coefficient: float | torch.Tensor) -> None:
+    """Multiply ``grads`` by ``min(coefficient, 1)``, in place: the clip of
+    ``torch.nn.utils.clip_grad_norm_`` when ``coefficient = max_norm / (norm + 1e-6)``.
+    A Python coefficient of 1 or more costs nothing; a tensor one stays on the device."""
+    if isinstance(coefficient, torch.Tensor):
+        coefficient = torch.clamp(coefficient, max=1.0).to(grads[0].device)
+    elif coefficient >= 1.0:
+        return
     for group in by_mesh(grads):  # a DTensor op takes the tensors of one mesh only
         torch._foreach_mul_(group, coefficient)
+
+
+class MaskedStep:
+    """An optimizer step that the device undoes where ``skip`` holds: no host read.
+
+    Before the step, the parameters that have a gradient (the only ones an
+    optimizer updates) and the tensors of their optimizer state are copied;
+    after it, each is set to ``where(skip, copy, updated)``. The result is
+    bitwise the state before the step when ``skip`` holds, and the step's
+    otherwise. Costs one copy of those parameters and their state per window.
+
+    What the device cannot undo is detected, and :attr:`possible` is False,
+    before anything changes: a parameter without optimizer state yet (its
+    first step creates it) or state on another device than the parameter
+    (``torch.optim.Adam``'s step counter lives on the host unless
+    ``capturable=True`` or ``fused=True``). :meth:`finish` returns False when
+    the step changed non-tensor state, which only the host can put back.
+    """
+
+    @classmethod
+    def when(
+        cls, wanted: bool, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+    ) -> MaskedStep | None:
+        """A masked step over ``params`` if ``wanted`` and :attr:`possible`, else ``None``."""
+        if not wanted:
+            return None
+        masked = cls(optimizer, params)
+        return masked if masked.possible else None
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        self.optimizer = optimizer
+        self.params = [p for p in params if p.grad is not None]
+        self.grads = [p.grad for p in self.params]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        states = [optimizer.state.get(p) for p in self.params]
+        self.possible = all(
+            state
+            and all(v.device == p.device for v in state.values() if isinstance(v, torch.Tensor))
+            for p, state in zip(self.params, states, strict=True)
+        )
+        if not self.possible:
+            return
+        self.tensors = list(self.params)
+        self.others: list[tuple[dict[str, Any], str, Any]] = []
+        for state in states:
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self.tensors.append(value)
+                else:
+                    self.others.append((state, key, value))
+        with torch.no_grad():
+            self.saved = [torch.empty_like(t) for t in self.tensors]
+            torch._foreach_copy_(self.saved, self.tensors)
+
+    def finish(self, skip: torch.Tensor) -> bool:
+        """Undo the step where ``skip``; False (nothing undone) if only the host can."""
+        if any(state.get(key) is not value for state, key, value in self.others):
+            return False
+        with torch.no_grad():
+            for tensor, saved in zip(self.tensors, self.saved, strict=True):
+                tensor.copy_(torch.where(skip, saved, tensor))
+        return True
+
+    def undo(self) -> None:
+        """Put back everything the step changed (after :meth:`finish` returned False)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.tensors, self.saved)
+        for state, key, value in self.others:
+            state[key] = value
 
 
 class GradientSums:

@@ -30,6 +30,7 @@ __all__ = [
     "check_loss_fn_and_count",
     "local_count",
     "local_counts",
+    "trusted_counter",
 ]
 
 LossFn = Callable[[nn.Module, Batch], "torch.Tensor | tuple[torch.Tensor, Any]"]
@@ -91,16 +92,35 @@ def as_count(value: Any, what: str) -> torch.Tensor:
     )
 
 
-def local_count(plan: list[tuple[Batch, int]], count: Counter | None) -> float:
+def local_count(
+    plan: list[tuple[Batch, int]], count: Counter | None, *, on_device: bool = False
+) -> float | torch.Tensor:
     """This rank's item count: the sum of ``count(micro_batch)``, by default the samples.
 
     Counting samples needs no call: the plan holds every micro-batch's size.
+    With ``on_device``, counts that ``count`` returns as tensors are summed on
+    their device, without a host read; a negative count then makes the total
+    ``nan``, which the window's readout reports as the error.
     """
     if count is None or count is count_samples:
         return float(sum(size for _, size in plan))
     if not plan:
         return 0.0
-    values = torch.stack([as_count(count(mb), "count(micro_batch)").cpu() for mb, _ in plan])
+    raw = [count(mb) for mb, _ in plan]
+    tensors = [v for v in raw if isinstance(v, torch.Tensor)]
+    if on_device and tensors:
+        device = tensors[0].device
+        if len(tensors) == len(raw) and all(t.dim() == 0 and t.device == device for t in raw):
+            values = torch.stack(raw)  # the common case (count_tokens): one op
+        else:
+            values = torch.stack(
+                [as_count(v, "count(micro_batch)").to(device, non_blocking=True) for v in raw]
+            )
+        total = values.sum(dtype=torch.float64)
+        if trusted_counter(count):
+            return total
+        return torch.where(values.min() < 0, math.nan, total)
+    values = torch.stack([as_count(v, "count(micro_batch)").cpu() for v in raw])
     negative = torch.nonzero(values < 0).flatten().tolist()
     if negative:
         raise ValueError(
@@ -111,11 +131,19 @@ def local_count(plan: list[tuple[Batch, int]], count: Counter | None) -> float:
     return float(values.sum())
 
 
-def local_counts(plan: list[tuple[Batch, int]], count: Counter | TermSpec | None) -> list[float]:
+def trusted_counter(counter: Any) -> bool:
+    """Whether ``counter`` is truebatch's own (``count_tokens``...): its counts are never
+    negative, so a tensor it returns needs no check."""
+    return counter is None or getattr(counter, "__module__", "").startswith("truebatch.")
+
+
+def local_counts(
+    plan: list[tuple[Batch, int]], count: Counter | TermSpec | None, *, on_device: bool = False
+) -> list[float | torch.Tensor]:
     """This rank's item count per loss term (one entry without terms)."""
     if isinstance(count, TermSpec):
-        return [local_count(plan, counter) for counter in count.counters]
-    return [local_count(plan, count)]
+        return [local_count(plan, counter, on_device=on_device) for counter in count.counters]
+    return [local_count(plan, count, on_device=on_device)]
 
 
 class LossTotals:
@@ -148,7 +176,7 @@ class LossTotals:
         self.returns_pairs: bool | None = None
         self.losses: list[torch.Tensor] = []  # per pass, one per term, in the order of names
         self.counts: list[torch.Tensor] = []
-        self._wait: Callable[[], list[float]] | None = None
+        self._wait: Callable[[], torch.Tensor | list[torch.Tensor]] | None = None
 
     def add(self, output: Any) -> list[torch.Tensor]:
         """Record one pass's ``loss_fn`` output; returns its loss sum(s), one per term."""
@@ -222,39 +250,32 @@ class LossTotals:
         return losses
 
     def start(self) -> None:
-        """Start summing (loss sum per term, returned count, negative counts, counts returned?)."""
+        """Start summing (loss sum per term, returned count, negative counts, counts returned?)
+        over ranks; on one process without returned counts there is nothing to start."""
         if self._wait is not None:
+            return
+        if not (self.counts or self.sync.distributed):
+            # The per-pass losses themselves, summed on the host when read: no tensor op.
+            losses = self.losses
+            self._wait = lambda: losses
             return
         terms = 1 if self.names is None else len(self.names)
         with torch.no_grad():
-            losses = torch.stack(self.losses) if self.losses else None
-            if losses is not None and not (self.counts or self.sync.distributed):
-                # One rank, no returned count: the losses alone, added up when finished.
-                values = losses.tolist()  # pass by pass, the terms in the order of names
-                sums = [math.fsum(values[t::terms]) for t in range(terms)]
-                self._wait = lambda: [*sums, 0.0, 0.0, 0.0]
-                return
-            if losses is not None:
-                losses = losses.reshape(-1, terms)
             values = torch.zeros(terms + 3, dtype=torch.float64, device=self.device)
-            if losses is not None:
+            if self.losses:
+                losses = torch.stack(self.losses).reshape(-1, terms)
                 values[:terms] = losses.sum(dim=0, dtype=torch.float64)
             if self.counts:
                 counts = torch.stack(self.counts)
                 values[terms:] = torch.stack(
                     [counts.sum(), (counts < 0).sum(dtype=torch.float64), counts.new_ones(())]
                 )
-        self._wait = self.sync.all_reduce(values)
+        self._wait = self.sync.all_reduce_tensor(values)
 
-    def finish(self) -> tuple[list[float], float | None]:
-        """Over all ranks: the loss sum per term, and the returned count (``None``: none)."""
+    def finish(self) -> torch.Tensor | list[torch.Tensor]:
+        """Over all ranks, on the device: the loss sum per term, the returned count, the
+        number of negative returned counts, and whether any rank returned counts (1 or 0).
+        On one process without returned counts: the loss of every pass and term, in order."""
         self.start()
         assert self._wait is not None
-        *losses, count, negative, returned = self._wait()
-        if negative:
-            raise ValueError(
-                f"`loss_fn` returned a negative count for {int(negative)} micro-batch(es); "
-                "expected a number of items (samples, tokens), 0 or more. Fix: return "
-                "(loss_sum, n_items)."
-            )
-        return losses, count if returned > 0 else None
+        return self._wait()

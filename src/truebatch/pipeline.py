@@ -59,9 +59,10 @@ from truebatch.batching import Counter
 from truebatch.gradients import (
     ParameterSets,
     clear_gradients,
-    clip_to_norm,
+    clip_gradients,
+    gradient_norms,
     present_gradients,
-    total_norm,
+    total_norm_of,
 )
 from truebatch.guard import WindowGuard
 from truebatch.losses import check_loss, local_count
@@ -359,8 +360,8 @@ class PipelineAccumulator:
     ) -> tuple[float, float, float, int]:
         """The global gradient norm, and the last stage's loss sum, N and micro-batch
         size, on every stage (one all-reduce over the pipeline group)."""
-        grads = present_gradients(self.parameters.updated)
-        norm = total_norm(grads).double() if grads else torch.zeros((), dtype=torch.float64)
+        norms = gradient_norms(present_gradients(self.parameters.updated))
+        norm = torch.zeros((), dtype=torch.float64) if norms is None else total_norm_of(norms)
         row = [float(norm) ** 2, loss_sum, n_items, float(largest)]
         if self.stage.group_size > 1:
             last = self.stage.is_last
@@ -374,8 +375,7 @@ class PipelineAccumulator:
         finite = math.isfinite(grad_norm)
         grads = present_gradients(self.parameters.updated)
         if finite and self.max_grad_norm is not None and grads:
-            norm = torch.tensor(grad_norm, dtype=torch.float64, device=grads[0].device)
-            clip_to_norm(grads, norm, self.max_grad_norm)
+            clip_gradients(grads, self.max_grad_norm / (grad_norm + 1e-6))
         if not finite and self.skip_nonfinite:
             return f"non-finite gradient (norm {grad_norm})"
         rollback.optimizer_stage = "stepping"

@@ -42,7 +42,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,7 +53,8 @@ from truebatch.batching import Batch, map_tensors, slice_samples
 from truebatch.distributed import GradientSync
 from truebatch.gradients import GradientSums, ParameterSets, clear_gradients, scale_gradients
 from truebatch.guard import WindowGuard, check_gradients_unchanged, gradients_seen
-from truebatch.losses import LossFn, LossTotals, local_counts
+from truebatch.losses import LossFn, LossTotals, local_counts, trusted_counter
+from truebatch.readout import Pending, Readout, deferred
 from truebatch.snapshot import clone_buffers, restore_buffers, rng_state, set_rng_state
 from truebatch.terms import Counts, TermSpec, term_spec
 
@@ -76,6 +77,9 @@ _NO_CONTEXT = nullcontext()  # reusable, and cheaper than a new one per micro-ba
 class WindowTotals:
     """What :meth:`Accumulator.accumulate` returns; the window's gradient is in ``.grad``.
 
+    The sums and counts may still be on the device: the first access of any
+    of them reads them all to the host, in one read (``truebatch.readout``).
+
     Attributes:
         loss_sum: sum of the loss sums over all micro-batches and ranks; with
             loss terms, the window's loss ``sum_t w_t * S_t / N_t`` (over the
@@ -87,14 +91,28 @@ class WindowTotals:
         term_sums: with loss terms, each term's sum S_t over all
             micro-batches and ranks; else ``None``.
         term_counts: with loss terms, each term's count N_t; else ``None``.
+        readout: the device values behind the fields above.
     """
 
-    loss_sum: float
-    count: float
+    loss_sum: float = deferred()
+    count: float = deferred()
     micro_batches: int
     micro_batch_size: int
-    term_sums: dict[str, float] | None = None
-    term_counts: dict[str, float] | None = None
+    term_sums: dict[str, float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
+    term_counts: dict[str, float] | None = deferred(None)  # noqa: RUF009 (a descriptor, shared on purpose)
+    readout: Readout | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def pending(cls, readout: Readout, micro_batches: int, micro_batch_size: int) -> WindowTotals:
+        """Totals whose sums and counts are read from ``readout`` on first access."""
+        names = ("loss_sum", "count", "term_sums", "term_counts")
+        fields = {name: Pending(readout, name) for name in names}
+        return cls(
+            **fields,
+            micro_batches=micro_batches,
+            micro_batch_size=micro_batch_size,
+            readout=readout,
+        )
 
     @property
     def loss(self) -> float:
@@ -113,6 +131,47 @@ class WindowTotals:
             name: total / self.term_counts[name] if self.term_counts[name] else math.nan
             for name, total in self.term_sums.items()
         }
+
+
+def read_totals(
+    values: dict[str, Any], names: tuple[str, ...] | None, weights: tuple[float, ...] | None
+) -> dict[str, Any]:
+    """The window's totals from its read parts: ``sums`` (loss sum per term, then the
+    returned count, the number of negative returned counts, and whether counts were
+    returned) or, on one process, ``losses`` (every pass's loss per term), ``counts``
+    (N_t per term, as counted before the passes) and ``n_items``.
+
+    Raises:
+        ValueError: a count was negative (``loss_fn``'s, or a tensor from ``count``).
+    """
+    if "losses" in values:  # one process: the loss of every pass and term, summed here
+        losses, terms = values["losses"], 1 if names is None else len(names)
+        sums, negative = [math.fsum(losses[t::terms]) for t in range(terms)], 0
+    else:
+        *sums, _, negative, _ = values["sums"]
+    n_items = values["n_items"]
+    if negative:
+        raise ValueError(
+            f"`loss_fn` returned a negative count for {int(negative)} micro-batch(es); "
+            "expected a number of items (samples, tokens), 0 or more. Fix: return "
+            "(loss_sum, n_items)."
+        )
+    if n_items != n_items:  # nan: a counter's tensor held a negative count
+        raise ValueError(
+            "`count(micro_batch)` returned a negative count; expected a number of items "
+            "(samples, tokens), 0 or more. Fix: count the items the loss sums over."
+        )
+    if names is None or weights is None:
+        return {"loss_sum": sums[0], "count": n_items, "term_sums": None, "term_counts": None}
+    counts = values["counts"]
+    counts = counts if isinstance(counts, list) else [counts]
+    loss = math.fsum(w * s / n for w, s, n in zip(weights, sums, counts, strict=True) if n)
+    return {
+        "loss_sum": loss,
+        "count": n_items,
+        "term_sums": dict(zip(names, sums, strict=True)),
+        "term_counts": dict(zip(names, counts, strict=True)),
+    }
 
 
 @dataclass(frozen=True)
@@ -177,6 +236,22 @@ class OutOfMemoryOnSomeRank(Exception):
         self.smallest = smallest
 
 
+def ratio(numerator: float, n: float | torch.Tensor) -> float | torch.Tensor:
+    """``numerator / n``, 0 when ``n`` is 0; on the device when ``n`` is a tensor."""
+    if isinstance(n, torch.Tensor):
+        return torch.where(n > 0, numerator / n, 0.0)
+    return numerator / n if n else 0.0
+
+
+def as_weight(weight: float | torch.Tensor, loss: torch.Tensor) -> float | torch.Tensor:
+    """A device weight in the precision a Python number would be applied in: the loss's
+    dtype, or float32 for a 16-bit loss (whose product then rounds once, as with a number)."""
+    if not isinstance(weight, torch.Tensor):
+        return weight
+    dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
+    return weight.to(device=loss.device, dtype=dtype)
+
+
 class GlobalCounts:
     """The window's numbers over all ranks, from one gather of a row per rank
     ``[item count per term..., passes, samples, can replay]``; waited for on first need."""
@@ -197,8 +272,11 @@ class GlobalCounts:
             return self
         table, self._wait = self._wait(), None
         k = self._terms
-        self.term_counts = [sum(row[t] for row in table) for t in range(k)]
-        self.n_items = sum(self.term_counts)
+        if len(table) == 1:  # one process: its counts as they are (a tensor stays one)
+            self.term_counts = table[0][:k]
+        else:
+            self.term_counts = [sum(row[t] for row in table) for t in range(k)]
+        self.n_items = self.term_counts[0] if k == 1 else sum(self.term_counts)
         self.passes = int(max(row[k] for row in table))
         self.rank_offset = int(sum(row[k + 1] for row in table[: self._rank]))
         self.all_can_replay = all(row[k + 2] for row in table)
@@ -249,9 +327,17 @@ class Window:
         # arrives (the previous window's under DDP, 1 when loss_fn returns counts). With
         # loss terms, each term's N_t (self.counts.term_counts) and never an assumed one.
         self.n_items = 0.0
+        self.weights_of: tuple[Any, list[float | torch.Tensor]] | None = None
+        # With (loss_sum, count) returns: N over all ranks, from the loss totals.
+        self.returned_count: torch.Tensor | None = None
 
     def run(self) -> WindowTotals:
-        """Count, weight, pass, total; leaves the window's gradient in ``.grad``."""
+        """Count, weight, pass, total; leaves the window's gradient in ``.grad``.
+
+        Nothing here reads a device value on one process: counts from tensors,
+        the weight and the loss totals stay on the device, in the returned
+        totals' readout (see ``truebatch.readout``).
+        """
         setup, sync, params = self.setup, self.setup.sync, self.setup.parameters
         largest = max(self.sizes, default=0)
         # Count: every micro-batch's items, before any backward; one exchange over ranks.
@@ -260,8 +346,10 @@ class Window:
         previous = None if self.share_out_of_memory else self.history.previous_count
         if self.terms is not None:
             previous = None  # see the module docstring: terms cannot be corrected afterwards
-        if previous is None and self.counts.wait().n_items == 0:
-            return self.window_totals([0.0] * len(self.counts.term_counts), largest)
+        if previous is None:
+            n_items = self.counts.wait().n_items
+            if not isinstance(n_items, torch.Tensor) and n_items == 0:
+                return self.window_totals(None, largest)
         self.n_items = previous or self.counts.n_items
         if sync.distributed and self.plan:
             # Taken anew every window: no larger than this window's micro-batches ("auto").
@@ -278,61 +366,99 @@ class Window:
                     self.passes_sharing_out_of_memory()
                 else:
                     self.passes(started_with_previous_count=previous is not None)
-                loss_sums, returned_count = self.totals.finish()
-                if returned_count:
+                sums = self.totals.finish()
+                if self.totals.returns_pairs or (
+                    sync.distributed and self.totals.returns_pairs is None
+                ):
                     # loss_fn returned the counts: every rank's passes assumed N = 1 (even a
-                    # rank that only replayed). Divide the wide sums before they are
-                    # rounded: one rounding per window.
-                    self.n_items = 1.0
-                    self.correct_count(returned_count)
+                    # rank that only replayed; whether any rank returned counts is in the
+                    # sums). Divide the wide sums before they are rounded: one rounding per
+                    # window.
+                    terms = len(self.counts.term_counts)
+                    returned, count = sums[terms + 2] > 0, sums[terms]
+                    factor = torch.where(returned, 1.0 / count, 1.0)
+                    self.sums.scale(factor)
+                    scale_gradients(params.model, factor)
+                    self.n_items = torch.where(returned, count, self.counts.wait().n_items)
+                    self.returned_count = self.n_items
                 self.sums.restore()
         except BaseException:
             self.sums.discard()
             clear_gradients(params.model)
             raise
         self.remember_count()
-        if returned_count is not None:
-            return WindowTotals(loss_sums[0], returned_count, len(self.plan), largest)
-        return self.window_totals(loss_sums, largest)
+        return self.window_totals(sums, largest)
 
-    def weights(self) -> list[float]:
+    def weights(self) -> list[float | torch.Tensor]:
         """The one normalization, per loss term: weight_t = world_size * w_t / N_t (0 for a
-        term without items). A single loss is one term with w = 1 and N = ``n_items``."""
+        term without items). A single loss is one term with w = 1 and N = ``n_items``.
+        A count still on the device gives a weight on the device."""
+        if self.weights_of is not None and self.weights_of[0] is self.n_items:
+            return self.weights_of[1]  # device weights cost tensor ops: once per N
         world_size = self.setup.sync.world_size
         if self.terms is None:
-            return [world_size / self.n_items]
-        return [
-            world_size * w / n if n else 0.0
-            for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
-        ]
+            weights = [ratio(world_size, self.n_items)]
+        else:
+            weights = [
+                ratio(world_size * w, n)
+                for w, n in zip(self.terms.weights, self.counts.term_counts, strict=True)
+            ]
+        self.weights_of = (self.n_items, weights)
+        return weights
 
-    def window_totals(self, loss_sums: list[float], largest: int) -> WindowTotals:
-        """The window's totals over all ranks, from the loss sums per term."""
+    def window_totals(
+        self, sums: torch.Tensor | list[torch.Tensor] | None, largest: int
+    ) -> WindowTotals:
+        """The window's totals over all ranks, pending on the device until first read.
+        ``sums`` (None: no pass ran) is what :meth:`LossTotals.finish` returned."""
         counts = self.counts
-        if self.terms is None:
-            return WindowTotals(loss_sums[0], counts.n_items, len(self.plan), largest)
-        names, weights = self.terms.names, self.terms.weights
-        loss = math.fsum(
-            w * s / n for w, s, n in zip(weights, loss_sums, counts.term_counts, strict=True) if n
+        terms = len(counts.term_counts)
+        names = None if self.terms is None else self.terms.names
+        weights = None if self.terms is None else self.terms.weights
+        term_counts: Any = counts.term_counts
+        if any(isinstance(n, torch.Tensor) for n in term_counts):
+            # A list of 0-dim tensors, read in the window's one stack.
+            device = next(n for n in term_counts if isinstance(n, torch.Tensor)).device
+            term_counts = [
+                torch.as_tensor(n, dtype=torch.float64, device=device) for n in term_counts
+            ]
+        if sums is None:
+            totals: dict[str, Any] = {"sums": [0.0] * (terms + 3)}
+        elif isinstance(sums, list):  # one process: the loss of every pass and term
+            totals = {"losses": sums}
+        else:
+            totals = {"sums": sums}
+        readout = Readout(
+            {
+                **totals,
+                "counts": term_counts,
+                "n_items": counts.n_items if self.returned_count is None else self.returned_count,
+            },
+            lambda values: read_totals(values, names, weights),
         )
-        return WindowTotals(
-            loss,
-            counts.n_items,
-            len(self.plan),
-            largest,
-            term_sums=dict(zip(names, loss_sums, strict=True)),
-            term_counts=dict(zip(names, counts.term_counts, strict=True)),
-        )
+        # Counts from loss_fn, or from a user's counter as tensors, are checked when read:
+        # a caller that must not act on a wrong count reads before acting.
+        readout.unchecked = bool(self.totals.returns_pairs) or self.unchecked_count
+        return WindowTotals.pending(readout, len(self.plan), largest)
 
     def exchange_counts(self) -> GlobalCounts:
         """Count this rank's items (before any backward) and start the window's one exchange:
         item count, passes, samples, and whether this rank can replay a micro-batch."""
         can_replay = self.history.replay_batch is not None or bool(self.sizes)
-        # Python numbers: a few tensor ops per window would cost more than the rest.
-        counts = local_counts(self.plan, self.count)
-        row = [*counts, len(self.sizes), sum(self.sizes), can_replay]
         sync = self.setup.sync
-        return GlobalCounts(sync.exchange([float(v) for v in row]), sync.rank, terms=len(counts))
+        # Python numbers where the counter gives them: a few tensor ops per window would
+        # cost more than the rest. One process keeps a counter's tensors on the device.
+        counts = local_counts(self.plan, self.count, on_device=not sync.distributed)
+        self.unchecked_count = any(isinstance(n, torch.Tensor) for n in counts) and not all(
+            trusted_counter(c) for c in self.counters()
+        )
+        row = [*counts, len(self.sizes), sum(self.sizes), can_replay]
+        if sync.distributed:
+            row = [float(v) for v in row]
+        return GlobalCounts(sync.exchange(row), sync.rank, terms=len(counts))
+
+    def counters(self) -> tuple[Any, ...]:
+        return (self.count,) if self.terms is None else self.terms.counters
 
     def passes(self, *, started_with_previous_count: bool) -> None:
         """This rank's passes, then zero-weight replays up to the busiest rank's number.
@@ -383,16 +509,17 @@ class Window:
         if last:
             self.totals.start()
         weights = self.weights()
-        scaled = losses[0] * weights[0]
+        scaled = losses[0] * as_weight(weights[0], losses[0])
         for term in range(1, len(losses)):
-            scaled = scaled + losses[term] * weights[term]
+            scaled = scaled + losses[term] * as_weight(weights[term], losses[term])
         if setup.scaler is not None:
             scaled = setup.scaler.scale(scaled)
         scaled.backward()
 
-    def correct_count(self, n_items: float) -> None:
+    def correct_count(self, n_items: float | torch.Tensor) -> None:
         """The passes so far were weighted with an assumed N; make the gradient so far
-        (and the passes to come) weighted by ``world_size / n_items``: one multiplication."""
+        (and the passes to come) weighted by ``world_size / n_items``: one multiplication
+        (on the device when ``n_items`` is there)."""
         factor = self.n_items / n_items
         self.sums.scale(factor)
         scale_gradients(self.setup.parameters.model, factor)
