@@ -142,7 +142,15 @@ def window_batch(shape: Shape, batch_size: int, seed: int) -> Batch:
 
 
 def encode(model: nn.Module, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(b["a_ids"], b["a_mask"]), model(b["p_ids"], b["p_mask"])
+    return model(*_trimmed(b["a_ids"], b["a_mask"])), model(*_trimmed(b["p_ids"], b["p_mask"]))
+
+
+def _trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Without the padding columns no sequence of the (micro-)batch uses, as
+    sentence-transformers' cached losses cut each mini-batch: every method then runs
+    the same tokens."""
+    width = int(mask.sum(1).max())
+    return ids[:, :width], mask[:, :width]
 
 
 def mnrl_sum(reps: tuple[torch.Tensor, torch.Tensor], _: Any = None) -> torch.Tensor:
