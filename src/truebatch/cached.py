@@ -34,8 +34,9 @@ own representations.
 Both forwards of a micro-batch see the same randomness: split-invariant
 dropout (:mod:`truebatch.nn`) draws its mask from the sample's position,
 which both forwards declare identically; for native random ops the RNG state
-of the CPU and of every initialized CUDA device is recorded before the first
-forward and replayed before the second. Buffers (BatchNorm statistics) are
+of the CPU and of every CUDA device holding the model's parameters
+(:func:`truebatch.snapshot.rng_state`, as a window's start saves it) is
+recorded before the first forward and replayed before the second. Buffers (BatchNorm statistics) are
 put back after phase 1, so they are updated once, by phase 3.
 """
 
