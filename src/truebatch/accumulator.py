@@ -321,6 +321,7 @@ class Accumulator:
             count,
             negatives=negatives,
             window_batch=window_batch,
+            parameters=self._setup.parameters,
         )
 
     @property

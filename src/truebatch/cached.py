@@ -18,9 +18,10 @@ phases, holding one micro-batch's graph plus the window's representations:
 2. ``L = loss_fn(r, window)`` with ``r`` requiring grad: ``G`` and the
    loss's own parameter gradient, by one ``torch.autograd.grad``;
 3. :meth:`Accumulator.step_window` over the micro-batches, each paired with
-   its rows of ``G``, with the pass loss ``s_j - s_j.detach() + l_j``: its
-   gradient is the surrogate's and its value ``l_j`` is ``L`` on one
-   micro-batch and 0 on the others, so the window reports the true loss.
+   its rows of ``G``. A pass's loss has the value ``l_j``, ``L`` on one
+   micro-batch and 0 on the others (the window reports the true loss), and
+   the surrogate's gradient: its backward sends ``G_j``, times the pass's
+   weight, into ``r_j``, as ``torch.autograd.backward(r_j, G_j)`` would.
 
 The Accumulator scales every backward by ``world_size / N`` and DDP averages
 over ranks. Under global negatives every rank computes the same ``L`` from
@@ -33,8 +34,9 @@ own representations.
 Both forwards of a micro-batch see the same randomness: split-invariant
 dropout (:mod:`truebatch.nn`) draws its mask from the sample's position,
 which both forwards declare identically; for native random ops the RNG state
-of the CPU and of every initialized CUDA device is recorded before the first
-forward and replayed before the second. Buffers (BatchNorm statistics) are
+of the CPU and of every CUDA device holding the model's parameters
+(:func:`truebatch.snapshot.rng_state`, as a window's start saves it) is
+recorded before the first forward and replayed before the second. Buffers (BatchNorm statistics) are
 put back after phase 1, so they are updated once, by phase 3.
 """
 
@@ -51,6 +53,15 @@ from torch import nn
 from truebatch import _context
 from truebatch.batching import Batch, Counter, batch_size, map_tensors, split, tensor_leaves
 from truebatch.gather import DeferredBufferBroadcast, concat, gather_window
+from truebatch.gradients import ParameterSets
+from truebatch.snapshot import (
+    RNGState,
+    WindowStart,
+    copy_into,
+    rng_state,
+    same_rng_state,
+    set_rng_state,
+)
 
 if TYPE_CHECKING:
     from truebatch.accumulator import Accumulator, StepResult
@@ -72,24 +83,33 @@ def step_cached(
     *,
     negatives: Negatives = "global",
     window_batch: bool = True,
+    parameters: ParameterSets,
 ) -> StepResult:
     """One exact step of a window whose loss mixes its samples (see the module docstring).
 
-    This is :meth:`truebatch.Accumulator.step_cached`; see there.
+    This is :meth:`truebatch.Accumulator.step_cached`; see there. ``parameters`` are
+    the Accumulator's (read again here: one walk of the model for the whole window).
     """
     _check_arguments(accumulator, encode_fn, loss_fn, count, negatives)
-    before = _Snapshot.take(accumulator.model)
+    parameters.refresh()
+    devices = parameters.devices
+    start = WindowStart(accumulator.model, devices, parameters.buffers)
+    grads = [(p, p.grad) for p in parameters.model]
     try:
-        window = _CachedWindow(accumulator, negatives=negatives, window_batch=window_batch)
+        window = _CachedWindow(
+            accumulator, parameters, start, negatives=negatives, window_batch=window_batch
+        )
         window.encode(micro_batches, encode_fn)
         window.differentiate(loss_fn, count)
         result = accumulator.step_window(
             window.passes, window.pass_loss_fn(encode_fn), window.pass_count(count)
         )
     except BaseException:
-        before.restore(accumulator.model)
+        start.restore()
+        for parameter, grad in grads:
+            parameter.grad = grad
         raise
-    window.rng_after.restore()
+    set_rng_state(window.rng_after, devices)
     return result
 
 
@@ -104,28 +124,35 @@ class _CachedWindow:
         passes: per micro-batch ``{"batch", "rep_grad", "sample"}``: its batch, its rows
             of ``G = dL/dr``, and the local index of each sample (which also finds the
             RNG state recorded for the micro-batch, however step_window splits it).
+        parameters: the model's parameters, buffers and devices, read as the window starts.
+        start: the buffers and RNG (of the CPU and every device of the parameters) as the
+            window starts; phase 1's buffer updates are undone from it.
         rng: the RNG state before each micro-batch's first forward, by first sample.
         rng_used: whether phase 1 drew random numbers at all.
         rng_after: the RNG state once the loss is computed; the window ends there.
         loss_value: ``L`` (this rank's share), carried by the designated micro-batch.
+        zero: the value of the other passes' loss (0, in the loss's dtype and device).
         loss_count: the count loss_fn returned, carried like ``loss_value``.
         loss_param_grads: ``dL/dtheta |_r`` for parameters the loss uses itself.
         designated: whether this rank's first micro-batch carries the loss value.
     """
 
     accumulator: Accumulator
+    parameters: ParameterSets
+    start: WindowStart
     negatives: Negatives
     window_batch: bool
     pieces: list[Batch] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     micro_batches: list[Batch] = field(default_factory=list)
     reps: list[Representations] = field(default_factory=list)
-    rng: dict[int, _RNGState] = field(default_factory=dict)
+    rng: dict[int, RNGState] = field(default_factory=dict)
     rng_used: bool = False
-    rng_after: _RNGState | None = None
+    rng_after: RNGState | None = None
     rank_sizes: list[int] = field(default_factory=list)
     passes: list[dict[str, Any]] = field(default_factory=list)
     loss_value: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
     loss_count: float | None = None
     loss_param_grads: list[tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=list)
     designated: bool = False
@@ -149,19 +176,21 @@ class _CachedWindow:
             self.rank_sizes = self.rank_sizes or [int(row[0]) for row in wait()]
             return sum(self.rank_sizes[: acc.sync.rank])
 
-        buffers = [b.detach().clone() for b in acc.model.buffers()]
-        start = _RNGState.take()
+        devices = self.parameters.devices
         window, offset = acc.completed_windows, 0
         with torch.no_grad(), DeferredBufferBroadcast(acc.model):
             for micro_batch, size in zip(self.micro_batches, self.sizes, strict=True):
-                self.rng[offset] = _RNGState.take()
-                with _context.micro_batch(window, offset, rank_offset), _autocast(acc):
+                self.rng[offset] = rng_state(devices)
+                with (
+                    _context.micro_batch(window, offset, rank_offset),
+                    _autocast(acc, self.parameters.devices[0]),
+                ):
                     reps = encode_fn(acc.model, micro_batch)
                 self.reps.append(_checked_reps(reps, size))
                 offset += size
-        self.rng_used = not start.equals(_RNGState.take())
+        self.rng_used = not same_rng_state(self.start.rng, rng_state(devices))
         # Phase 3 updates the buffers; its forwards then see the values phase 1 saw.
-        _copy_into(list(acc.model.buffers()), buffers)
+        copy_into(self.parameters.buffers, self.start.buffers)
         rank_offset()
 
     # ----------------------------------------------------------- phase 2
@@ -177,7 +206,7 @@ class _CachedWindow:
             reps = batch = None
         elif gather:
             reps, batch = gather_window(
-                acc.sync, _device(acc), local_reps, local_batch, self.rank_sizes
+                acc.sync, self.parameters.devices[0], local_reps, local_batch, self.rank_sizes
             )
             first = sum(self.rank_sizes[: acc.sync.rank])
             owner = next(rank for rank, n in enumerate(self.rank_sizes) if n)
@@ -186,19 +215,21 @@ class _CachedWindow:
             reps, batch, first = local_reps, local_batch, 0
             self.designated = bool(self.sizes)
         if reps is None:  # no samples (on this rank, under local negatives): no loss
-            self.rng_after = _RNGState.take()
+            self.rng_after = rng_state(self.parameters.devices)
+            self.zero = torch.zeros((), device=self.parameters.devices[0])
             # Its replayed passes still reach every parameter, with weight 0, for DDP.
-            self.loss_param_grads = [(p, None) for p in acc.model.parameters() if p.requires_grad]
+            self.loss_param_grads = [(p, None) for p in self.parameters.trainable]
             return
         reps = map_tensors(reps, _leaf_for_grad)
         leaves = [t for _, t in tensor_leaves(reps, None) if t.requires_grad]
-        params = [p for p in acc.model.parameters() if p.requires_grad]
-        with _autocast(acc):
+        params = self.parameters.trainable
+        with _autocast(acc, self.parameters.devices[0]):
             output = loss_fn(reps, batch if self.window_batch else None)
         loss, self.loss_count = _parse_loss(output, count)
         grads = torch.autograd.grad(loss, [*leaves, *params], allow_unused=True)
-        self.rng_after = _RNGState.take()
+        self.rng_after = rng_state(self.parameters.devices)
         self.loss_value = loss.detach()
+        self.zero = self.loss_value.new_zeros(())
         self.loss_param_grads = [
             (p, g) for p, g in zip(params, grads[len(leaves) :], strict=True) if g is not None
         ]
@@ -225,13 +256,14 @@ class _CachedWindow:
     # ----------------------------------------------------------- phase 3
 
     def pass_loss_fn(self, encode_fn: EncodeFn) -> Callable[[nn.Module, Any], torch.Tensor]:
-        """The loss of one pass: gradient of the surrogate, value of the true loss share."""
+        """The loss of one pass: the true loss share as value, ``G_j`` as gradient."""
+        devices = self.parameters.devices
 
         def pass_loss(model: nn.Module, item: dict[str, Any]) -> torch.Tensor:
             first = int(item["sample"][0])
             recorded = self.rng.get(first)
             if recorded is not None:
-                recorded.restore()
+                set_rng_state(recorded, devices)
             elif self.rng_used:
                 raise RuntimeError(
                     f"`micro_batches` got a micro-batch starting at sample {first} that the "
@@ -240,9 +272,8 @@ class _CachedWindow:
                 )
             reps = encode_fn(model, item["batch"])
             carries = self.designated and first == 0
-            surrogate = _surrogate(reps, item["rep_grad"], self.loss_param_grads, carries=carries)
-            value = self.loss_value if carries else surrogate.new_zeros(())
-            return surrogate - surrogate.detach() + value
+            value = self.loss_value if carries else self.zero
+            return _pass_loss(reps, item["rep_grad"], self.loss_param_grads, value, carries=carries)
 
         return pass_loss
 
@@ -256,97 +287,67 @@ class _CachedWindow:
         return lambda item: total if self.designated and int(item["sample"][0]) == 0 else 0.0
 
 
-def _surrogate(
+def _pass_loss(
     reps: Representations,
     rep_grads: Representations,
     loss_param_grads: list[tuple[nn.Parameter, torch.Tensor | None]],
+    value: torch.Tensor,
     *,
     carries: bool,
 ) -> torch.Tensor:
-    """``sum(r * G)`` over the representations, plus ``sum(theta * dL/dtheta|_r)`` on the
-    micro-batch that ``carries`` the loss. Under DDP every synchronizing pass must reach
-    every parameter, so the other passes hold the loss's own parameters with weight 0."""
-    pairs = list(
-        zip(
-            [t for _, t in tensor_leaves(reps, None)],
-            [g for _, g in tensor_leaves(rep_grads, None)],
-            strict=True,
+    """A 0-dim tensor of ``value`` whose backward sends ``G_j`` (times the pass's weight)
+    into the representations, and ``dL/dtheta|_r`` into the loss's own parameters on the
+    micro-batch that ``carries`` the loss: the gradient of ``sum(r_j * G_j)``, without
+    computing it. Under DDP every synchronizing pass must reach every parameter, so the
+    other passes send the loss's own parameters zeros."""
+    pairs = [
+        (r, g)
+        for (_, r), (_, g) in zip(
+            tensor_leaves(reps, None), tensor_leaves(rep_grads, None), strict=True
         )
-    )
-    terms = [(r * g.to(r.dtype)).sum() for r, g in pairs if r.requires_grad]
-    terms += [(p * (g if carries else 0.0)).sum() for p, g in loss_param_grads]
-    if not terms:
+        if r.requires_grad
+    ]
+    if not pairs:
         raise TypeError(
             "`encode_fn` got no representation that requires grad; expected the model's "
             "output. Fix: return the encoder's output without .detach() or torch.no_grad()."
         )
-    return torch.stack([t.to(terms[0].dtype) for t in terms]).sum()
+    inputs = [r for r, _ in pairs] + [p for p, _ in loss_param_grads]
+    grads = [g for _, g in pairs] + [g if carries else None for _, g in loss_param_grads]
+    return _CachedGradient.apply(value, grads, *inputs)
+
+
+class _CachedGradient(torch.autograd.Function):
+    """``forward(value, grads, *inputs)`` returns ``value``; ``backward`` gives each input
+    ``grad_output * grads[i]`` (zeros where ``grads[i]`` is None): what
+    ``torch.autograd.backward(inputs, grads)`` does, as one node under the pass's loss.
+    ``(r * G).sum()`` would cost a product, a sum and their backwards per representation."""
+
+    @staticmethod
+    def forward(ctx: Any, value: torch.Tensor, grads: list[Any], *inputs: torch.Tensor) -> Any:
+        ctx.grads = grads
+        ctx.inputs = [(t.dtype, t.shape, t.device) for t in inputs]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Any:
+        out = []
+        for g, (dtype, shape, device) in zip(ctx.grads, ctx.inputs, strict=True):
+            if g is None:
+                out.append(torch.zeros(shape, dtype=dtype, device=device))
+            else:
+                out.append((g * grad_output.to(g.device)).to(dtype))
+        return (None, None, *out)
 
 
 # ------------------------------------------------------------------ helpers
 
 
-@dataclass
-class _RNGState:
-    """The RNG state of the CPU and of every initialized CUDA device."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor] | None
-
-    @classmethod
-    def take(cls) -> _RNGState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    def equals(self, other: _RNGState) -> bool:
-        same_cuda = (self.cuda is None) == (other.cuda is None) and all(
-            torch.equal(a, b) for a, b in zip(self.cuda or [], other.cuda or [], strict=True)
-        )
-        return same_cuda and torch.equal(self.cpu, other.cpu)
-
-
-@dataclass
-class _Snapshot:
-    """What a failed window must leave as it found: buffers, RNG and gradients."""
-
-    buffers: list[torch.Tensor]
-    rng: _RNGState
-    grads: list[tuple[nn.Parameter, torch.Tensor | None]]
-
-    @classmethod
-    def take(cls, model: nn.Module) -> _Snapshot:
-        return cls(
-            [b.detach().clone() for b in model.buffers()],
-            _RNGState.take(),
-            [(p, p.grad) for p in model.parameters()],
-        )
-
-    def restore(self, model: nn.Module) -> None:
-        _copy_into(list(model.buffers()), self.buffers)
-        self.rng.restore()
-        for parameter, grad in self.grads:
-            parameter.grad = grad
-
-
-def _copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for target, value in zip(targets, values, strict=True):
-            target.copy_(value)
-
-
-def _device(acc: Accumulator) -> torch.device:
-    return next(acc.model.parameters()).device
-
-
-def _autocast(acc: Accumulator) -> AbstractContextManager[Any]:
+def _autocast(acc: Accumulator, device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast on the model's first device, as the Accumulator's passes run."""
     if acc.autocast is None:
         return nullcontext()
-    return torch.autocast(device_type=_device(acc).type, dtype=acc.autocast)
+    return torch.autocast(device_type=device.type, dtype=acc.autocast)
 
 
 def _leaf_for_grad(t: torch.Tensor) -> torch.Tensor:

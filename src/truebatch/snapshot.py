@@ -29,12 +29,25 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["StepRollback", "WindowStart", "rng_state", "set_rng_state"]
+__all__ = [
+    "RNGState",
+    "StepRollback",
+    "WindowStart",
+    "clone_buffers",
+    "copy_into",
+    "restore_buffers",
+    "rng_state",
+    "same_rng_state",
+    "set_rng_state",
+]
+
+# The generators' states by device ("cpu", "cuda:0", ...), as rng_state records them.
+RNGState = dict[str, Any]
 
 
-def rng_state(devices: Sequence[torch.device]) -> dict[str, Any]:
+def rng_state(devices: Sequence[torch.device]) -> RNGState:
     """The CPU generator's state and that of every CUDA device in ``devices``."""
-    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    state: RNGState = {"cpu": torch.get_rng_state()}
     for device in devices:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -42,7 +55,7 @@ def rng_state(devices: Sequence[torch.device]) -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any], devices: Sequence[torch.device]) -> None:
+def set_rng_state(state: RNGState, devices: Sequence[torch.device]) -> None:
     """Restore what :func:`rng_state` saved (a ``"cuda"`` key: the first CUDA device)."""
     torch.set_rng_state(state["cpu"])
     cuda = [d for d in devices if d.type == "cuda"]
@@ -53,14 +66,27 @@ def set_rng_state(state: dict[str, Any], devices: Sequence[torch.device]) -> Non
             torch.cuda.set_rng_state(value, cuda[0])
 
 
+def same_rng_state(first: RNGState, second: RNGState) -> bool:
+    """Whether two :func:`rng_state` records hold the same generators in the same state
+    (no random number was drawn between them)."""
+    return first.keys() == second.keys() and all(
+        torch.equal(value, second[key]) for key, value in first.items()
+    )
+
+
 def clone_buffers(model: nn.Module) -> list[torch.Tensor]:
     return [b.detach().clone() for b in model.buffers()]
 
 
 def restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    copy_into(list(model.buffers()), saved)
+
+
+def copy_into(targets: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    """``target.copy_(value)`` for each pair, outside autograd (buffers, saved values)."""
     with torch.no_grad():
-        for buffer, value in zip(model.buffers(), saved, strict=True):
-            buffer.copy_(value)
+        for target, value in zip(targets, values, strict=True):
+            target.copy_(value)
 
 
 class WindowStart:
