@@ -93,6 +93,26 @@ def test_same_gradient_as_the_big_batch(name: str, dropout: str, layout: Any) ->
     assert result.stepped and result.step == 1
 
 
+def sample_tokens(micro_batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Made-up token counts per sample, 1 to 3 (the features carry no mask)."""
+    return micro_batch["label"] + 1
+
+
+@pytest.mark.parametrize("max_tokens", [3, 5, 100])
+def test_a_token_budget_cuts_the_micro_batches_and_keeps_the_big_batch(max_tokens: int) -> None:
+    model = build()
+    pieces = pieces_of([5, 3, 6])
+    expected, _ = big_batch_gradient(model, OBJECTIVES["mnrl"], concat(pieces))
+    optimizer, seen = recording(model)
+    acc = tb.Accumulator(model, optimizer, max_tokens=max_tokens, tokens=sample_tokens)
+    result = acc.step_cached(pieces, OBJECTIVES["mnrl"].encode, OBJECTIVES["mnrl"].loss(model))
+
+    cut = [mb for p in pieces for mb in tb.split(p, max_tokens=max_tokens, tokens=sample_tokens)]
+    assert result.micro_batches == len(cut)
+    assert max(int(sample_tokens(mb).sum()) for mb in cut) <= max_tokens
+    assert tb.max_relative_difference(seen[0], expected) <= TOLERANCE
+
+
 def test_plain_accumulation_of_the_same_loss_is_not_the_big_batch() -> None:
     """The control: negatives only within the micro-batch give another gradient."""
     model = build()
@@ -331,10 +351,11 @@ def test_a_failure_leaves_no_trace(where: str) -> None:
 # ------------------------------------------------------------------ refused
 
 
-def test_auto_micro_batch_size_is_refused() -> None:
+@pytest.mark.parametrize("name", ["micro_batch_size", "max_tokens"])
+def test_auto_micro_batch_size_or_token_budget_is_refused(name: str) -> None:
     model = build()
-    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters()), micro_batch_size="auto")
-    with pytest.raises(ValueError, match="`micro_batch_size` got 'auto'"):
+    acc = tb.Accumulator(model, torch.optim.SGD(model.parameters()), **{name: "auto"})
+    with pytest.raises(ValueError, match=f"`{name}` got 'auto'"):
         acc.step_cached(pieces_of([2]), clip_encode, clip_loss(model))
 
 

@@ -280,7 +280,7 @@ class Accumulator:
 
         Args:
             micro_batches: the window's micro-batches, each further split by
-                ``micro_batch_size`` when that is an int.
+                ``micro_batch_size`` or ``max_tokens`` when that is an int.
             encode_fn: ``encode_fn(model, micro_batch)`` returns the
                 representations: a tensor, or a tuple/dict of tensors, with one
                 row per sample along dim 0.
@@ -322,6 +322,7 @@ class Accumulator:
             negatives=negatives,
             window_batch=window_batch,
             parameters=self._setup.parameters,
+            step_cut=partial(self._step, cut=True),
         )
 
     @property
@@ -379,13 +380,23 @@ class Accumulator:
 
     # --------------------------------------------------------------- a window
 
-    def _step(self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts) -> StepResult:
+    def _step(
+        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts, *, cut: bool = False
+    ) -> StepResult:
+        """One window and its step; ``cut``: the micro-batches are run as given (already
+        cut by ``micro_batch_size`` or ``max_tokens``)."""
         check_scheduler_has_a_step_left(self.scheduler)
-        totals, start = self._window(micro_batches, loss_fn, count)
+        totals, start = self._window(micro_batches, loss_fn, count, cut=cut)
         return self._apply(totals, start)
 
     def _window(
-        self, micro_batches: Iterable[Batch], loss_fn: LossFn, count: Counts, *, read: bool = False
+        self,
+        micro_batches: Iterable[Batch],
+        loss_fn: LossFn,
+        count: Counts,
+        *,
+        read: bool = False,
+        cut: bool = False,
     ) -> tuple[WindowTotals, WindowStart]:
         """The passes of a window; whatever they raise, buffers, RNG and gradients go back
         to the window start (returned: the step restores it too if it fails). ``read``:
@@ -398,7 +409,9 @@ class Accumulator:
         start = WindowStart(self.model, params.devices, params.buffers)
         run = partial(self._run_window, pieces, sizes, loss_fn, count)
         try:
-            if "auto" in (self.micro_batch_size, self.max_tokens):
+            if cut:
+                totals = run(micro_batch_size=None, max_tokens=None)
+            elif "auto" in (self.micro_batch_size, self.max_tokens):
                 totals = self._run_auto(pieces, sizes, run, start)
             else:
                 totals = run(micro_batch_size=self.micro_batch_size, max_tokens=self.max_tokens)

@@ -84,11 +84,14 @@ def step_cached(
     negatives: Negatives = "global",
     window_batch: bool = True,
     parameters: ParameterSets,
+    step_cut: Callable[..., StepResult],
 ) -> StepResult:
     """One exact step of a window whose loss mixes its samples (see the module docstring).
 
     This is :meth:`truebatch.Accumulator.step_cached`; see there. ``parameters`` are
-    the Accumulator's (read again here: one walk of the model for the whole window).
+    the Accumulator's (read again here: one walk of the model for the whole window);
+    ``step_cut`` runs the Accumulator's window and step on micro-batches already cut
+    here, in phase 1.
     """
     _check_arguments(accumulator, encode_fn, loss_fn, count, negatives)
     parameters.refresh()
@@ -101,9 +104,7 @@ def step_cached(
         )
         window.encode(micro_batches, encode_fn)
         window.differentiate(loss_fn, count)
-        result = accumulator.step_window(
-            window.passes, window.pass_loss_fn(encode_fn), window.pass_count(count)
-        )
+        result = step_cut(window.passes, window.pass_loss_fn(encode_fn), window.pass_count(count))
     except BaseException:
         start.restore()
         for parameter, grad in grads:
@@ -165,7 +166,10 @@ class _CachedWindow:
         for piece in micro_batches:
             if batch_size(piece):
                 self.pieces.append(piece)
-            for micro_batch in split(piece, acc.micro_batch_size):
+            pieces = split(
+                piece, acc.micro_batch_size, max_tokens=acc.max_tokens, tokens=acc.tokens
+            )
+            for micro_batch in pieces:
                 size = batch_size(micro_batch)
                 if size:
                     self.micro_batches.append(micro_batch)
@@ -418,11 +422,12 @@ def _parse_loss(output: Any, count: Counter | None) -> tuple[torch.Tensor, float
 def _check_arguments(
     acc: Accumulator, encode_fn: Any, loss_fn: Any, count: Any, negatives: Any
 ) -> None:
-    if acc.micro_batch_size == "auto":
-        raise ValueError(
-            "`micro_batch_size` got 'auto'; expected an int or None with step_cached (both "
-            "passes must split alike). Fix: pass a fixed micro_batch_size."
-        )
+    for name in ("micro_batch_size", "max_tokens"):
+        if getattr(acc, name) == "auto":
+            raise ValueError(
+                f"`{name}` got 'auto'; expected an int or None with step_cached (both "
+                f"passes must split alike). Fix: pass a fixed {name}."
+            )
     if acc.sync.kind == "fsdp2":
         raise ValueError(
             "`model` got an FSDP2 model; expected a local or DDP model with step_cached (its "
