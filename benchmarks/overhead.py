@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.clock} time"
     )
     clock = CLOCKS[args.clock]
-    with tqdm(total=len(CASES) * len(ks) * args.repeats, desc="rounds") as progress:
+    with tqdm(total=len(CASES) * len(ks) * args.repeats, desc="rounds", disable=None) as progress:
         rows = [
             (case, k, measure(case, k, args.windows, args.repeats, clock, progress))
             for case in CASES
