@@ -263,8 +263,14 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         dist.destroy_process_group()
 
 
-def run_ranks(args: argparse.Namespace) -> dict[str, Any]:
-    """Start ``WORLD_SIZE`` worker processes; their results, or an error if one fails or hangs."""
+def run_ranks(
+    args: argparse.Namespace,
+    worker: Callable[..., None] = worker,
+    world_size: int = WORLD_SIZE,
+) -> dict[str, Any]:
+    """Start ``world_size`` processes running ``worker(rank, port, args, results)``
+    (default: this benchmark's); rank 0's results, or an error if one fails or hangs.
+    ``benchmarks/hsdp.py`` runs its own worker through it."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -272,7 +278,7 @@ def run_ranks(args: argparse.Namespace) -> dict[str, Any]:
     results = context.Queue()
     processes = [
         context.Process(target=worker, args=(rank, port, args, results), daemon=True)
-        for rank in range(WORLD_SIZE)
+        for rank in range(world_size)
     ]
     for process in processes:
         process.start()

@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import multiprocessing
 import os
-import queue
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ddp import run_ranks
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -150,36 +148,6 @@ def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None
         dist.destroy_process_group()
 
 
-def run_ranks(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the ``WORLD_SIZE`` ranks; rank 0's results, or an error if one fails or hangs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    processes = [
-        context.Process(target=worker, args=(rank, port, args, results), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        outcome = results.get(timeout=args.timeout)
-    except queue.Empty:
-        outcome = None
-    for process in processes:
-        process.join(30)
-        if process.is_alive():
-            process.terminate()
-    codes = [process.exitcode for process in processes]
-    if outcome is None or any(code != 0 for code in codes):
-        raise RuntimeError(
-            f"the benchmark's ranks did not finish within {args.timeout} s or failed (exit "
-            f"codes {codes}); their tracebacks are printed above"
-        )
-    return outcome
-
-
 def report(args: argparse.Namespace, outcome: dict[str, Any]) -> None:
     times = outcome["times"]
     parameters = FEATURES * HIDDEN + HIDDEN * HIDDEN + HIDDEN * CLASSES + 2 * HIDDEN + CLASSES
@@ -230,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rounds", "windows", "k", "micro_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    report(args, run_ranks(args))
+    report(args, run_ranks(args, worker, WORLD_SIZE))
     return 0
 
 

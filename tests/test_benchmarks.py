@@ -37,6 +37,21 @@ def test_overhead_quick_prints_a_ratio_per_model() -> None:
 
 
 @pytest.mark.processes
+def test_hsdp_benchmark_times_each_gradient_sync_and_they_reach_the_same_parameters() -> None:
+    out = run_benchmark("hsdp.py", "--quick")
+    per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)
+    methods = ["hybrid", "hybrid_again", "micro_batch", "window"]
+    assert [name for name, _ in per_window] == methods, out
+    assert all(float(ms) > 0 for _, ms in per_window)
+    for ratio in ("hybrid / micro_batch", "hybrid_again / hybrid", "window / hybrid"):
+        assert re.search(rf"^{re.escape(ratio)} = \d+\.\d{{3}}\b", out, re.M), out
+    # The three modes are the same update up to float32 summation order.
+    differences = re.findall(r"^  (\w+)\s+(\d\.\de[-+]\d+)$", out, flags=re.MULTILINE)
+    assert [name for name, _ in differences] == methods[1:], out
+    assert all(float(d) <= 1e-6 for _, d in differences), out
+
+
+@pytest.mark.processes
 def test_ddp_benchmark_times_truebatch_against_both_hand_written_loops() -> None:
     out = run_benchmark("ddp.py", "--quick")
     per_window = re.findall(r"^  (\w+)\s+(\d+\.\d+) ms per window$", out, flags=re.MULTILINE)
