@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 import truebatch as tb
 import truebatch.nn as tnn
+from token_data import CheckpointedBlock
 from truebatch import _context
 from truebatch.nn import batchnorm as ghost_module
 
@@ -917,39 +918,13 @@ def test_checkpoint_recomputation_after_two_different_forwards_raises(use_reentr
         first.sum().backward()
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block with dropout on the attention probabilities and on both
-    residual branches."""
-
-    def __init__(self, width: int = 8, heads: int = 2, p: float = 0.3) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
-        )
-        self.attention_dropout = tnn.SplitInvariantDropout(p)
-        self.dropout1, self.dropout2 = tnn.SplitInvariantDropout(p), tnn.SplitInvariantDropout(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (
-            t.view(batch, length, self.heads, -1).transpose(1, 2)
-            for t in self.qkv(self.norm1(x)).chunk(3, dim=-1)
-        )
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        weights = self.attention_dropout(scores.masked_fill(~causal, -math.inf).softmax(-1))
-        attended = (weights @ v).transpose(1, 2).reshape(batch, length, width)
-        x = x + self.dropout1(self.proj(attended))
-        return x + self.dropout2(self.mlp(self.norm2(x)))
-
-
 class TinyTransformer(nn.Module):
     def __init__(self, use_reentrant: bool | None) -> None:
         super().__init__()
-        self.embed, self.blocks = nn.Linear(3, 8), nn.ModuleList([Block(), Block()])
+        self.embed, self.blocks = (
+            nn.Linear(3, 8),
+            nn.ModuleList([CheckpointedBlock(), CheckpointedBlock()]),
+        )
         self.head, self.use_reentrant = nn.Linear(8, 4), use_reentrant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
