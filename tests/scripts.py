@@ -26,7 +26,7 @@ def run_script(path: Path, *args: str, timeout: float = 240) -> str:
     return completed.stdout
 
 
-def run_torchrun(path: Path, processes: int, *args: str, cwd: Path, timeout: float = 180) -> str:
+def run_torchrun(path: Path, processes: int, *args: str, cwd: Path, timeout: float = 300) -> str:
     """Run ``torchrun --standalone --nproc-per-node processes path *args``; return its stdout.
 
     A single-node rendezvous on a free port (``--master-port 0`` would hand every

@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,7 @@ from dist_workers import (
     rank_data,
 )
 from models import IGNORE_INDEX, TASKS, concat, parameters, relative_difference
+from scripts import run_torchrun
 from truebatch import _context
 from truebatch.distributed import GradientSync
 
@@ -515,40 +512,8 @@ def test_unknown_gradient_sync_is_refused() -> None:
 
 @pytest.mark.slow
 def test_torchrun_example_trains(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None, "torchrun is installed with torch"
-    command = [
-        torchrun,
-        # A single-node rendezvous on a free port; "--master-port 0" would hand every
-        # worker MASTER_PORT=0, and the ranks would never find each other.
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(REPO / "examples" / "ddp_torchrun.py"),
-        "--epochs",
-        "1",
-    ]
-    # A session of its own, so a hung rank is killed with torchrun, not left running.
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"the example did not finish in 180 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    stdout = run_torchrun(REPO / "examples" / "ddp_torchrun.py", 2, "--epochs", "1", cwd=tmp_path)
     losses = [
-        float(line.split("loss")[1].split()[0])
-        for line in completed.stdout.splitlines()
-        if " loss " in line
+        float(line.split("loss")[1].split()[0]) for line in stdout.splitlines() if " loss " in line
     ]
-    assert len(losses) >= 2 and losses[-1] < losses[0], completed.stdout
+    assert len(losses) >= 2 and losses[-1] < losses[0], stdout

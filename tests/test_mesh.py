@@ -40,6 +40,7 @@ from mesh_workers import (
     rank_data,
 )
 from models import IGNORE_INDEX, VOCAB, concat, lm_loss, parameters
+from scripts import run_torchrun
 
 EXACT = 1e-12
 TESTS = Path(__file__).resolve().parent
@@ -382,33 +383,8 @@ def test_a_failed_window_leaves_hsdp_all_reducing(
     "script", ["hsdp_torchrun.py", "tensor_parallel_torchrun.py", "context_parallel_torchrun.py"]
 )
 def test_mesh_examples_train(tmp_path: Path, script: str) -> None:
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    assert torchrun is not None, "torchrun is installed with torch"
     args = ["--windows", "15"] if script.startswith("context") else ["--epochs", "1"]
-    command = [
-        torchrun,
-        "--standalone",
-        "--nproc-per-node",
-        "4",
-        str(TESTS.parent / "examples" / script),
-        *args,
-    ]
-    with subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,  # a hung rank is killed with torchrun
-    ) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"{script} did not finish in 240 s:\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    stdout = run_torchrun(TESTS.parent / "examples" / script, 4, *args, cwd=tmp_path)
     losses = [
         float(line.split(" loss ")[1].split()[0])
         for line in stdout.splitlines()
