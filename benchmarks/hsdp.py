@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from ddp import run_ranks
+from ddp import CLASSES, FEATURES, Window, full_parameters, loss_sum, make_windows, run_ranks
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -50,10 +49,7 @@ import truebatch as tb
 WORLD_SIZE = 4
 MESH = (2, 2)  # (replicate, shard)
 METHODS = ("hybrid", "hybrid_again", "micro_batch", "window")
-FEATURES, HIDDEN, CLASSES = 256, 512, 10
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-Window = list[Batch]
+HIDDEN = 512  # the data (FEATURES, CLASSES, make_windows) is ddp.py's
 
 
 def sharded_model() -> nn.Module:
@@ -73,22 +69,6 @@ def sharded_model() -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def make_windows(rank: int, count: int, k: int, micro_batch_size: int) -> list[Window]:
-    """``count`` windows of ``k`` micro-batches for ``rank`` (different data per rank)."""
-    generator = torch.Generator().manual_seed(1000 + rank)
-
-    def micro_batch() -> Batch:
-        x = torch.randn(micro_batch_size, FEATURES, generator=generator)
-        return x, torch.randint(0, CLASSES, (micro_batch_size,), generator=generator)
-
-    return [[micro_batch() for _ in range(k)] for _ in range(count)]
-
-
-def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
-    x, y = batch
-    return F.cross_entropy(model(x), y, reduction="sum")
-
-
 def runners(model: nn.Module | None) -> tuple[dict[str, Callable[[Window], Any]], dict]:
     """Per method, a function that trains one window, and the method's model: all share
     ``model`` (and one optimizer) when it is given, else each has its own copy."""
@@ -102,10 +82,6 @@ def runners(model: nn.Module | None) -> tuple[dict[str, Callable[[Window], Any]]
         acc = tb.Accumulator(models[name], optimizers[id(models[name])], gradient_sync=mode)
         run[name] = functools.partial(acc.step_window, loss_fn=loss_sum)
     return run, models
-
-
-def full_parameters(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().full_tensor() for p in model.parameters()]
 
 
 def worker(rank: int, port: int, args: argparse.Namespace, results: Any) -> None:
