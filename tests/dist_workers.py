@@ -159,6 +159,40 @@ def build_optimizer(parameters: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(parameters, lr=0.2, momentum=0.9)
 
 
+def launch_once(
+    tmp_path_factory: Any,
+    name: str,
+    scenarios: dict[str, Any],
+    run: Callable[[Any, int], dict[str, list]] | None = None,
+    *,
+    world_size: int = WORLD_SIZE,
+) -> dict[str, list[dict[str, list]]]:
+    """What each rank saved, per scenario (``runs[scenario][rank]``), from one
+    :func:`launch` per test session into a directory ``name``.
+
+    Under pytest-xdist every worker that gets tests of a module needs the runs:
+    the directory is then in the workers' common one (``tmp_path_factory``'s),
+    the first worker starts the processes and the others wait on a lock and
+    read its files.
+    """
+    from filelock import FileLock  # a dependency of torch
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out_dir = tmp_path_factory.getbasetemp().parent / name
+    else:
+        out_dir = tmp_path_factory.mktemp(name)
+    with FileLock(f"{out_dir}.lock"):
+        done = out_dir / "done"
+        if not done.exists():
+            out_dir.mkdir(exist_ok=True)
+            launch(scenarios, out_dir, timeout=240, run=run, world_size=world_size)
+            done.touch()
+    return {
+        scenario: [torch.load(out_dir / f"{scenario}-{rank}.pt") for rank in range(world_size)]
+        for scenario in scenarios
+    }
+
+
 def launch(
     scenarios: dict[str, Any],
     out_dir: Path,

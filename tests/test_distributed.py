@@ -16,13 +16,11 @@ running statistics every rank continues from are rank 0's, updated with rank
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from filelock import FileLock  # a dependency of torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
@@ -86,28 +84,10 @@ FIXED_SIZE_RUNS = [name for name in EXACT_RUNS if SCENARIOS[name].micro_batch_si
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, list]]]:
-    """What each rank saved, per scenario: ``runs[name][rank]``.
-
-    The processes run once per test session. Under pytest-xdist every worker
-    that gets tests of this module needs the runs: the first one starts the
-    processes, the others wait on a lock and read its files.
-    """
+    """What each rank saved, per scenario: ``runs[name][rank]`` (one launch per session)."""
     import dist_workers
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        out_dir = tmp_path_factory.getbasetemp().parent / "distributed-runs"
-    else:
-        out_dir = tmp_path_factory.mktemp("distributed-runs")
-    with FileLock(f"{out_dir}.lock"):
-        done = out_dir / "done"
-        if not done.exists():
-            out_dir.mkdir(exist_ok=True)
-            dist_workers.launch(SCENARIOS, out_dir, timeout=240)
-            done.touch()
-    return {
-        name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
-        for name in SCENARIOS
-    }
+    return dist_workers.launch_once(tmp_path_factory, "distributed-runs", SCENARIOS)
 
 
 def reference(scenario: Scenario, first_window: int = 0) -> list[dict[str, Any]]:

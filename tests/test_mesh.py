@@ -25,7 +25,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from filelock import FileLock  # a dependency of torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -63,22 +62,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, l
     import dist_workers
     import mesh_workers
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        out_dir = tmp_path_factory.getbasetemp().parent / "mesh-runs"
-    else:
-        out_dir = tmp_path_factory.mktemp("mesh-runs")
-    with FileLock(f"{out_dir}.lock"):
-        done = out_dir / "done"
-        if not done.exists():
-            out_dir.mkdir(exist_ok=True)
-            dist_workers.launch(
-                SCENARIOS, out_dir, timeout=240, run=mesh_workers.run, world_size=WORLD_SIZE
-            )
-            done.touch()
-    return {
-        name: [torch.load(out_dir / f"{name}-{rank}.pt") for rank in range(WORLD_SIZE)]
-        for name in SCENARIOS
-    }
+    return dist_workers.launch_once(
+        tmp_path_factory, "mesh-runs", SCENARIOS, mesh_workers.run, world_size=WORLD_SIZE
+    )
 
 
 def reference(scenario: MeshScenario) -> list[dict[str, Any]]:
