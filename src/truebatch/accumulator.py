@@ -3,19 +3,16 @@
 A window (one effective batch) runs in ``truebatch.window``: its items are
 counted before any backward, every backward is weighted by
 ``world_size / N``, and the window's gradient is left in ``.grad``. Then the
-Accumulator steps once, doing exactly one of each, in this order: unscale
-(GradScaler) -> non-finite check -> clip -> optimizer step -> scaler update ->
-scheduler step -> zero_grad(set_to_none=True). The norm, the clip, the check
-and the step cover the parameters the optimizer holds, read every window. A
-failure in the passes or in the step leaves buffers, RNG, gradients,
-scheduler and scaler as before the window (``truebatch.snapshot``).
+Accumulator steps once (``truebatch.step``), doing exactly one of each, in this
+order: unscale (GradScaler) -> non-finite check -> clip -> optimizer step ->
+scaler update -> scheduler step -> zero_grad(set_to_none=True). A failure in
+the passes or in the step leaves buffers, RNG, gradients, scheduler and scaler
+as before the window (``truebatch.snapshot``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,20 +38,16 @@ from truebatch.batching import Batch, Counter, TokenCounter, batch_size, batch_u
 from truebatch.cached import EncodeFn, Negatives, WindowLossFn, step_cached
 from truebatch.distributed import GradientSync, SyncMode
 from truebatch.gradients import (
-    MaskedStep,
     ParameterSets,
     clear_gradients,
-    clip_gradients,
-    gradient_norms,
-    present_gradients,
-    total_norm_of,
 )
 from truebatch.losses import LossFn, check_loss_fn_and_count
-from truebatch.readout import Readout
-from truebatch.result import StepResult, read_outcome
-from truebatch.snapshot import StepRollback, WindowStart, rng_state, set_rng_state
+from truebatch.result import StepResult
+from truebatch.snapshot import WindowStart, rng_state, set_rng_state
+from truebatch.step import WindowStep
 from truebatch.terms import Counts
-from truebatch.window import Attempt, Window, WindowHistory, WindowSetup, WindowTotals
+from truebatch.totals import WindowTotals
+from truebatch.window import Attempt, Window, WindowHistory, WindowSetup
 
 __all__ = ["Accumulator", "LossFn", "StepResult", "WindowTotals"]
 
@@ -122,8 +115,8 @@ class Accumulator:
         >>> result = acc.step((x, y), loss_fn)   # one exact step on the whole batch
     """
 
-    # About 290 lines, a third of them the public docstrings: the construction, the
-    # three ways to run a window, the state, and the once-per-window step in its order.
+    # A third of it is the public docstrings: the construction, the three ways to run
+    # a window (and the cached one), the state, and how a window's passes are cut.
 
     def __init__(
         self,
@@ -185,6 +178,7 @@ class Accumulator:
             accumulate_dtype=self.accumulate_dtype,
         )
         self._history = WindowHistory()
+        self._step_of_window = WindowStep(self, self._setup.parameters, self._history)
 
     def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
@@ -387,7 +381,7 @@ class Accumulator:
         cut by ``micro_batch_size`` or ``max_tokens``)."""
         check_scheduler_has_a_step_left(self.scheduler)
         totals, start = self._window(micro_batches, loss_fn, count, cut=cut)
-        return self._apply(totals, start)
+        return self._step_of_window.apply(totals, start)
 
     def _window(
         self,
@@ -482,162 +476,3 @@ class Accumulator:
             unit=tokens.longest,
             log_size=first_window,
         )
-
-    def _apply(self, window: WindowTotals, start: WindowStart) -> StepResult:
-        """Unscale, check, clip, step, update, schedule and zero, once; if any of it
-        raises, what :class:`~truebatch.snapshot.StepRollback` saved and the window
-        start are restored.
-
-        Whether to step is decided, in this order of preference, with no read (nothing
-        can make the window skip), on the device (``host_sync=False``: a masked step),
-        or on the host after the window's one read.
-        """
-        params = self._setup.parameters
-        readout = window.readout
-        totals_convert = readout.convert
-        readout.convert = lambda values: read_outcome(totals_convert(values), values)
-        readout.add(skipped=None, skip_nonfinite=self.skip_nonfinite, scale=None)
-        n_items = readout.parts["n_items"]
-        self._history.index += 1
-        if not isinstance(n_items, torch.Tensor) and n_items == 0:
-            clear_gradients(params.model)
-            readout.add(grad_norm=math.nan)
-            return self._result(window)
-        rollback = StepRollback(
-            self.optimizer,
-            self.scheduler,
-            self.scaler,
-            updated=params.updated if self.atomic_step else None,
-        )
-        try:
-            self._step_once(readout, rollback, n_items)
-        except BaseException as error:
-            self._history.index -= 1
-            rollback.restore(error)
-            start.restore()
-            clear_gradients(params.model)
-            raise
-        clear_gradients(params.model)
-        result = self._result(window)
-        scale_unknown = self.scaler is not None and readout.parts["scale"] is None
-        if scale_unknown and not readout.pending and not result.stepped and result.count:
-            # The scale the update lowered: read only in a skipped window.
-            reason = f"{result.skip_reason}; GradScaler lowered its scale to "
-            result = replace(result, skip_reason=reason + f"{self.scaler.get_scale():g}")
-        return result
-
-    def _step_once(
-        self, readout: Readout, rollback: StepRollback, n_items: float | torch.Tensor
-    ) -> None:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grads = present_gradients(self._setup.parameters.updated)
-        # The norm as one fused kernel's per-tensor norms, combined when read.
-        norms = gradient_norms(grads)
-        readout.add(grad_norm=math.nan if norms is None else norms)
-        counted_on_device = isinstance(n_items, torch.Tensor)
-        can_skip = counted_on_device or (self.skip_nonfinite and norms is not None)
-        if not can_skip and self.max_grad_norm is None:  # nothing to decide: no read
-            readout.add(skipped=False)
-            stepped = True
-        else:
-            updated = self._setup.parameters.updated
-            masked = MaskedStep.when(self._can_mask(readout), self.optimizer, updated)
-            if masked is not None:
-                empty = n_items == 0 if counted_on_device else None
-                self._masked_step(readout, rollback, masked, norms, empty)
-                return
-            stepped = readout.get("stepped")  # the window's one read
-            norm = readout.get("grad_norm")
-            if self.max_grad_norm is not None and math.isfinite(norm):
-                clip_gradients(grads, self.max_grad_norm / (norm + 1e-6))
-        if self._scaler_steps_itself():
-            # A scaler with its own step() gets it, as documented; it skips non-finite.
-            rollback.optimizer_stage = "stepping"
-            self.scaler.step(self.optimizer)
-            rollback.optimizer_stage = "stepped" if stepped else "before"
-        elif stepped:
-            self._optimizer_step(rollback)
-        if self.scaler is not None:
-            self.scaler.update()
-        if stepped and self.scheduler is not None:
-            self.scheduler.step()
-
-    def _scaler_steps_itself(self) -> bool:
-        """Whether the scaler overrides ``GradScaler.step``. GradScaler's own step would
-        read its ``found_inf`` to the host again; truebatch has decided already (a
-        non-finite gradient makes the norm non-finite) and steps the optimizer itself."""
-        step = getattr(type(self.scaler), "step", None)
-        return self.scaler is not None and step is not torch.amp.GradScaler.step
-
-    def _can_mask(self, readout: Readout) -> bool:
-        """Whether the step may be decided on the device: ``host_sync=False``, and nothing
-        only the host can do (step a scheduler, check counts, restore another scaler)."""
-        scaler_tensors = self.scaler is None or (
-            isinstance(getattr(self.scaler, "_scale", None), torch.Tensor)
-            and isinstance(getattr(self.scaler, "_growth_tracker", None), torch.Tensor)
-        )
-        return (
-            not self.host_sync
-            and self.scheduler is None
-            and not self._scaler_steps_itself()
-            and not readout.unchecked
-            and scaler_tensors
-        )
-
-    def _masked_step(
-        self,
-        readout: Readout,
-        rollback: StepRollback,
-        masked: MaskedStep,
-        norms: list[torch.Tensor] | torch.Tensor | None,
-        empty: torch.Tensor | None,
-    ) -> None:
-        """``host_sync=False``: clip, step, and undo the step on the device where the
-        window has no items or (``skip_nonfinite``) a non-finite gradient norm."""
-        norm = None if norms is None else total_norm_of(norms)
-        if norm is not None and self.max_grad_norm is not None:
-            clip_gradients(
-                masked.grads,
-                torch.where(torch.isfinite(norm), self.max_grad_norm / (norm + 1e-6), 1.0),
-            )
-        device = masked.device
-        skip = torch.zeros((), dtype=torch.bool, device=device)
-        if empty is not None:
-            skip = skip | empty.to(device)
-        if self.skip_nonfinite and norm is not None:
-            skip = skip | ~torch.isfinite(norm).to(device)
-        readout.add(skipped=skip)
-        self._optimizer_step(rollback)
-        if not masked.finish(skip) and not readout.get("stepped"):
-            masked.undo()  # only the host could: one read
-            rollback.optimizer_stage = "before"
-        if self.scaler is not None:
-            scale, growth = self.scaler._scale.clone(), self.scaler._growth_tracker.clone()
-            self.scaler.update()
-            if empty is not None:
-                # An empty window leaves the scaler as it was; a non-finite one lowers it.
-                empty = empty.to(scale.device)
-                self.scaler._scale.copy_(torch.where(empty, scale, self.scaler._scale))
-                tracker = self.scaler._growth_tracker
-                tracker.copy_(torch.where(empty, growth, tracker))
-            if readout.values is None:
-                readout.add(scale=self.scaler._scale.clone())
-        if self.scheduler is not None:
-            self.scheduler.step()  # _can_mask: only when nothing can skip the window
-
-    def _optimizer_step(self, rollback: StepRollback) -> None:
-        rollback.optimizer_stage = "stepping"
-        self.optimizer.step()
-        rollback.optimizer_stage = "stepped"
-
-    def _result(self, window: WindowTotals) -> StepResult:
-        plan = {
-            "micro_batches": window.micro_batches,
-            "micro_batch_size": window.micro_batch_size,
-            "step": self._history.index,
-        }
-        readout = window.readout
-        if readout.values is None:
-            return StepResult.pending(readout, **plan)
-        return StepResult(**{name: readout.values[name] for name in StepResult.READ}, **plan)

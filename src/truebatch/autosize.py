@@ -37,8 +37,9 @@ import torch
 
 from truebatch.snapshot import WindowStart
 from truebatch.tokens import TokenCounter, tokens_per_sample
+from truebatch.totals import WindowTotals
 from truebatch.tree import Batch
-from truebatch.window import Attempt, OutOfMemoryError, OutOfMemoryOnSomeRank, WindowTotals
+from truebatch.window import Attempt, OutOfMemoryError, OutOfMemoryOnSomeRank
 
 __all__ = ["AutoSize", "TokenLengths"]
 
