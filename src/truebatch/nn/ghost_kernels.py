@@ -43,13 +43,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def ghost_view(x: torch.Tensor, chunks: int) -> torch.Tensor:
     """``(chunks*g, C, ...)`` -> the ``(chunks, g, C, L)`` view (``x`` contiguous or
-    channels-last: both give a view)."""
-    return x.view(chunks, x.shape[0] // chunks, x.shape[1], -1)
+    channels-last: both give a view), ``(chunks, g, C)`` when ``L`` is 1.
+
+    Without the trailing dim of size 1: ATen's element-wise kernels broadcasting a
+    ``(G, 1, C, 1)`` operand over ``(G, g, C, 1)`` measured 3.5x slower than the
+    same arithmetic on ``(G, g, C)`` (``benchmarks/layers.py``, GhostBatchNorm1d).
+    """
+    view = x.view(chunks, x.shape[0] // chunks, x.shape[1], -1)
+    return view if view.shape[3] > 1 else view.squeeze(3)
 
 
 def ghost_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum of ``v`` ``(G, g, C, L)`` over dims 1 and 3, as ``(G, 1, C, 1)``."""
-    if v.shape[3] > 1:
+    """Sum of a :func:`ghost_view` over its ghost-batch samples (dim 1) and ``L``
+    (dim 3), keeping the dims: ``(G, 1, C, 1)`` or ``(G, 1, C)``."""
+    if v.dim() == 4:
         v = v.sum(3, keepdim=True)
     if v.shape[1] >= _PAIRWISE_BELOW:
         return v.sum(1, keepdim=True)
@@ -66,7 +73,7 @@ def ghost_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``ghost_sum(a * b)``; with one value per channel and sample, the first halving
     multiplies and adds in one pass instead of writing the whole product."""
     size = a.shape[1]
-    if a.shape[3] > 1 or size >= _PAIRWISE_BELOW or size == 1:
+    if a.dim() == 4 or size >= _PAIRWISE_BELOW or size == 1:
         return ghost_sum(a * b)
     half = size // 2
     total = a[:, :half] * b[:, :half]
@@ -76,8 +83,11 @@ def ghost_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ghost_sum(total)
 
 
-def _per_channel(parameter: torch.Tensor | None) -> torch.Tensor | None:
-    return None if parameter is None else parameter.view(1, 1, -1, 1)
+def _per_channel(parameter: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``parameter`` ``(C,)`` shaped to broadcast against the :func:`ghost_view` ``like``."""
+    if parameter is None:
+        return None
+    return parameter.view(1, 1, -1) if like.dim() == 3 else parameter.view(1, 1, -1, 1)
 
 
 def reduced_forward(
@@ -94,15 +104,15 @@ def reduced_forward(
     as BatchNorm's kernel, so a large mean costs no precision), then
     ``y = d * (rstd * weight) + bias``. Saves ``d`` and ``rstd``."""
     view = ghost_view(x, chunks)
-    n = view.shape[1] * view.shape[3]
+    n = view.numel() // (chunks * view.shape[2])
     # One explicit conversion: ATen's mixed-dtype elementwise kernels are not vectorized.
     xc = view.to(compute_dtype(x.dtype))
     block_mean = ghost_sum(xc).div_(n)
     d = xc.sub_(block_mean) if xc is not view else view - block_mean
     block_var = ghost_dot(d, d).div_(n)
     rstd = (block_var + eps).rsqrt_()
-    scale = rstd if weight is None else rstd * _per_channel(weight)
-    shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias).to(rstd.dtype)
+    scale = rstd if weight is None else rstd * _per_channel(weight, d)
+    shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias, d).to(rstd.dtype)
     # Explicit outputs: an addcmul whose first operand is the (G, 1, C, 1) one lays its
     # result out after that operand, which is slow to traverse.
     out_view = ghost_view(out, chunks)
@@ -128,12 +138,12 @@ def reduced_backward(
     """``dx = k * dy + b * d + a`` with per-(ghost batch, channel) ``k = rstd * weight``,
     ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes."""
     d, rstd = saved
-    n = d.shape[1] * d.shape[3]
+    n = d.numel() // (chunks * d.shape[2])
     dy = ghost_view(grad_out, chunks).to(d.dtype)
     sum_dy = ghost_sum(dy)
     sum_dy_xhat = ghost_dot(dy, d).mul_(rstd)
     if grad_x is not None:
-        k = rstd if weight is None else rstd * _per_channel(weight)
+        k = rstd if weight is None else rstd * _per_channel(weight, d)
         minus_k_over_n = k * (-1.0 / n)
         a = minus_k_over_n * sum_dy
         b = minus_k_over_n.mul_(rstd).mul_(sum_dy_xhat)
@@ -142,11 +152,13 @@ def reduced_backward(
         torch.addcmul(a, d, b, out=partial).addcmul_(dy, k)
         if partial is not grad_view:
             grad_view.copy_(partial)
-    return sum_dy_xhat.sum((0, 1, 3)), sum_dy.sum((0, 1, 3))
+    dims = [0, 1, *range(3, d.dim())]
+    return sum_dy_xhat.sum(dims), sum_dy.sum(dims)
 
 
 def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``."""
+    """``(chunks*g, C, ...)`` with ``L > 1`` values per channel and sample -> contiguous
+    ``(chunks, C, g, L)``."""
     return ghost_view(x, chunks).transpose(1, 2).contiguous()
 
 
