@@ -250,16 +250,18 @@ def test_every_way_is_the_written_out_ghost_batchnorm(
 @pytest.mark.parametrize(
     "options", [{"affine": False}, {"bias": False}, {"track_running_stats": False}]
 )
+@pytest.mark.parametrize("ghost", [2, 3])
 def test_every_way_without_affine_parameters_or_running_stats(
-    kind: str, options: dict[str, bool], layout: str
+    kind: str, options: dict[str, bool], ghost: int, layout: str
 ) -> None:
     """Without weight, without bias, without running statistics: still BatchNorm on each
-    ghost batch in turn (8 samples, ghost batches of 3: a block of 2 and a short last one)."""
-    layer, native = make_pair(kind, 3, **options)
+    ghost batch in turn (8 samples, ghost batches of 2, or of 3: a block of 2 and a short
+    last one)."""
+    layer, native = make_pair(kind, ghost, **options)
     x = input_for(kind, 8)
     ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = layer(ours_x)
-    theirs = torch.cat([native(chunk) for chunk in their_x.split(3)])
+    theirs = torch.cat([native(chunk) for chunk in their_x.split(ghost)])
     assert relative_difference(ours, theirs) <= EXACT
     grad = randn(*ours.shape, seed=10)
     ours_inputs = [ours_x, *(p for p in layer.parameters())]
@@ -268,6 +270,24 @@ def test_every_way_without_affine_parameters_or_running_stats(
     their_grads = torch.autograd.grad(theirs, their_inputs, grad)
     assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
     assert_same_state(layer, native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("ghost, batch", [(2, 8), (3, 11), (8, 16)])
+def test_every_way_leaves_the_input_and_the_incoming_gradient_alone(
+    kind: str, ghost: int, batch: int, dtype: torch.dtype, layout: str
+) -> None:
+    """The ways work in place on their own buffers: the input and the gradient handed to
+    backward (the caller's tensors, possibly used again) keep their values."""
+    layer, _ = make_pair(kind, ghost)
+    layer = layer.to(dtype)
+    x = input_for(kind, batch).to(dtype).requires_grad_()
+    grad = randn(*x.shape, seed=10).to(dtype)
+    x_before, grad_before = x.detach().clone(), grad.clone()
+    layer(x).backward(grad)
+    assert torch.equal(x.detach(), x_before)
+    assert torch.equal(grad, grad_before)
 
 
 @pytest.mark.parametrize("kind", sorted(BATCHNORMS))

@@ -60,15 +60,19 @@ def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
     A ghost batch alone in its call (the only one, the short last one, or one of
     at least ``_DIRECT_CHUNK_NUMEL`` values) goes through BatchNorm's own kernel.
     The full ghost batches of a smaller ghost size go together: by reductions
-    over a view of the input, except reduced-precision inputs with several values
-    per channel and sample, for which GroupNorm's kernels, which stay in bfloat16
+    over a view of the input (in closed form for two samples of one value per
+    channel), except reduced-precision inputs with several values per channel
+    and sample, for which GroupNorm's kernels, which stay in bfloat16
     or float16, are faster than float32 reductions despite a copy.
     """
     batch, sample_numel = x.shape[0], math.prod(x.shape[1:])
     full, rest = divmod(batch, ghost)
     if full > 1 and ghost * sample_numel < _DIRECT_CHUNK_NUMEL:
         low_precision = ghost_kernels.compute_dtype(x.dtype) != x.dtype
-        way = "grouped" if low_precision and sample_numel > x.shape[1] else "reduced"
+        if sample_numel == x.shape[1]:
+            way = "pair" if ghost == 2 else "reduced"
+        else:
+            way = "grouped" if low_precision else "reduced"
         blocks = [(0, full, ghost, way)]
     else:
         blocks = [(j * ghost, 1, ghost, "native") for j in range(full)]
@@ -120,9 +124,8 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         total = sum(block[1] for block in blocks)
         stat_dtype = weight.dtype if weight is not None else x.dtype
         out = torch.empty_like(x)
-        # Zero-initialized because BatchNorm blends them with weight 0 (0 * garbage may be NaN).
-        mean = x.new_zeros(total, x.shape[1], dtype=stat_dtype)
-        var = torch.zeros_like(mean)
+        mean = x.new_empty(total, x.shape[1], dtype=stat_dtype)
+        var = torch.empty_like(mean)
         saved: list[torch.Tensor] = []
         row = 0
         for start, chunks, size, way in blocks:

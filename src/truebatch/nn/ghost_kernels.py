@@ -1,4 +1,4 @@
-"""The three ways ghost BatchNorm normalizes a block of ghost batches.
+"""The four ways ghost BatchNorm normalizes a block of ghost batches.
 
 Each way computes, for every ghost batch ``j`` and channel ``c`` of a block,
 BatchNorm's training-mode forward and backward over the ``n`` values of that
@@ -16,6 +16,8 @@ the mean and unbiased variance (BatchNorm's running-statistics inputs) into
 - ``native``: one ghost batch, through BatchNorm's own kernels, on the input.
 - ``reduced``: the ghost batches of a ``(G, g, C, L)`` view, by sums over dims
   1 and 3 (no copy of the input, float32 arithmetic for reduced precision).
+- ``pair``: ghost batches of two samples with one value per channel, in closed
+  form on the ``(G, C)`` halves of the ``(G, 2, C)`` view (below).
 - ``grouped``: GroupNorm's kernels on a ``(G, C, g, L)`` copy, each (ghost
   batch, channel) a group; reduced-precision inputs stay in their dtype there.
 
@@ -156,6 +158,69 @@ def reduced_backward(
     return sum_dy_xhat.sum(dims), sum_dy.sum(dims)
 
 
+def pair_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> Saved:
+    """Two values ``x0, x1`` per (ghost batch, channel): ``x0 - mean = h = (x0 - x1) / 2 =
+    -(x1 - mean)``, ``var = h**2``, so ``x_hat = +-t`` with ``t = h * rstd`` and
+    ``y = bias +- t * weight``. Every operation is on ``(G, C)`` halves: none
+    broadcasts over the samples, which ATen's element-wise kernels do slowly for
+    a short sample dim. Saves ``t`` and ``rstd``."""
+    view = ghost_view(x, chunks)
+    dtype = compute_dtype(x.dtype)
+    first, second = view[:, 0].to(dtype), view[:, 1].to(dtype)
+    half = torch.sub(first, second).mul_(0.5)
+    square = half * half
+    rstd = torch.add(square, eps).rsqrt_()
+    torch.add(first, second, out=mean).mul_(0.5)
+    torch.mul(square, 2.0, out=var)
+    t = half.mul_(rstd)
+    scaled = t if weight is None else t * weight
+    out_view = ghost_view(out, chunks)
+    if bias is None:
+        out_view[:, 0].copy_(scaled)
+        torch.neg(scaled, out=out_view[:, 1])
+    else:
+        torch.add(bias, scaled, out=out_view[:, 0])
+        torch.sub(bias, scaled, out=out_view[:, 1])
+    return t, rstd
+
+
+def pair_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``D = dy0 - dy1``: ``S(dy * x_hat) = t * D`` and, as ``1 - t**2 = eps * rstd**2``,
+    ``dx0 = -dx1 = D * eps * rstd**3 * weight / 2`` (no cancellation)."""
+    t, rstd = saved
+    view = ghost_view(grad_out, chunks)
+    first, second = view[:, 0].to(t.dtype), view[:, 1].to(t.dtype)
+    difference = first - second
+    sum_dy = torch.add(first, second).sum(0)
+    sum_dy_xhat = (t * difference).sum(0)
+    if grad_x is not None:
+        factor = rstd.square().mul_(0.5 * eps).mul_(rstd)
+        if weight is not None:
+            factor.mul_(weight)
+        grad_view = ghost_view(grad_x, chunks)
+        torch.mul(difference, factor, out=grad_view[:, 0])
+        torch.neg(grad_view[:, 0], out=grad_view[:, 1])
+    return sum_dy_xhat, sum_dy
+
+
 def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
     """``(chunks*g, C, ...)`` with ``L > 1`` values per channel and sample -> contiguous
     ``(chunks, C, g, L)``."""
@@ -237,8 +302,11 @@ def native_forward(
 ) -> Saved:
     """BatchNorm's out= kernel on one ghost batch, straight into ``out``; with momentum 1
     its running-statistics update stores the mean and unbiased variance into the
-    (zero) rows. Saves the kernel's mean and invstd."""
+    rows. Saves the kernel's mean and invstd."""
     assert chunks == 1
+    # BatchNorm blends the rows with weight 0: zero them (0 * garbage may be NaN).
+    mean.zero_()
+    var.zero_()
     saved_dtype = _saved_stat_dtype(
         x.device.type, x.dtype, None if weight is None else weight.dtype
     )
@@ -286,5 +354,15 @@ def native_backward(
     return gw, gb
 
 
-FORWARD = {"native": native_forward, "reduced": reduced_forward, "grouped": grouped_forward}
-BACKWARD = {"native": native_backward, "reduced": reduced_backward, "grouped": grouped_backward}
+FORWARD = {
+    "native": native_forward,
+    "reduced": reduced_forward,
+    "pair": pair_forward,
+    "grouped": grouped_forward,
+}
+BACKWARD = {
+    "native": native_backward,
+    "reduced": reduced_backward,
+    "pair": pair_backward,
+    "grouped": grouped_backward,
+}
