@@ -290,6 +290,37 @@ def test_every_way_leaves_the_input_and_the_incoming_gradient_alone(
     assert torch.equal(grad, grad_before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("ghost, batch", [(2, 8), (3, 11), (8, 16)])
+def test_parameter_gradients_without_an_input_gradient(
+    kind: str, ghost: int, batch: int, dtype: torch.dtype, layout: str
+) -> None:
+    """An input that needs no gradient (the first layer): the weight and bias gradients of
+    every way are still those of BatchNorm called on each ghost batch in turn, in float64;
+    in bfloat16 as close to them as BatchNorm in bfloat16 (plus one bfloat16 rounding)."""
+    layer, native = make_pair(kind, ghost)
+    x = input_for(kind, batch)
+    grad = randn(*x.shape, seed=10)
+
+    def parameter_grads(module: nn.Module, ghost_layer: bool) -> list[torch.Tensor]:
+        module = copy.deepcopy(module).to(dtype)
+        inputs = x.to(dtype)
+        out = module(inputs) if ghost_layer else torch.cat(list(map(module, inputs.split(ghost))))
+        grads = torch.autograd.grad(out, (module.weight, module.bias), grad.to(dtype))
+        return [g.double() for g in grads]
+
+    expected = torch.autograd.grad(
+        torch.cat([native(chunk) for chunk in x.split(ghost)]), (native.weight, native.bias), grad
+    )
+    ours = tb.max_relative_difference(parameter_grads(layer, True), expected)
+    if dtype == torch.float64:
+        assert ours <= EXACT
+    else:
+        theirs = tb.max_relative_difference(parameter_grads(native, False), expected)
+        assert ours <= 2 * theirs + 2**-8, (ours, theirs)
+
+
 @pytest.mark.parametrize("kind", sorted(BATCHNORMS))
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_ghost_batch_of_whole_batch_is_batchnorm(kind: str, momentum: float | None) -> None:

@@ -104,27 +104,29 @@ def reduced_forward(
 ) -> Saved:
     """``mean = S(x) / n``, ``var = S(d * d) / n`` with ``d = x - mean`` (two passes,
     as BatchNorm's kernel, so a large mean costs no precision), then
-    ``y = d * (rstd * weight) + bias``. Saves ``d`` and ``rstd``."""
+    ``y = d * (rstd * weight) + bias``, with ``d`` held in ``out``. Saves ``mean``
+    and ``rstd`` (the backward recomputes ``d``, as BatchNorm keeps only the input)."""
     view = ghost_view(x, chunks)
     n = view.numel() // (chunks * view.shape[2])
     # One explicit conversion: ATen's mixed-dtype elementwise kernels are not vectorized.
     xc = view.to(compute_dtype(x.dtype))
     block_mean = ghost_sum(xc).div_(n)
-    d = xc.sub_(block_mean) if xc is not view else view - block_mean
+    out_view = ghost_view(out, chunks)
+    # d over the converted copy, or in out: a fresh input-sized tensor costs page faults
+    # that measured slower than the subtraction itself.
+    d = torch.sub(xc, block_mean, out=xc if xc is not view else out_view)
     block_var = ghost_dot(d, d).div_(n)
     rstd = (block_var + eps).rsqrt_()
     scale = rstd if weight is None else rstd * _per_channel(weight, d)
     shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias, d).to(rstd.dtype)
     # Explicit outputs: an addcmul whose first operand is the (G, 1, C, 1) one lays its
     # result out after that operand, which is slow to traverse.
-    out_view = ghost_view(out, chunks)
-    if out.dtype == d.dtype:
-        torch.addcmul(shift, d, scale, out=out_view)
-    else:
-        out_view.copy_(torch.addcmul(shift, d, scale, out=torch.empty_like(d)))
+    torch.addcmul(shift, d, scale, out=d)
+    if d is not out_view:
+        out_view.copy_(d)
     mean.copy_(block_mean.view(chunks, -1))
     var.copy_(block_var.view(chunks, -1).mul_(n / (n - 1)))
-    return d, rstd
+    return block_mean, rstd
 
 
 def reduced_backward(
@@ -138,22 +140,26 @@ def reduced_backward(
     grad_x: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dx = k * dy + b * d + a`` with per-(ghost batch, channel) ``k = rstd * weight``,
-    ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes."""
-    d, rstd = saved
+    ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes, ``d``
+    recomputed into ``grad_x``."""
+    block_mean, rstd = saved
+    view = ghost_view(x, chunks)
+    xc = view.to(rstd.dtype)
+    grad_view = None if grad_x is None else ghost_view(grad_x, chunks)
+    target = xc if xc is not view else grad_view
+    d = xc - block_mean if target is None else torch.sub(xc, block_mean, out=target)
     n = d.numel() // (chunks * d.shape[2])
     dy = ghost_view(grad_out, chunks).to(d.dtype)
     sum_dy = ghost_sum(dy)
     sum_dy_xhat = ghost_dot(dy, d).mul_(rstd)
-    if grad_x is not None:
+    if grad_view is not None:
         k = rstd if weight is None else rstd * _per_channel(weight, d)
         minus_k_over_n = k * (-1.0 / n)
         a = minus_k_over_n * sum_dy
         b = minus_k_over_n.mul_(rstd).mul_(sum_dy_xhat)
-        grad_view = ghost_view(grad_x, chunks)
-        partial = grad_view if grad_x.dtype == d.dtype else torch.empty_like(d)
-        torch.addcmul(a, d, b, out=partial).addcmul_(dy, k)
-        if partial is not grad_view:
-            grad_view.copy_(partial)
+        torch.addcmul(a, d, b, out=d).addcmul_(dy, k)
+        if d is not grad_view:
+            grad_view.copy_(d)
     dims = [0, 1, *range(3, d.dim())]
     return sum_dy_xhat.sum(dims), sum_dy.sum(dims)
 
