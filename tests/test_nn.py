@@ -250,16 +250,18 @@ def test_every_way_is_the_written_out_ghost_batchnorm(
 @pytest.mark.parametrize(
     "options", [{"affine": False}, {"bias": False}, {"track_running_stats": False}]
 )
+@pytest.mark.parametrize("ghost", [2, 3])
 def test_every_way_without_affine_parameters_or_running_stats(
-    kind: str, options: dict[str, bool], layout: str
+    kind: str, options: dict[str, bool], ghost: int, layout: str
 ) -> None:
     """Without weight, without bias, without running statistics: still BatchNorm on each
-    ghost batch in turn (8 samples, ghost batches of 3: a block of 2 and a short last one)."""
-    layer, native = make_pair(kind, 3, **options)
+    ghost batch in turn (8 samples, ghost batches of 2, or of 3: a block of 2 and a short
+    last one)."""
+    layer, native = make_pair(kind, ghost, **options)
     x = input_for(kind, 8)
     ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     ours = layer(ours_x)
-    theirs = torch.cat([native(chunk) for chunk in their_x.split(3)])
+    theirs = torch.cat([native(chunk) for chunk in their_x.split(ghost)])
     assert relative_difference(ours, theirs) <= EXACT
     grad = randn(*ours.shape, seed=10)
     ours_inputs = [ours_x, *(p for p in layer.parameters())]
@@ -268,6 +270,55 @@ def test_every_way_without_affine_parameters_or_running_stats(
     their_grads = torch.autograd.grad(theirs, their_inputs, grad)
     assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
     assert_same_state(layer, native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("ghost, batch", [(2, 8), (3, 11), (8, 16)])
+def test_every_way_leaves_the_input_and_the_incoming_gradient_alone(
+    kind: str, ghost: int, batch: int, dtype: torch.dtype, layout: str
+) -> None:
+    """The ways work in place on their own buffers: the input and the gradient handed to
+    backward (the caller's tensors, possibly used again) keep their values."""
+    layer, _ = make_pair(kind, ghost)
+    layer = layer.to(dtype)
+    x = input_for(kind, batch).to(dtype).requires_grad_()
+    grad = randn(*x.shape, seed=10).to(dtype)
+    x_before, grad_before = x.detach().clone(), grad.clone()
+    layer(x).backward(grad)
+    assert torch.equal(x.detach(), x_before)
+    assert torch.equal(grad, grad_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(BATCHNORMS))
+@pytest.mark.parametrize("ghost, batch", [(2, 8), (3, 11), (8, 16)])
+def test_parameter_gradients_without_an_input_gradient(
+    kind: str, ghost: int, batch: int, dtype: torch.dtype, layout: str
+) -> None:
+    """An input that needs no gradient (the first layer): the weight and bias gradients of
+    every way are still those of BatchNorm called on each ghost batch in turn, in float64;
+    in bfloat16 as close to them as BatchNorm in bfloat16 (plus one bfloat16 rounding)."""
+    layer, native = make_pair(kind, ghost)
+    x = input_for(kind, batch)
+    grad = randn(*x.shape, seed=10)
+
+    def parameter_grads(module: nn.Module, ghost_layer: bool) -> list[torch.Tensor]:
+        module = copy.deepcopy(module).to(dtype)
+        inputs = x.to(dtype)
+        out = module(inputs) if ghost_layer else torch.cat(list(map(module, inputs.split(ghost))))
+        grads = torch.autograd.grad(out, (module.weight, module.bias), grad.to(dtype))
+        return [g.double() for g in grads]
+
+    expected = torch.autograd.grad(
+        torch.cat([native(chunk) for chunk in x.split(ghost)]), (native.weight, native.bias), grad
+    )
+    ours = tb.max_relative_difference(parameter_grads(layer, True), expected)
+    if dtype == torch.float64:
+        assert ours <= EXACT
+    else:
+        theirs = tb.max_relative_difference(parameter_grads(native, False), expected)
+        assert ours <= 2 * theirs + 2**-8, (ours, theirs)
 
 
 @pytest.mark.parametrize("kind", sorted(BATCHNORMS))

@@ -1,4 +1,4 @@
-"""The three ways ghost BatchNorm normalizes a block of ghost batches.
+"""The four ways ghost BatchNorm normalizes a block of ghost batches.
 
 Each way computes, for every ghost batch ``j`` and channel ``c`` of a block,
 BatchNorm's training-mode forward and backward over the ``n`` values of that
@@ -16,6 +16,8 @@ the mean and unbiased variance (BatchNorm's running-statistics inputs) into
 - ``native``: one ghost batch, through BatchNorm's own kernels, on the input.
 - ``reduced``: the ghost batches of a ``(G, g, C, L)`` view, by sums over dims
   1 and 3 (no copy of the input, float32 arithmetic for reduced precision).
+- ``pair``: ghost batches of two samples with one value per channel, in closed
+  form on the ``(G, C)`` halves of the ``(G, 2, C)`` view (below).
 - ``grouped``: GroupNorm's kernels on a ``(G, C, g, L)`` copy, each (ghost
   batch, channel) a group; reduced-precision inputs stay in their dtype there.
 
@@ -43,13 +45,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def ghost_view(x: torch.Tensor, chunks: int) -> torch.Tensor:
     """``(chunks*g, C, ...)`` -> the ``(chunks, g, C, L)`` view (``x`` contiguous or
-    channels-last: both give a view)."""
-    return x.view(chunks, x.shape[0] // chunks, x.shape[1], -1)
+    channels-last: both give a view), ``(chunks, g, C)`` when ``L`` is 1.
+
+    Without the trailing dim of size 1: ATen's element-wise kernels broadcasting a
+    ``(G, 1, C, 1)`` operand over ``(G, g, C, 1)`` measured 3.5x slower than the
+    same arithmetic on ``(G, g, C)`` (``benchmarks/layers.py``, GhostBatchNorm1d).
+    """
+    view = x.view(chunks, x.shape[0] // chunks, x.shape[1], -1)
+    return view if view.shape[3] > 1 else view.squeeze(3)
 
 
 def ghost_sum(v: torch.Tensor) -> torch.Tensor:
-    """Sum of ``v`` ``(G, g, C, L)`` over dims 1 and 3, as ``(G, 1, C, 1)``."""
-    if v.shape[3] > 1:
+    """Sum of a :func:`ghost_view` over its ghost-batch samples (dim 1) and ``L``
+    (dim 3), keeping the dims: ``(G, 1, C, 1)`` or ``(G, 1, C)``."""
+    if v.dim() == 4:
         v = v.sum(3, keepdim=True)
     if v.shape[1] >= _PAIRWISE_BELOW:
         return v.sum(1, keepdim=True)
@@ -66,7 +75,7 @@ def ghost_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``ghost_sum(a * b)``; with one value per channel and sample, the first halving
     multiplies and adds in one pass instead of writing the whole product."""
     size = a.shape[1]
-    if a.shape[3] > 1 or size >= _PAIRWISE_BELOW or size == 1:
+    if a.dim() == 4 or size >= _PAIRWISE_BELOW or size == 1:
         return ghost_sum(a * b)
     half = size // 2
     total = a[:, :half] * b[:, :half]
@@ -76,8 +85,11 @@ def ghost_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ghost_sum(total)
 
 
-def _per_channel(parameter: torch.Tensor | None) -> torch.Tensor | None:
-    return None if parameter is None else parameter.view(1, 1, -1, 1)
+def _per_channel(parameter: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``parameter`` ``(C,)`` shaped to broadcast against the :func:`ghost_view` ``like``."""
+    if parameter is None:
+        return None
+    return parameter.view(1, 1, -1) if like.dim() == 3 else parameter.view(1, 1, -1, 1)
 
 
 def reduced_forward(
@@ -92,27 +104,29 @@ def reduced_forward(
 ) -> Saved:
     """``mean = S(x) / n``, ``var = S(d * d) / n`` with ``d = x - mean`` (two passes,
     as BatchNorm's kernel, so a large mean costs no precision), then
-    ``y = d * (rstd * weight) + bias``. Saves ``d`` and ``rstd``."""
+    ``y = d * (rstd * weight) + bias``, with ``d`` held in ``out``. Saves ``mean``
+    and ``rstd`` (the backward recomputes ``d``, as BatchNorm keeps only the input)."""
     view = ghost_view(x, chunks)
-    n = view.shape[1] * view.shape[3]
+    n = view.numel() // (chunks * view.shape[2])
     # One explicit conversion: ATen's mixed-dtype elementwise kernels are not vectorized.
     xc = view.to(compute_dtype(x.dtype))
     block_mean = ghost_sum(xc).div_(n)
-    d = xc.sub_(block_mean) if xc is not view else view - block_mean
+    out_view = ghost_view(out, chunks)
+    # d over the converted copy, or in out: a fresh input-sized tensor costs page faults
+    # that measured slower than the subtraction itself.
+    d = torch.sub(xc, block_mean, out=xc if xc is not view else out_view)
     block_var = ghost_dot(d, d).div_(n)
     rstd = (block_var + eps).rsqrt_()
-    scale = rstd if weight is None else rstd * _per_channel(weight)
-    shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias).to(rstd.dtype)
+    scale = rstd if weight is None else rstd * _per_channel(weight, d)
+    shift = torch.zeros_like(rstd) if bias is None else _per_channel(bias, d).to(rstd.dtype)
     # Explicit outputs: an addcmul whose first operand is the (G, 1, C, 1) one lays its
     # result out after that operand, which is slow to traverse.
-    out_view = ghost_view(out, chunks)
-    if out.dtype == d.dtype:
-        torch.addcmul(shift, d, scale, out=out_view)
-    else:
-        out_view.copy_(torch.addcmul(shift, d, scale, out=torch.empty_like(d)))
+    torch.addcmul(shift, d, scale, out=d)
+    if d is not out_view:
+        out_view.copy_(d)
     mean.copy_(block_mean.view(chunks, -1))
     var.copy_(block_var.view(chunks, -1).mul_(n / (n - 1)))
-    return d, rstd
+    return block_mean, rstd
 
 
 def reduced_backward(
@@ -126,27 +140,96 @@ def reduced_backward(
     grad_x: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dx = k * dy + b * d + a`` with per-(ghost batch, channel) ``k = rstd * weight``,
-    ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes."""
-    d, rstd = saved
-    n = d.shape[1] * d.shape[3]
+    ``b = -k * rstd * S(dy * x_hat) / n``, ``a = -k * S(dy) / n``: two passes, ``d``
+    recomputed into ``grad_x``."""
+    block_mean, rstd = saved
+    view = ghost_view(x, chunks)
+    xc = view.to(rstd.dtype)
+    grad_view = None if grad_x is None else ghost_view(grad_x, chunks)
+    target = xc if xc is not view else grad_view
+    d = xc - block_mean if target is None else torch.sub(xc, block_mean, out=target)
+    n = d.numel() // (chunks * d.shape[2])
     dy = ghost_view(grad_out, chunks).to(d.dtype)
     sum_dy = ghost_sum(dy)
     sum_dy_xhat = ghost_dot(dy, d).mul_(rstd)
-    if grad_x is not None:
-        k = rstd if weight is None else rstd * _per_channel(weight)
+    if grad_view is not None:
+        k = rstd if weight is None else rstd * _per_channel(weight, d)
         minus_k_over_n = k * (-1.0 / n)
         a = minus_k_over_n * sum_dy
         b = minus_k_over_n.mul_(rstd).mul_(sum_dy_xhat)
+        torch.addcmul(a, d, b, out=d).addcmul_(dy, k)
+        if d is not grad_view:
+            grad_view.copy_(d)
+    dims = [0, 1, *range(3, d.dim())]
+    return sum_dy_xhat.sum(dims), sum_dy.sum(dims)
+
+
+def pair_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> Saved:
+    """Two values ``x0, x1`` per (ghost batch, channel): ``x0 - mean = h = (x0 - x1) / 2 =
+    -(x1 - mean)``, ``var = h**2``, so ``x_hat = +-t`` with ``t = h * rstd`` and
+    ``y = bias +- t * weight``. Every operation is on ``(G, C)`` halves: none
+    broadcasts over the samples, which ATen's element-wise kernels do slowly for
+    a short sample dim. Saves ``t`` and ``rstd``."""
+    view = ghost_view(x, chunks)
+    dtype = compute_dtype(x.dtype)
+    first, second = view[:, 0].to(dtype), view[:, 1].to(dtype)
+    half = torch.sub(first, second).mul_(0.5)
+    square = half * half
+    rstd = torch.add(square, eps).rsqrt_()
+    torch.add(first, second, out=mean).mul_(0.5)
+    torch.mul(square, 2.0, out=var)
+    t = half.mul_(rstd)
+    scaled = t if weight is None else t * weight
+    out_view = ghost_view(out, chunks)
+    if bias is None:
+        out_view[:, 0].copy_(scaled)
+        torch.neg(scaled, out=out_view[:, 1])
+    else:
+        torch.add(bias, scaled, out=out_view[:, 0])
+        torch.sub(bias, scaled, out=out_view[:, 1])
+    return t, rstd
+
+
+def pair_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``D = dy0 - dy1``: ``S(dy * x_hat) = t * D`` and, as ``1 - t**2 = eps * rstd**2``,
+    ``dx0 = -dx1 = D * eps * rstd**3 * weight / 2`` (no cancellation)."""
+    t, rstd = saved
+    view = ghost_view(grad_out, chunks)
+    first, second = view[:, 0].to(t.dtype), view[:, 1].to(t.dtype)
+    difference = first - second
+    sum_dy = torch.add(first, second).sum(0)
+    sum_dy_xhat = (t * difference).sum(0)
+    if grad_x is not None:
+        factor = rstd.square().mul_(0.5 * eps).mul_(rstd)
+        if weight is not None:
+            factor.mul_(weight)
         grad_view = ghost_view(grad_x, chunks)
-        partial = grad_view if grad_x.dtype == d.dtype else torch.empty_like(d)
-        torch.addcmul(a, d, b, out=partial).addcmul_(dy, k)
-        if partial is not grad_view:
-            grad_view.copy_(partial)
-    return sum_dy_xhat.sum((0, 1, 3)), sum_dy.sum((0, 1, 3))
+        torch.mul(difference, factor, out=grad_view[:, 0])
+        torch.neg(grad_view[:, 0], out=grad_view[:, 1])
+    return sum_dy_xhat, sum_dy
 
 
 def _grouped(x: torch.Tensor, chunks: int) -> torch.Tensor:
-    """``(chunks*g, C, ...)`` -> contiguous ``(chunks, C, g, L)``."""
+    """``(chunks*g, C, ...)`` with ``L > 1`` values per channel and sample -> contiguous
+    ``(chunks, C, g, L)``."""
     return ghost_view(x, chunks).transpose(1, 2).contiguous()
 
 
@@ -225,8 +308,11 @@ def native_forward(
 ) -> Saved:
     """BatchNorm's out= kernel on one ghost batch, straight into ``out``; with momentum 1
     its running-statistics update stores the mean and unbiased variance into the
-    (zero) rows. Saves the kernel's mean and invstd."""
+    rows. Saves the kernel's mean and invstd."""
     assert chunks == 1
+    # BatchNorm blends the rows with weight 0: zero them (0 * garbage may be NaN).
+    mean.zero_()
+    var.zero_()
     saved_dtype = _saved_stat_dtype(
         x.device.type, x.dtype, None if weight is None else weight.dtype
     )
@@ -274,5 +360,15 @@ def native_backward(
     return gw, gb
 
 
-FORWARD = {"native": native_forward, "reduced": reduced_forward, "grouped": grouped_forward}
-BACKWARD = {"native": native_backward, "reduced": reduced_backward, "grouped": grouped_backward}
+FORWARD = {
+    "native": native_forward,
+    "reduced": reduced_forward,
+    "pair": pair_forward,
+    "grouped": grouped_forward,
+}
+BACKWARD = {
+    "native": native_backward,
+    "reduced": reduced_backward,
+    "pair": pair_backward,
+    "grouped": grouped_backward,
+}
