@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import truebatch as tb
-from models import CLASSES, FEATURES, seeded, vector_batch
+from models import CLASSES, FEATURES, GroupStateSGD, seeded, vector_batch
 from test_safety import assert_bitwise_equal
 
 WINDOW = 12
@@ -187,6 +187,28 @@ def test_a_scheduler_that_raises_after_the_update_restores_all_but_the_update() 
     assert_bitwise_equal(
         [after["model"][k] for k in buffers], [before["model"][k] for k in buffers]
     )
+
+
+def test_atomic_step_restores_the_state_an_optimizer_keeps_in_its_param_groups() -> None:
+    """Regression: with ``atomic_step=True`` and no scheduler, an optimizer that raised
+    after its update left the entries it keeps in its param groups (schedule-free's step
+    count, Prodigy's estimates) advanced, while its parameters and moments went back."""
+    model = seeded(batchnorm_dropout)
+    optimizer = GroupStateSGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=MICRO_BATCH, atomic_step=True)
+    batch = vector_batch(WINDOW, 1)
+    acc.step(batch, loss_sum)
+    before = copy.deepcopy((model.state_dict(), acc.state_dict()))
+
+    def raise_after_the_update(*_: Any) -> None:
+        raise RuntimeError("after the update")
+
+    handle = optimizer.register_step_post_hook(raise_after_the_update)
+    with pytest.raises(RuntimeError, match="after the update"):
+        acc.step(vector_batch(WINDOW, 2), loss_sum)
+    handle.remove()
+
+    assert_bitwise_equal(copy.deepcopy((model.state_dict(), acc.state_dict())), before)
 
 
 def test_a_one_cycle_schedule_past_its_end_is_refused_before_the_window_runs() -> None:

@@ -97,8 +97,8 @@ class Accumulator:
             the longest sample.
         tokens: where ``max_tokens`` reads tokens from: a mask's key (nonzero
             entries are tokens) or ``tokens(batch)`` giving one count per sample.
-        atomic_step: copy the parameters the optimizer updates and its state
-            before every step, so that an exception raised by the optimizer or
+        atomic_step: copy the parameters the optimizer updates, its state and
+            its param groups before every step, so that an exception raised by the optimizer or
             the scheduler after the update leaves them as before the window too.
             Costs one more copy of both in memory during the step and the time
             to write it; without it, such an exception leaves the update in
