@@ -486,6 +486,21 @@ def test_scaler_skips_and_backs_off_exactly_like_a_plain_gradscaler_loop() -> No
     assert any(later > earlier for earlier, later in itertools.pairwise(scales))
 
 
+def test_a_gradscaler_with_skip_nonfinite_false_is_refused_at_construction() -> None:
+    """Regression: with skip_nonfinite=False the Accumulator stepped the optimizer on the
+    inf gradients of a GradScaler's overflow (which GradScaler.step skips), turning every
+    parameter into NaN. A disabled scaler never overflows: it is accepted."""
+    model = MLP().float()
+    with pytest.raises(
+        ValueError, match=r"`skip_nonfinite` got False with an enabled GradScaler;.*Fix:"
+    ):
+        tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu"), skip_nonfinite=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    acc = tb.Accumulator(model, sgd(model), scaler=scaler, skip_nonfinite=False)
+    x, y = vector_batch(12)
+    assert acc.step((x.float(), y), classification_loss).stepped
+
+
 def test_a_failed_attempt_leaves_the_gradscaler_as_it_was() -> None:
     # fp16 autocast, a GradScaler and "auto" with room for 4: the attempts at 12 and 6
     # samples scale their losses and fail. Window after window, the parameters and the

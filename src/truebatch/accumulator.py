@@ -79,7 +79,8 @@ class Accumulator:
         accumulate_dtype: sum the gradients of lower-precision parameters
             across micro-batches in this dtype (e.g. ``torch.float32``) and
             round them once per window.
-        skip_nonfinite: a window whose gradient holds NaN or inf does not step.
+        skip_nonfinite: a window whose gradient holds NaN or inf does not step;
+            required with an enabled ``scaler``, whose overflows must not step.
         max_micro_batch_size: first size ``"auto"`` tries.
         gradient_sync: ``"window"``, ``"micro_batch"`` or (HSDP) ``"hybrid"``:
             when a data-parallel wrapper synchronizes gradients (see
@@ -158,10 +159,10 @@ class Accumulator:
         )
         self.tokens = tokens
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
-        self.scaler = check_scaler(scaler)
+        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
+        self.scaler = check_scaler(scaler, skip_nonfinite=self.skip_nonfinite)
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
-        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
         self.atomic_step = check_flag(atomic_step, "atomic_step")
         self.host_sync = check_flag(host_sync, "host_sync")
         self.sync = GradientSync(model, gradient_sync, mesh=data_parallel)

@@ -176,7 +176,9 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def check_scaler(scaler: Any) -> Any:
+def check_scaler(scaler: Any, *, skip_nonfinite: bool) -> Any:
+    """A GradScaler, whose overflowing windows are skipped: GradScaler.step skips a step
+    whose scaled gradient holds inf or NaN, so ``skip_nonfinite=False`` would step on it."""
     if scaler is None:
         return None
     required = ("scale", "unscale_", "step", "update", "state_dict")
@@ -185,6 +187,13 @@ def check_scaler(scaler: Any) -> Any:
         raise TypeError(
             f"`scaler` got {type(scaler).__name__} (missing {missing}); expected a "
             "torch.amp.GradScaler. Fix: pass torch.amp.GradScaler(device_type), or None."
+        )
+    enabled = getattr(scaler, "is_enabled", lambda: True)()
+    if enabled and not skip_nonfinite:
+        raise ValueError(
+            "`skip_nonfinite` got False with an enabled GradScaler; expected True: a window "
+            "whose scaled gradient overflows must not step (GradScaler.step skips it and "
+            "lowers the scale). Fix: drop skip_nonfinite=False, or the scaler."
         )
     return scaler
 
