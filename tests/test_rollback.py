@@ -231,6 +231,36 @@ def test_a_one_cycle_schedule_past_its_end_is_refused_before_the_window_runs() -
     assert_bitwise_equal(training.state(), before)
 
 
+def one_cycle_inside(kind: str, optimizer: torch.optim.Optimizer) -> Any:
+    """A OneCycleLR of 2 steps inside a SequentialLR (after 1 constant window) or a
+    ChainedScheduler: its end is reached after 3 and 2 windows."""
+    schedulers = torch.optim.lr_scheduler
+    one_cycle = schedulers.OneCycleLR(optimizer, max_lr=0.1, total_steps=2)
+    if kind == "sequential":
+        constant = schedulers.ConstantLR(optimizer, factor=0.5, total_iters=1)
+        return schedulers.SequentialLR(optimizer, [constant, one_cycle], milestones=[1])
+    return schedulers.ChainedScheduler([schedulers.ExponentialLR(optimizer, 0.9), one_cycle])
+
+
+@pytest.mark.parametrize(("kind", "windows"), [("sequential", 3), ("chained", 2)])
+def test_a_one_cycle_schedule_inside_another_is_refused_past_its_end(
+    kind: str, windows: int
+) -> None:
+    """Regression: a OneCycleLR inside a SequentialLR or ChainedScheduler raised in
+    scheduler.step() after the optimizer's update, which stayed."""
+    training = Training()
+    training.scheduler = one_cycle_inside(kind, training.optimizer)
+    training.acc.scheduler = training.scheduler
+    for seed in range(windows):
+        assert training.acc.step(training.batch(seed), loss_sum).stepped
+    before = training.state()
+
+    with pytest.raises(ValueError, match=r"`scheduler` got a OneCycleLR at step 2 of total_st"):
+        training.acc.step(training.batch(windows), loss_sum)
+
+    assert_bitwise_equal(training.state(), before)
+
+
 # ------------------------------------------------------- refused at construction
 
 
