@@ -147,6 +147,10 @@ def gradient_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tens
     if not grads:
         return None
     first = grads[0]
+    if any(g.layout != torch.strided for g in grads):
+        # A sparse gradient (nn.Embedding(sparse=True)) has no norm kernel: the norm of its
+        # coalesced values (summed micro-batches repeat rows), one per tensor.
+        return [torch.linalg.vector_norm(_values(g)) for g in grads]
     if all(
         type(g) is torch.Tensor and g.dtype == first.dtype and g.device == first.device
         for g in grads
@@ -168,6 +172,11 @@ def gradient_norms(grads: list[torch.Tensor]) -> list[torch.Tensor] | torch.Tens
     if len(norms) == 1:
         return norms[0]
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def _values(grad: torch.Tensor) -> torch.Tensor:
+    """The entries of a gradient: a sparse COO one's coalesced values, else itself."""
+    return grad.coalesce().values() if grad.layout == torch.sparse_coo else grad
 
 
 def by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
