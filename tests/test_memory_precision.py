@@ -501,6 +501,17 @@ def test_a_gradscaler_with_skip_nonfinite_false_is_refused_at_construction() -> 
     assert acc.step((x.float(), y), classification_loss).stepped
 
 
+def test_a_gradscaler_for_float16_parameters_is_refused_at_construction() -> None:
+    """GradScaler.unscale_ refuses float16 gradients: the first window failed in its step,
+    after all its passes. A disabled scaler is accepted."""
+    model = MLP().half()
+    with pytest.raises(
+        ValueError, match=r"`scaler` got a GradScaler for an optimizer holding 6 float16 param"
+    ):
+        tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu"))
+    tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
 def test_a_failed_attempt_leaves_the_gradscaler_as_it_was() -> None:
     # fp16 autocast, a GradScaler and "auto" with room for 4: the attempts at 12 and 6
     # samples scale their losses and fail. Window after window, the parameters and the

@@ -160,7 +160,7 @@ class Accumulator:
         self.tokens = tokens
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
-        self.scaler = check_scaler(scaler, skip_nonfinite=self.skip_nonfinite)
+        self.scaler = check_scaler(scaler, optimizer, skip_nonfinite=self.skip_nonfinite)
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
         self.atomic_step = check_flag(atomic_step, "atomic_step")

@@ -195,9 +195,10 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def check_scaler(scaler: Any, *, skip_nonfinite: bool) -> Any:
-    """A GradScaler, whose overflowing windows are skipped: GradScaler.step skips a step
-    whose scaled gradient holds inf or NaN, so ``skip_nonfinite=False`` would step on it."""
+def check_scaler(scaler: Any, optimizer: torch.optim.Optimizer, *, skip_nonfinite: bool) -> Any:
+    """A GradScaler, whose overflowing windows are skipped (GradScaler.step skips a step
+    whose scaled gradient holds inf or NaN, so ``skip_nonfinite=False`` would step on it),
+    for float32 parameters (GradScaler.unscale_ refuses float16 gradients)."""
     if scaler is None:
         return None
     required = ("scale", "unscale_", "step", "update", "state_dict")
@@ -213,6 +214,13 @@ def check_scaler(scaler: Any, *, skip_nonfinite: bool) -> Any:
             "`skip_nonfinite` got False with an enabled GradScaler; expected True: a window "
             "whose scaled gradient overflows must not step (GradScaler.step skips it and "
             "lowers the scale). Fix: drop skip_nonfinite=False, or the scaler."
+        )
+    half = sum(p.dtype == torch.float16 for g in optimizer.param_groups for p in g["params"])
+    if enabled and half:
+        raise ValueError(
+            f"`scaler` got a GradScaler for an optimizer holding {half} float16 parameter(s); "
+            "expected float32 parameters: GradScaler cannot unscale float16 gradients. Fix: "
+            "keep the parameters in float32 and pass autocast=torch.float16."
         )
     return scaler
 
