@@ -14,6 +14,7 @@ scheduler and scaler as before the window (``truebatch.snapshot``).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
@@ -186,6 +187,10 @@ class Accumulator:
             accumulate_dtype=self.accumulate_dtype,
         )
         self._history = WindowHistory()
+        # A step the caller takes after accumulate() (a closure optimizer, SAM) ends a window
+        # too: split-invariant layers then draw the next window's masks, as step_window does.
+        history = weakref.ref(self._history)
+        optimizer.register_step_post_hook(lambda *_: _stepped_outside(history))
 
     def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
@@ -245,7 +250,10 @@ class Accumulator:
         is left in the parameters' ``.grad`` (where :func:`truebatch.check`
         reads it); nothing else changes but the buffers forward updates
         (BatchNorm statistics) and the RNG. :meth:`step_window` is
-        ``accumulate`` followed by the once-per-window step. The arguments and
+        ``accumulate`` followed by the once-per-window step. Your own
+        ``optimizer.step()`` after it ends the window (:attr:`completed_windows`
+        counts it): split-invariant layers draw new masks in the next one, and
+        the same masks in every ``accumulate`` before it. The arguments and
         errors are those of :meth:`step`.
 
         Returns:
@@ -328,7 +336,12 @@ class Accumulator:
 
     @property
     def completed_windows(self) -> int:
-        """Windows completed so far: the window index split-invariant layers see next."""
+        """Windows completed so far: the window index split-invariant layers see next.
+
+        Each window run by :meth:`step`, :meth:`step_window` or :meth:`step_cached`
+        counts, stepped or skipped, and each ``optimizer.step()`` taken outside them
+        (after :meth:`accumulate`).
+        """
         return self._history.index
 
     def state_dict(self) -> dict[str, Any]:
@@ -511,6 +524,7 @@ class Accumulator:
             updated=params.updated if self.atomic_step else None,
         )
         try:
+            self._history.stepping = True
             self._step_once(readout, rollback, n_items)
         except BaseException as error:
             self._history.index -= 1
@@ -518,6 +532,8 @@ class Accumulator:
             start.restore()
             clear_gradients(params.model)
             raise
+        finally:
+            self._history.stepping = False
         clear_gradients(params.model)
         result = self._result(window)
         scale_unknown = self.scaler is not None and readout.parts["scale"] is None
@@ -642,3 +658,10 @@ class Accumulator:
         if readout.values is None:
             return StepResult.pending(readout, **plan)
         return StepResult(**{name: readout.values[name] for name in StepResult.READ}, **plan)
+
+
+def _stepped_outside(history: weakref.ref[WindowHistory]) -> None:
+    """The optimizer's step hook; a no-op once the Accumulator is gone."""
+    alive = history()
+    if alive is not None:
+        alive.stepped_outside()
