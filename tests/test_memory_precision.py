@@ -501,6 +501,19 @@ def test_a_gradscaler_with_skip_nonfinite_false_is_refused_at_construction() -> 
     assert acc.step((x.float(), y), classification_loss).stepped
 
 
+def test_a_disabled_gradscaler_is_not_said_to_lower_its_scale() -> None:
+    """A non-finite window with GradScaler(enabled=False), as AMP scripts pass when AMP is
+    off: the reason names the gradient only (it said the scaler lowered its scale to 1)."""
+    model = MLP().float()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    acc = tb.Accumulator(model, sgd(model), scaler=scaler)
+    x, y = vector_batch(12)
+    x[3, 0] = float("nan")
+    result = acc.step((x.float(), y), classification_loss)
+    assert not result.stepped
+    assert result.skip_reason == "non-finite gradient (norm nan)"
+
+
 def test_a_gradscaler_for_float16_parameters_is_refused_at_construction() -> None:
     """GradScaler.unscale_ refuses float16 gradients: the first window failed in its step,
     after all its passes. A disabled scaler is accepted."""

@@ -536,7 +536,11 @@ class Accumulator:
             self._history.stepping = False
         clear_gradients(params.model)
         result = self._result(window)
-        scale_unknown = self.scaler is not None and readout.parts["scale"] is None
+        scale_unknown = (
+            self.scaler is not None
+            and getattr(self.scaler, "is_enabled", lambda: True)()
+            and readout.parts["scale"] is None
+        )
         if scale_unknown and not readout.pending and not result.stepped and result.count:
             # The scale the update lowered: read only in a skipped window.
             reason = f"{result.skip_reason}; GradScaler lowered its scale to "
