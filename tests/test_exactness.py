@@ -426,3 +426,8 @@ def test_accumulate_and_your_own_step_draw_the_dropout_masks_of_step_window() ->
 
         assert max_relative_difference(models[1].parameters(), models[0].parameters()) <= TOL
     assert ours.completed_windows == theirs.completed_windows == 3
+    # A copy (an optimizer drops its hooks when copied) counts its own steps.
+    copied = copy.deepcopy(ours)
+    copied.accumulate(tb.split(task.batch(12, 3), 4), task.loss_sum)
+    copied.optimizer.step()
+    assert (copied.completed_windows, ours.completed_windows) == (4, 3)

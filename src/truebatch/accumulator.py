@@ -187,10 +187,7 @@ class Accumulator:
             accumulate_dtype=self.accumulate_dtype,
         )
         self._history = WindowHistory()
-        # A step the caller takes after accumulate() (a closure optimizer, SAM) ends a window
-        # too: split-invariant layers then draw the next window's masks, as step_window does.
-        history = weakref.ref(self._history)
-        optimizer.register_step_post_hook(lambda *_: _stepped_outside(history))
+        self._hooked: weakref.ref[torch.optim.Optimizer] | None = None
 
     def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
@@ -263,7 +260,19 @@ class Accumulator:
             >>> totals = acc.accumulate([batch], loss_fn)
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
+        self._count_outside_steps()
         return self._window(micro_batches, loss_fn, count, read=True)[0]
+
+    def _count_outside_steps(self) -> None:
+        """A step the caller takes after accumulate() (a closure optimizer, SAM) ends a
+        window too: split-invariant layers then draw the next window's masks, as
+        step_window does. The hook is registered on first use, and again on a copy (a
+        copied optimizer drops its hooks)."""
+        if self._hooked is not None and self._hooked() is self.optimizer:
+            return
+        history = weakref.ref(self._history)
+        self.optimizer.register_step_post_hook(lambda *_: _stepped_outside(history))
+        self._hooked = weakref.ref(self.optimizer)
 
     def step_cached(
         self,
