@@ -263,3 +263,15 @@ def max_relative_difference(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]
 def parameters(model: nn.Module) -> list[torch.Tensor]:
     """Detached copies of ``model``'s parameters, in order."""
     return [p.detach().clone() for p in model.parameters()]
+
+
+class GroupStateSGD(torch.optim.SGD):
+    """SGD with momentum that keeps part of its state in its param groups, as
+    schedule-free optimizers (``k``) and Prodigy (``d``, ``d_numerator``) do: the step
+    count ``k`` lives there and the step is ``lr / k``."""
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        for group in self.param_groups:
+            group["k"] = group.get("k", 0) + 1
+            group["lr"] = group.setdefault("base_lr", group["lr"]) / group["k"]
+        return super().step(closure)

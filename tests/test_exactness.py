@@ -23,6 +23,7 @@ from torch import nn
 import truebatch as tb
 from models import (
     IGNORE_INDEX,
+    MLP,
     TASKS,
     Task,
     collate_tokens,
@@ -399,3 +400,34 @@ def test_gradients_left_before_a_window_are_not_part_of_it(returns_count: bool) 
 
     assert max_relative_difference(seen[0], reference[2]) <= TOL
     assert max_relative_difference(model.parameters(), ref_model.parameters()) <= TOL
+
+
+def test_accumulate_and_your_own_step_draw_the_dropout_masks_of_step_window() -> None:
+    """``step_window`` is ``accumulate`` and the step: a loop that steps the optimizer
+    itself after ``accumulate`` (a closure optimizer, SAM, gradient surgery) must train
+    the same. Regression: the window index, which split-invariant dropout draws its
+    masks by, advanced only in the Accumulator's own step, so such a loop reused the
+    first window's masks at every step. Two ``accumulate`` calls before one step (a
+    closure evaluated twice) see the same masks."""
+    task = TASKS["mlp"]
+    models = [tb.nn.convert_dropout(seeded(lambda: MLP(dropout=0.5)), seed=3) for _ in (0, 1)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    theirs, ours = (tb.Accumulator(m, o) for m, o in zip(models, optimizers, strict=True))
+    for seed in range(3):
+        window = tb.split(task.batch(12, seed), 4)
+        theirs.step_window(window, task.loss_sum)
+
+        ours.accumulate(window, task.loss_sum)
+        first = [p.grad.clone() for p in models[1].parameters()]
+        ours.accumulate(window, task.loss_sum)
+        assert max_relative_difference(first, [p.grad for p in models[1].parameters()]) == 0
+        optimizers[1].step()
+        optimizers[1].zero_grad(set_to_none=True)
+
+        assert max_relative_difference(models[1].parameters(), models[0].parameters()) <= TOL
+    assert ours.completed_windows == theirs.completed_windows == 3
+    # A copy (an optimizer drops its hooks when copied) counts its own steps.
+    copied = copy.deepcopy(ours)
+    copied.accumulate(tb.split(task.batch(12, 3), 4), task.loss_sum)
+    copied.optimizer.step()
+    assert (copied.completed_windows, ours.completed_windows) == (4, 3)

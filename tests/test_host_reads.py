@@ -26,7 +26,7 @@ from torch import nn
 import truebatch as tb
 from dist_workers import launch
 from host_reads import HostReads
-from models import TASKS, seeded
+from models import TASKS, GroupStateSGD, seeded
 
 DOCS = Path(__file__).parents[1] / "docs" / "how-to" / "speed.md"
 WINDOWS = 3
@@ -297,3 +297,20 @@ def test_host_sync_must_be_a_bool() -> None:
     model = seeded(TASKS["mlp"].model)
     with pytest.raises(TypeError, match="`host_sync` got 0; expected True or False"):
         tb.Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), host_sync=0)
+
+
+def test_a_skipped_window_without_host_sync_leaves_the_state_optimizers_keep_in_groups() -> None:
+    """Regression: the device's undo restored the parameters and ``optimizer.state`` but
+    not the param groups, where schedule-free optimizers and Prodigy keep a step count
+    or an estimate: a skipped window advanced (or poisoned with NaN) them for good."""
+    model = seeded(TASKS["mlp"].model)
+    optimizer = GroupStateSGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=3, host_sync=False)
+    task = TASKS["mlp"]
+    acc.step(task.batch(12, 0), task.loss_sum)
+    before = state_of(acc)
+
+    result = acc.step(task.batch(12, 1), poisoned(task.loss_sum, math.nan))
+
+    assert result.stepped is False
+    assert_bitwise_equal(state_of(acc), before)

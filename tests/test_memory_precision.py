@@ -486,6 +486,45 @@ def test_scaler_skips_and_backs_off_exactly_like_a_plain_gradscaler_loop() -> No
     assert any(later > earlier for earlier, later in itertools.pairwise(scales))
 
 
+def test_a_gradscaler_with_skip_nonfinite_false_is_refused_at_construction() -> None:
+    """Regression: with skip_nonfinite=False the Accumulator stepped the optimizer on the
+    inf gradients of a GradScaler's overflow (which GradScaler.step skips), turning every
+    parameter into NaN. A disabled scaler never overflows: it is accepted."""
+    model = MLP().float()
+    with pytest.raises(
+        ValueError, match=r"`skip_nonfinite` got False with an enabled GradScaler;.*Fix:"
+    ):
+        tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu"), skip_nonfinite=False)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    acc = tb.Accumulator(model, sgd(model), scaler=scaler, skip_nonfinite=False)
+    x, y = vector_batch(12)
+    assert acc.step((x.float(), y), classification_loss).stepped
+
+
+def test_a_disabled_gradscaler_is_not_said_to_lower_its_scale() -> None:
+    """A non-finite window with GradScaler(enabled=False), as AMP scripts pass when AMP is
+    off: the reason names the gradient only (it said the scaler lowered its scale to 1)."""
+    model = MLP().float()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    acc = tb.Accumulator(model, sgd(model), scaler=scaler)
+    x, y = vector_batch(12)
+    x[3, 0] = float("nan")
+    result = acc.step((x.float(), y), classification_loss)
+    assert not result.stepped
+    assert result.skip_reason == "non-finite gradient (norm nan)"
+
+
+def test_a_gradscaler_for_float16_parameters_is_refused_at_construction() -> None:
+    """GradScaler.unscale_ refuses float16 gradients: the first window failed in its step,
+    after all its passes. A disabled scaler is accepted."""
+    model = MLP().half()
+    with pytest.raises(
+        ValueError, match=r"`scaler` got a GradScaler for an optimizer holding 6 float16 param"
+    ):
+        tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu"))
+    tb.Accumulator(model, sgd(model), scaler=torch.amp.GradScaler("cpu", enabled=False))
+
+
 def test_a_failed_attempt_leaves_the_gradscaler_as_it_was() -> None:
     # fp16 autocast, a GradScaler and "auto" with room for 4: the attempts at 12 and 6
     # samples scale their losses and fail. Window after window, the parameters and the

@@ -251,3 +251,62 @@ def test_one_walk_reads_the_parameters_and_buffers_in_the_order_of_torch() -> No
         params, buffers = parameters_and_buffers(model)
         assert [id(p) for p in params] == [id(p) for p in model.parameters()]
         assert [id(b) for b in buffers] == [id(b) for b in model.buffers()]
+
+
+class Bag(nn.Module):
+    """A sparse embedding (``sparse=True``: its gradient is a sparse tensor holding the rows
+    the window looked up) and a dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(20, 5, sparse=True)
+        self.head = nn.Linear(5, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(dim=1))
+
+
+def bag_loss_sum(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    ids, y = batch
+    return F.cross_entropy(model(ids), y, reduction="sum")
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adagrad"])
+def test_sparse_gradients_are_normalized_measured_clipped_and_stepped(
+    optimizer_name: str, max_grad_norm: float | None
+) -> None:
+    """Regression: a window with a sparse gradient (``nn.Embedding(sparse=True)``, which
+    a plain loop steps with SGD or Adagrad) raised NotImplementedError in the norm."""
+    model = seeded(Bag).double()
+    reference = copy.deepcopy(model)
+
+    def build(module: nn.Module) -> torch.optim.Optimizer:
+        if optimizer_name == "sgd":
+            return torch.optim.SGD(module.parameters(), lr=0.5)
+        return torch.optim.Adagrad(module.parameters(), lr=0.5)
+
+    optimizer, reference_optimizer = build(model), build(reference)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=3, max_grad_norm=max_grad_norm)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        batch = (
+            torch.randint(0, 20, (10, 4), generator=generator),
+            torch.randint(0, CLASSES, (10,), generator=generator),
+        )
+
+        result = acc.step(batch, bag_loss_sum)
+
+        # The plain loop, with the norm of the dense gradients (clip_grad_norm_ refuses
+        # sparse ones) and clip_grad_norm_'s coefficient.
+        (bag_loss_sum(reference, batch) / len(batch[1])).backward()
+        grads = [p.grad for p in reference.parameters()]
+        norm = math.sqrt(sum(g.to_dense().square().sum().item() for g in grads))
+        if max_grad_norm is not None:
+            for g in grads:
+                g.mul_(min(1.0, max_grad_norm / (norm + 1e-6)))
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+        assert result.stepped
+        assert result.grad_norm == pytest.approx(norm, rel=1e-12)
+        assert_same(model, reference)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import truebatch as tb
-from models import CLASSES, FEATURES, seeded, vector_batch
+from models import CLASSES, FEATURES, GroupStateSGD, seeded, vector_batch
 from test_safety import assert_bitwise_equal
 
 WINDOW = 12
@@ -189,6 +189,28 @@ def test_a_scheduler_that_raises_after_the_update_restores_all_but_the_update() 
     )
 
 
+def test_atomic_step_restores_the_state_an_optimizer_keeps_in_its_param_groups() -> None:
+    """Regression: with ``atomic_step=True`` and no scheduler, an optimizer that raised
+    after its update left the entries it keeps in its param groups (schedule-free's step
+    count, Prodigy's estimates) advanced, while its parameters and moments went back."""
+    model = seeded(batchnorm_dropout)
+    optimizer = GroupStateSGD(model.parameters(), lr=0.1, momentum=0.9)
+    acc = tb.Accumulator(model, optimizer, micro_batch_size=MICRO_BATCH, atomic_step=True)
+    batch = vector_batch(WINDOW, 1)
+    acc.step(batch, loss_sum)
+    before = copy.deepcopy((model.state_dict(), acc.state_dict()))
+
+    def raise_after_the_update(*_: Any) -> None:
+        raise RuntimeError("after the update")
+
+    handle = optimizer.register_step_post_hook(raise_after_the_update)
+    with pytest.raises(RuntimeError, match="after the update"):
+        acc.step(vector_batch(WINDOW, 2), loss_sum)
+    handle.remove()
+
+    assert_bitwise_equal(copy.deepcopy((model.state_dict(), acc.state_dict())), before)
+
+
 def test_a_one_cycle_schedule_past_its_end_is_refused_before_the_window_runs() -> None:
     """OneCycleLR raises in step() once past total_steps, after the optimizer stepped;
     the Accumulator refuses that window before it changes anything."""
@@ -205,6 +227,36 @@ def test_a_one_cycle_schedule_past_its_end_is_refused_before_the_window_runs() -
         ValueError, match=r"`scheduler` got a OneCycleLR at step 2 of total_steps=2"
     ):
         training.acc.step(training.batch(2), loss_sum)
+
+    assert_bitwise_equal(training.state(), before)
+
+
+def one_cycle_inside(kind: str, optimizer: torch.optim.Optimizer) -> Any:
+    """A OneCycleLR of 2 steps inside a SequentialLR (after 1 constant window) or a
+    ChainedScheduler: its end is reached after 3 and 2 windows."""
+    schedulers = torch.optim.lr_scheduler
+    one_cycle = schedulers.OneCycleLR(optimizer, max_lr=0.1, total_steps=2)
+    if kind == "sequential":
+        constant = schedulers.ConstantLR(optimizer, factor=0.5, total_iters=1)
+        return schedulers.SequentialLR(optimizer, [constant, one_cycle], milestones=[1])
+    return schedulers.ChainedScheduler([schedulers.ExponentialLR(optimizer, 0.9), one_cycle])
+
+
+@pytest.mark.parametrize(("kind", "windows"), [("sequential", 3), ("chained", 2)])
+def test_a_one_cycle_schedule_inside_another_is_refused_past_its_end(
+    kind: str, windows: int
+) -> None:
+    """Regression: a OneCycleLR inside a SequentialLR or ChainedScheduler raised in
+    scheduler.step() after the optimizer's update, which stayed."""
+    training = Training()
+    training.scheduler = one_cycle_inside(kind, training.optimizer)
+    training.acc.scheduler = training.scheduler
+    for seed in range(windows):
+        assert training.acc.step(training.batch(seed), loss_sum).stepped
+    before = training.state()
+
+    with pytest.raises(ValueError, match=r"`scheduler` got a OneCycleLR at step 2 of total_st"):
+        training.acc.step(training.batch(windows), loss_sum)
 
     assert_bitwise_equal(training.state(), before)
 

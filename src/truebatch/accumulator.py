@@ -12,6 +12,7 @@ as before the window (``truebatch.snapshot``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -72,7 +73,8 @@ class Accumulator:
         accumulate_dtype: sum the gradients of lower-precision parameters
             across micro-batches in this dtype (e.g. ``torch.float32``) and
             round them once per window.
-        skip_nonfinite: a window whose gradient holds NaN or inf does not step.
+        skip_nonfinite: a window whose gradient holds NaN or inf does not step;
+            required with an enabled ``scaler``, whose overflows must not step.
         max_micro_batch_size: first size ``"auto"`` tries.
         gradient_sync: ``"window"``, ``"micro_batch"`` or (HSDP) ``"hybrid"``:
             when a data-parallel wrapper synchronizes gradients (see
@@ -90,8 +92,8 @@ class Accumulator:
             the longest sample.
         tokens: where ``max_tokens`` reads tokens from: a mask's key (nonzero
             entries are tokens) or ``tokens(batch)`` giving one count per sample.
-        atomic_step: copy the parameters the optimizer updates and its state
-            before every step, so that an exception raised by the optimizer or
+        atomic_step: copy the parameters the optimizer updates, its state and
+            its param groups before every step, so that an exception raised by the optimizer or
             the scheduler after the update leaves them as before the window too.
             Costs one more copy of both in memory during the step and the time
             to write it; without it, such an exception leaves the update in
@@ -151,10 +153,10 @@ class Accumulator:
         )
         self.tokens = tokens
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
-        self.scaler = check_scaler(scaler)
+        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
+        self.scaler = check_scaler(scaler, optimizer, skip_nonfinite=self.skip_nonfinite)
         self.autocast = check_dtype(autocast, "autocast", (torch.float16, torch.bfloat16))
         self.accumulate_dtype = check_dtype(accumulate_dtype, "accumulate_dtype", None)
-        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
         self.atomic_step = check_flag(atomic_step, "atomic_step")
         self.host_sync = check_flag(host_sync, "host_sync")
         self.sync = GradientSync(model, gradient_sync, mesh=data_parallel)
@@ -179,6 +181,7 @@ class Accumulator:
         )
         self._history = WindowHistory()
         self._step_of_window = WindowStep(self, self._setup.parameters, self._history)
+        self._hooked: weakref.ref[torch.optim.Optimizer] | None = None
 
     def step(self, batch: Batch, loss_fn: LossFn, count: Counts = None) -> StepResult:
         """Run one effective batch and take (at most) one optimizer step.
@@ -238,7 +241,10 @@ class Accumulator:
         is left in the parameters' ``.grad`` (where :func:`truebatch.check`
         reads it); nothing else changes but the buffers forward updates
         (BatchNorm statistics) and the RNG. :meth:`step_window` is
-        ``accumulate`` followed by the once-per-window step. The arguments and
+        ``accumulate`` followed by the once-per-window step. Your own
+        ``optimizer.step()`` after it ends the window (:attr:`completed_windows`
+        counts it): split-invariant layers draw new masks in the next one, and
+        the same masks in every ``accumulate`` before it. The arguments and
         errors are those of :meth:`step`.
 
         Returns:
@@ -248,7 +254,19 @@ class Accumulator:
             >>> totals = acc.accumulate([batch], loss_fn)
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
+        self._count_outside_steps()
         return self._window(micro_batches, loss_fn, count, read=True)[0]
+
+    def _count_outside_steps(self) -> None:
+        """A step the caller takes after accumulate() (a closure optimizer, SAM) ends a
+        window too: split-invariant layers then draw the next window's masks, as
+        step_window does. The hook is registered on first use, and again on a copy (a
+        copied optimizer drops its hooks)."""
+        if self._hooked is not None and self._hooked() is self.optimizer:
+            return
+        history = weakref.ref(self._history)
+        self.optimizer.register_step_post_hook(lambda *_: _stepped_outside(history))
+        self._hooked = weakref.ref(self.optimizer)
 
     def step_cached(
         self,
@@ -321,7 +339,12 @@ class Accumulator:
 
     @property
     def completed_windows(self) -> int:
-        """Windows completed so far: the window index split-invariant layers see next."""
+        """Windows completed so far: the window index split-invariant layers see next.
+
+        Each window run by :meth:`step`, :meth:`step_window` or :meth:`step_cached`
+        counts, stepped or skipped, and each ``optimizer.step()`` taken outside them
+        (after :meth:`accumulate`).
+        """
         return self._history.index
 
     def state_dict(self) -> dict[str, Any]:
@@ -476,3 +499,10 @@ class Accumulator:
             unit=tokens.longest,
             log_size=first_window,
         )
+
+
+def _stepped_outside(history: weakref.ref[WindowHistory]) -> None:
+    """The optimizer's step hook; a no-op once the Accumulator is gone."""
+    alive = history()
+    if alive is not None:
+        alive.stepped_outside()

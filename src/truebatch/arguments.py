@@ -6,6 +6,7 @@ Each check raises with the fix in the message, in the package's one format:
 
 from __future__ import annotations
 
+import bisect
 import inspect
 from typing import Any, Literal
 
@@ -77,16 +78,34 @@ def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
 
 def check_scheduler_has_a_step_left(scheduler: Any) -> None:
     """A OneCycleLR raises in step() past its total_steps, after the optimizer stepped:
-    the window is refused before it runs."""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
-        return
-    if scheduler.last_epoch + 1 > scheduler.total_steps:
-        raise ValueError(
-            f"`scheduler` got a OneCycleLR at step {scheduler.last_epoch} of "
-            f"total_steps={scheduler.total_steps}; expected a step left for this window. "
-            "Fix: build it with total_steps = windows per epoch (tb.windows_per_epoch) x "
-            "epochs: it steps once per window."
-        )
+    the window is refused before it runs, also for one that a SequentialLR or a
+    ChainedScheduler steps."""
+    for one_cycle in stepped_one_cycles(scheduler):
+        if one_cycle.last_epoch + 1 > one_cycle.total_steps:
+            raise ValueError(
+                f"`scheduler` got a OneCycleLR at step {one_cycle.last_epoch} of "
+                f"total_steps={one_cycle.total_steps}; expected a step left for this window. "
+                "Fix: build it with total_steps = windows per epoch (tb.windows_per_epoch) x "
+                "epochs: it steps once per window."
+            )
+
+
+def stepped_one_cycles(scheduler: Any) -> list[torch.optim.lr_scheduler.OneCycleLR]:
+    """The OneCycleLRs that ``scheduler.step()`` steps on (not those it restarts at 0)."""
+    schedulers = torch.optim.lr_scheduler
+    if isinstance(scheduler, schedulers.OneCycleLR):
+        return [scheduler]
+    if isinstance(scheduler, schedulers.ChainedScheduler):
+        return [s for inner in scheduler._schedulers for s in stepped_one_cycles(inner)]
+    if isinstance(scheduler, schedulers.SequentialLR):
+        # SequentialLR.step: the scheduler of the next epoch steps, or restarts at 0 when
+        # the epoch is its milestone.
+        epoch = scheduler.last_epoch + 1
+        index = bisect.bisect_right(scheduler._milestones, epoch)
+        if index > 0 and scheduler._milestones[index - 1] == epoch:
+            return []
+        return stepped_one_cycles(scheduler._schedulers[index])
+    return []
 
 
 def required_arguments(method: Any) -> list[str]:
@@ -176,7 +195,10 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def check_scaler(scaler: Any) -> Any:
+def check_scaler(scaler: Any, optimizer: torch.optim.Optimizer, *, skip_nonfinite: bool) -> Any:
+    """A GradScaler, whose overflowing windows are skipped (GradScaler.step skips a step
+    whose scaled gradient holds inf or NaN, so ``skip_nonfinite=False`` would step on it),
+    for float32 parameters (GradScaler.unscale_ refuses float16 gradients)."""
     if scaler is None:
         return None
     required = ("scale", "unscale_", "step", "update", "state_dict")
@@ -185,6 +207,20 @@ def check_scaler(scaler: Any) -> Any:
         raise TypeError(
             f"`scaler` got {type(scaler).__name__} (missing {missing}); expected a "
             "torch.amp.GradScaler. Fix: pass torch.amp.GradScaler(device_type), or None."
+        )
+    enabled = getattr(scaler, "is_enabled", lambda: True)()
+    if enabled and not skip_nonfinite:
+        raise ValueError(
+            "`skip_nonfinite` got False with an enabled GradScaler; expected True: a window "
+            "whose scaled gradient overflows must not step (GradScaler.step skips it and "
+            "lowers the scale). Fix: drop skip_nonfinite=False, or the scaler."
+        )
+    half = sum(p.dtype == torch.float16 for g in optimizer.param_groups for p in g["params"])
+    if enabled and half:
+        raise ValueError(
+            f"`scaler` got a GradScaler for an optimizer holding {half} float16 parameter(s); "
+            "expected float32 parameters: GradScaler cannot unscale float16 gradients. Fix: "
+            "keep the parameters in float32 and pass autocast=torch.float16."
         )
     return scaler
 

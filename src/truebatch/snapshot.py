@@ -117,9 +117,10 @@ class StepRollback:
     ``Accumulator(atomic_step=True)`` (``updated``): they are as large as the
     model, and a hand-written loop keeps no copy either.
 
-    Saved only for what is there: the scheduler's state and the groups'
-    hyperparameters when there is a scheduler, the scale and growth tracker
-    when there is a scaler (device copies, no host read).
+    Saved only for what is there: the scheduler's state when there is a
+    scheduler, the groups' entries when there is a scheduler or ``updated``,
+    the scale and growth tracker when there is a scaler (device copies, no
+    host read).
     """
 
     def __init__(
@@ -145,12 +146,14 @@ class StepRollback:
         # "before", "stepping" (inside optimizer.step) or "stepped": what a failure left.
         self.optimizer_stage = "before"
         self.scheduler_state = scheduler.state_dict() if scheduler is not None else None
+        # The groups' entries: the scheduler's learning rates, and with atomic_step what an
+        # optimizer keeps there (schedule-free's step count, Prodigy's estimates).
         self.hyperparameters = (
             [
                 {k: _copied(v) for k, v in group.items() if k != "params"}
                 for group in optimizer.param_groups
             ]
-            if scheduler is not None
+            if scheduler is not None or updated is not None
             else None
         )
         self.scale = self.growth = None
@@ -180,9 +183,12 @@ class StepRollback:
             self.optimizer_stage = "before"
         if self.scheduler is not None:
             self.scheduler.load_state_dict(self.scheduler_state)
+        if self.hyperparameters is not None:
             for group, saved in zip(
                 self.optimizer.param_groups, self.hyperparameters, strict=False
             ):
+                for key in group.keys() - {"params"} - saved.keys():
+                    del group[key]
                 for key, value in saved.items():
                     if isinstance(group.get(key), torch.Tensor) and isinstance(value, torch.Tensor):
                         group[key].copy_(value)

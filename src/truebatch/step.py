@@ -99,6 +99,7 @@ class WindowStep:
             updated=params.updated if options.atomic_step else None,
         )
         try:
+            self.history.stepping = True
             self.step_once(readout, rollback, n_items)
         except BaseException as error:
             self.history.index -= 1
@@ -106,9 +107,15 @@ class WindowStep:
             start.restore()
             clear_gradients(params.model)
             raise
+        finally:
+            self.history.stepping = False
         clear_gradients(params.model)
         result = self.result(window)
-        scale_unknown = options.scaler is not None and readout.parts["scale"] is None
+        scale_unknown = (
+            options.scaler is not None
+            and getattr(options.scaler, "is_enabled", lambda: True)()
+            and readout.parts["scale"] is None
+        )
         if scale_unknown and not readout.pending and not result.stepped and result.count:
             # The scale the update lowered: read only in a skipped window.
             reason = f"{result.skip_reason}; GradScaler lowered its scale to "

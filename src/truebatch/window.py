@@ -95,16 +95,26 @@ class WindowHistory:
     """What one window leaves the next.
 
     Attributes:
-        index: windows completed (split-invariant layers draw by it).
+        index: windows completed (split-invariant layers draw by it): the
+            Accumulator's steps, and the optimizer steps its caller takes
+            after :meth:`Accumulator.accumulate` (:meth:`stepped_outside`).
         previous_count: under DDP, the last window's N, which the next one's
             passes start with; ``None`` where that cannot be corrected later.
         replay_batch: two samples of a recent micro-batch, for zero-weight
             passes (torch.distributed only).
+        stepping: whether the Accumulator's own step is running.
     """
 
     index: int = 0
     previous_count: float | None = None
     replay_batch: Batch | None = None
+    stepping: bool = False
+
+    def stepped_outside(self) -> None:
+        """The optimizer stepped: outside the Accumulator's own step, that ends a window
+        of :meth:`Accumulator.accumulate` calls (a closure optimizer evaluates several)."""
+        if not self.stepping:
+            self.index += 1
 
 
 @dataclass(frozen=True)
