@@ -254,7 +254,13 @@ class Accumulator:
             >>> totals = acc.accumulate([batch], loss_fn)
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
-        return self._window(micro_batches, loss_fn, count, read=True)[0]
+        totals = self._window(micro_batches, loss_fn, count, read=True)[0]
+        if totals.count == 0:
+            # No item: no gradient, as when N is known before the passes. Counted on the
+            # device, the passes ran with weight 0 and left zeros, which a momentum or
+            # weight-decay step would still apply.
+            clear_gradients(self._setup.parameters.model)
+        return totals
 
     def step_cached(
         self,
