@@ -31,8 +31,9 @@ window, the median over rounds of each method's ratio to
 of step_cached's ratio to each method and to the floor (truebatch's own cost
 beyond the extra forward).
 
-Memory: each method runs in a fresh process (``MALLOC_MMAP_THRESHOLD_``, one
-thread), once as warm-up; then the peak RSS of a second window above the RSS
+Memory: each method runs in a process of its own, forked from one fresh
+interpreter (``MALLOC_MMAP_THRESHOLD_``, one thread) that has imported the
+libraries but built no model, once as warm-up; then the peak RSS of a second window above the RSS
 before it (``/proc/self/clear_refs`` and ``VmHWM``, Linux). Prints the extra
 peak of each and ``step_cached / (plain_accumulation + representations)``
 (target <= 1.1), where the representations are the window's embeddings and
@@ -45,6 +46,7 @@ their gradients.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -53,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,16 +93,14 @@ SHAPES = {
 
 
 def sentence_transformers_available() -> bool:
-    try:
-        import sentence_transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Found, not imported: the import takes seconds, and only st_cached_mnrl needs it.
+    return importlib.util.find_spec("sentence_transformers") is not None
 
 
 METHODS = ["big_batch", "plain_accumulation", "step_cached", "hand_two_pass"] + (
     ["st_cached_mnrl"] if sentence_transformers_available() else []
 )
+TIMED = [*METHODS, "no_grad_encode"]
 
 
 # ------------------------------------------------------------------ model and data
@@ -162,8 +163,11 @@ def mnrl_sum(reps: tuple[torch.Tensor, torch.Tensor], _: Any = None) -> torch.Te
 # ------------------------------------------------------------------ the methods
 
 
-def trainers(model: Encoder, micro: int) -> dict[str, Callable[[Batch], None]]:
-    """One window of training per method, all on ``model`` with one SGD optimizer."""
+def trainers(
+    model: Encoder, micro: int, *, methods: list[str] = TIMED
+) -> dict[str, Callable[[Batch], None]]:
+    """One window of training per method of ``methods``, all on ``model`` with one SGD
+    optimizer."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     acc = tb.Accumulator(model, optimizer, micro_batch_size=micro)
 
@@ -207,16 +211,16 @@ def trainers(model: Encoder, micro: int) -> dict[str, Callable[[Batch], None]]:
             for mb in tb.split(b, micro):
                 encode(model, mb)
 
-    methods = {
+    trainer = {
         "no_grad_encode": no_grad_encode,
         "big_batch": big_batch,
         "plain_accumulation": plain_accumulation,
         "step_cached": step_cached,
         "hand_two_pass": hand_two_pass,
     }
-    if "st_cached_mnrl" in METHODS:
-        methods["st_cached_mnrl"] = _st_cached_mnrl(model, micro, step)
-    return methods
+    if "st_cached_mnrl" in methods:
+        trainer["st_cached_mnrl"] = _st_cached_mnrl(model, micro, step)
+    return trainer
 
 
 def _st_cached_mnrl(model: Encoder, micro: int, step: Callable[[], None]) -> Callable:
@@ -257,8 +261,6 @@ def _st_cached_mnrl(model: Encoder, micro: int, step: Callable[[], None]) -> Cal
 
 
 # ------------------------------------------------------------------ time
-
-TIMED = [*METHODS, "no_grad_encode"]
 
 
 def time_methods(
@@ -334,7 +336,7 @@ def measure_memory(shape: Shape, method: str, batch: int, micro: int) -> float:
     """Extra peak RSS (MiB) of one window of ``method`` (call in a fresh process)."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    train = trainers(Encoder(shape), micro)[method]
+    train = trainers(Encoder(shape), micro, methods=[method])[method]
     data = window_batch(shape, batch, seed=0)
     train(data)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
@@ -343,14 +345,47 @@ def measure_memory(shape: Shape, method: str, batch: int, micro: int) -> float:
     return _status_mib("VmHWM") - baseline
 
 
-def memory_in_fresh_process(model: str, method: str, batch: int, micro: int) -> float:
+def measure_forked(shape: Shape, methods: list[str], batch: int, micro: int) -> dict[str, float]:
+    """:func:`measure_memory` of each method in a child forked from this process (call
+    in a fresh one): the libraries are imported once, and every method starts from the
+    same state, with no model built before it."""
+    torch.set_num_threads(1)
+    if "st_cached_mnrl" in methods:
+        import sentence_transformers  # noqa: F401  (imported once, before the forks)
+    peaks = {}
+    for method in methods:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report through the pipe, exit without cleanup
+            os.close(read)
+            code = 1
+            try:
+                os.write(write, json.dumps(measure_memory(shape, method, batch, micro)).encode())
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            reported = pipe.read()
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        if code != 0 or not reported:
+            raise RuntimeError(f"measuring {method} failed (exit code {code})")
+        peaks[method] = float(json.loads(reported))
+    return peaks
+
+
+def memory_in_fresh_process(model: str, batch: int, micro: int) -> dict[str, float]:
+    """Extra peak RSS (MiB) of every method, measured by :func:`measure_forked`."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    command = [sys.executable, __file__, "--measure", method, "--model", model]
+    command = [sys.executable, __file__, "--measure", ",".join(METHODS), "--model", model]
     command += ["--batch", str(batch), "--micro", str(micro)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ report
@@ -381,14 +416,11 @@ def report_time(seconds: dict[str, list[float]], rounds: int) -> None:
 
 
 def report_memory(model: str, shape: Shape, batch: int, micro: int) -> None:
-    memory = {
-        method: memory_in_fresh_process(model, method, batch, micro)
-        for method in tqdm(METHODS, desc="memory", disable=not sys.stderr.isatty())
-    }
+    memory = memory_in_fresh_process(model, batch, micro)
     # The window's embeddings (two sides, float32) and their gradients.
     representations = 2 * 2 * batch * shape.hidden * 4 / 2**20
     print(
-        "extra peak RSS of a window (fresh process each); "
+        "extra peak RSS of a window (a forked process each); "
         f"representations {representations:.2f} MiB"
     )
     for method in METHODS:
@@ -411,13 +443,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model, B=32, m=8, 2 rounds")
-    parser.add_argument("--measure", help="(internal) peak memory of one method")
+    parser.add_argument("--measure", help="(internal) peak memory of these methods (a,b,...)")
     args = parser.parse_args()
     if args.quick:
         args.model, args.batch, args.micro, args.rounds = "tiny", 32, 8, 2
     shape = SHAPES[args.model]
     if args.measure:
-        print(json.dumps(measure_memory(shape, args.measure, args.batch, args.micro)))
+        methods = args.measure.split(",")
+        print(json.dumps(measure_forked(shape, methods, args.batch, args.micro)))
         return 0
     torch.set_num_threads(1)
     load = Path("/proc/loadavg").read_text().split()[:3]

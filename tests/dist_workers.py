@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -210,12 +209,11 @@ def launch(
         AssertionError: a process was still running after ``timeout`` seconds
             (it is terminated) or exited with an error.
     """
-    port = _free_port()
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
             target=_main,
-            args=(rank, world_size, port, str(out_dir), scenarios, run or _run),
+            args=(rank, world_size, str(out_dir), scenarios, run or _run),
             daemon=True,
         )
         for rank in range(world_size)
@@ -238,24 +236,24 @@ def launch(
         raise AssertionError(f"ranks exited with codes {failed}\n{errors}")
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _main(
     rank: int,
     world_size: int,
-    port: int,
     out_dir: str,
     scenarios: dict[str, Any],
     run: Callable[[Any, int], dict[str, list]],
 ) -> None:
     # Two processes share two cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+    # The ranks meet in a file of the launch's own directory: no port to pick, so none
+    # that another process can take between picking and binding it.
+    dist.init_process_group(
+        "gloo",
+        init_method=Path(out_dir, "store").absolute().as_uri(),
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     _count_calls()
     try:
         for name, scenario in scenarios.items():

@@ -1,15 +1,14 @@
 """Loss terms on two gloo ranks with uneven data: the worker processes.
 
-:func:`launch` spawns two processes that run every scenario (a case of
-``terms_cases`` under DDP or FSDP2) for :data:`LAYOUT`'s windows and save,
-per scenario and rank, the parameters after each window and the StepResults.
-``test_terms.py`` compares them with one process stepping on each window's
-global batch.
+``dist_workers.launch_once(..., SCENARIOS, run_scenario)`` spawns two processes that
+run every scenario (a case of ``terms_cases`` under DDP or FSDP2) for
+:data:`LAYOUT`'s windows and save, per scenario and rank, the parameters after
+each window and the StepResults. ``test_terms.py`` compares them with one
+process stepping on each window's global batch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,11 +46,6 @@ def rank_batch(name: str, window: int, rank: int) -> Batch:
     return {
         k: v[start : start + LAYOUT[window][rank]] for k, v in window_batch(name, window).items()
     }
-
-
-def launch(out_dir: Path, timeout: float) -> None:
-    """Run :data:`SCENARIOS` on two spawned gloo processes; fail if they hang or raise."""
-    dist_workers.launch(SCENARIOS, out_dir, timeout, run=run_scenario)
 
 
 def run_scenario(scenario: tuple[str, str, int | str], rank: int) -> dict[str, list]:

@@ -255,7 +255,13 @@ class Accumulator:
             >>> totals.loss_sum / totals.count   # the window's mean loss
         """
         self._count_outside_steps()
-        return self._window(micro_batches, loss_fn, count, read=True)[0]
+        totals = self._window(micro_batches, loss_fn, count, read=True)[0]
+        if totals.count == 0:
+            # No item: no gradient, as when N is known before the passes. Counted on the
+            # device, the passes ran with weight 0 and left zeros, which a momentum or
+            # weight-decay step would still apply.
+            clear_gradients(self._setup.parameters.model)
+        return totals
 
     def _count_outside_steps(self) -> None:
         """A step the caller takes after accumulate() (a closure optimizer, SAM) ends a

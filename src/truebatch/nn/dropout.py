@@ -114,7 +114,10 @@ def _same(a: _Stream, b: _Stream) -> bool:
     return a[:2] == b[:2] and same_tokens
 
 
-@torch.compiler.disable
+# torch.compiler.disable, applied at the first call: decorating with it imports
+# torch._dynamo (seconds per process, as much as torch itself), and this runs only
+# under torch.compile, which has imported it.
+@torch._disable_dynamo
 def _resolve_outside_graph(
     layer: SplitInvariantDropout, device: torch.device
 ) -> tuple[torch.Tensor, _Tokens | None]:

@@ -199,7 +199,10 @@ def token_keep(
     return keep[:, :elements].reshape(shape)
 
 
-@torch.compiler.disable
+# torch.compiler.disable, applied at the first call: decorating with it imports
+# torch._dynamo (seconds per process, as much as torch itself), and this runs only
+# under torch.compile, which has imported it.
+@torch._disable_dynamo
 def start_tensor(
     offset: int, seed: int, window: int, layer_id: int, device: torch.device | None
 ) -> torch.Tensor:
