@@ -260,6 +260,28 @@ def max_relative_difference(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]
     return tb.max_relative_difference(list(a), list(b))
 
 
+def assert_bitwise_equal(a: Any, b: Any, where: str = "state", *, nan_equal: bool = False) -> None:
+    """Assert two states (tensors, dicts, lists, numbers, nested) are equal value for value;
+    ``nan_equal``: a NaN in the same place of both tensors counts as equal (a training
+    that stepped on a non-finite gradient). A NaN number always equals NaN."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        if nan_equal:
+            assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), where
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}[{key!r}]", nan_equal=nan_equal)
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]", nan_equal=nan_equal)
+    else:
+        assert a == b or (a != a and b != b), where  # NaN equals NaN here
+
+
 def parameters(model: nn.Module) -> list[torch.Tensor]:
     """Detached copies of ``model``'s parameters, in order."""
     return [p.detach().clone() for p in model.parameters()]

@@ -26,7 +26,7 @@ from torch import nn
 import truebatch as tb
 from dist_workers import launch
 from host_reads import HostReads
-from models import TASKS, GroupStateSGD, seeded
+from models import TASKS, GroupStateSGD, assert_bitwise_equal, seeded
 
 DOCS = Path(__file__).parents[1] / "docs" / "how-to" / "speed.md"
 WINDOWS = 3
@@ -174,22 +174,6 @@ def state_of(acc: tb.Accumulator) -> dict[str, Any]:
     )
 
 
-def assert_bitwise_equal(a: Any, b: Any, where: str = "state") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert torch.allclose(a, b, rtol=0, atol=0, equal_nan=True), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), where  # NaN equals NaN here
-
-
 SKIPPABLE = [name for name in FEATURES if name != "skip_nonfinite=False"]
 
 
@@ -210,7 +194,7 @@ def test_nonfinite_window_without_host_sync_leaves_everything_as_it_was(
         # GradScaler lowers its scale after a non-finite gradient, as with a host decision.
         assert after["scaler"]["scale"] == before["scaler"]["scale"] * 0.5
         after["scaler"], before["scaler"] = None, None
-    assert_bitwise_equal(after, before)
+    assert_bitwise_equal(after, before, nan_equal=True)
     assert all(p.grad is None for p in acc.model.parameters())
     assert result.stepped is False
     assert result.skip_reason.startswith("non-finite gradient (norm ")
@@ -228,8 +212,10 @@ def test_without_host_sync_the_training_is_bitwise_the_host_decided_one(name: st
         for (acc, loss_fn, count, batch), out in zip(runs, results, strict=True):
             fn = poisoned(loss_fn, math.nan) if seed == 2 else loss_fn
             out.append(asdict(acc.step(batch(seed), fn, count)))
-        assert_bitwise_equal(state_of(runs[1][0]), state_of(runs[0][0]), f"window {seed}")
-    assert_bitwise_equal(results[1], results[0], "results")
+        assert_bitwise_equal(
+            state_of(runs[1][0]), state_of(runs[0][0]), f"window {seed}", nan_equal=True
+        )
+    assert_bitwise_equal(results[1], results[0], "results", nan_equal=True)
 
 
 def test_without_host_sync_clipping_is_the_host_decided_one() -> None:
@@ -270,7 +256,7 @@ def test_window_without_items_is_skipped_on_the_device() -> None:
     with HostReads() as reads:
         result = acc.step(tokens_without_labels(1), loss_fn, count)
     assert reads.count == 0
-    assert_bitwise_equal(state_of(acc), before)
+    assert_bitwise_equal(state_of(acc), before, nan_equal=True)
     assert not result.stepped
     assert result.skip_reason == "the window holds no items (N == 0)"
     assert result.count == 0 and math.isnan(result.loss)
@@ -313,4 +299,4 @@ def test_a_skipped_window_without_host_sync_leaves_the_state_optimizers_keep_in_
     result = acc.step(task.batch(12, 1), poisoned(task.loss_sum, math.nan))
 
     assert result.stepped is False
-    assert_bitwise_equal(state_of(acc), before)
+    assert_bitwise_equal(state_of(acc), before, nan_equal=True)

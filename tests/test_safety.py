@@ -22,6 +22,7 @@ import truebatch as tb
 from models import (
     TASKS,
     Task,
+    assert_bitwise_equal,
     max_relative_difference,
     reference_step,
     seeded,
@@ -84,22 +85,6 @@ class Run:
 def _adam_and_step_lr(model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-
-
-def assert_bitwise_equal(a: Any, b: Any, where: str = "state") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_bitwise_equal(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_bitwise_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), where  # NaN equals NaN here
 
 
 def poisoned(task: Task, value: float, on_call: int) -> Callable[[nn.Module, Any], torch.Tensor]:
