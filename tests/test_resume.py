@@ -33,7 +33,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import resume_workers as workers
 import truebatch as tb
-from test_safety import assert_bitwise_equal
+from models import assert_bitwise_equal
 
 WORKERS = Path(workers.__file__)
 SAMPLES = 22  # micro-batches of 3: 3 3 3 3 3 3 3 1, windows of 3: 3 3 2 per epoch

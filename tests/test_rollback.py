@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import truebatch as tb
-from models import CLASSES, FEATURES, GroupStateSGD, seeded, vector_batch
-from test_safety import assert_bitwise_equal
+from models import CLASSES, FEATURES, GroupStateSGD, assert_bitwise_equal, seeded, vector_batch
 
 WINDOW = 12
 MICRO_BATCH = 3  # four passes per window

@@ -27,8 +27,7 @@ from torch import nn
 
 import truebatch as tb
 import truebatch.nn as tnn
-from models import CLASSES, FEATURES, TASKS, seeded
-from test_safety import assert_bitwise_equal
+from models import CLASSES, FEATURES, TASKS, assert_bitwise_equal, seeded
 
 WINDOWS = 12
 SAVED_AFTER = 6
