@@ -188,6 +188,32 @@ def test_a_scheduler_that_raises_after_the_update_restores_all_but_the_update() 
     )
 
 
+class RaisesAfterItsUpdate(torch.optim.lr_scheduler.StepLR):
+    def step(self, epoch: int | None = None) -> None:
+        super().step(epoch)
+        if self._step_count == 3:
+            raise RuntimeError("scheduler failed after its update")
+
+
+def test_a_tensor_learning_rate_the_scheduler_changed_in_place_is_put_back() -> None:
+    """A learning rate given as a tensor is set in place by the scheduler; a scheduler
+    that raises after that leaves the same tensor in the group, with its value before."""
+    model = seeded(batchnorm_dropout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01, dtype=torch.float64))
+    scheduler = RaisesAfterItsUpdate(optimizer, step_size=1, gamma=0.5)
+    acc = tb.Accumulator(model, optimizer, scheduler, micro_batch_size=MICRO_BATCH)
+    acc.step(vector_batch(WINDOW, 1), loss_sum)
+    lr = optimizer.param_groups[0]["lr"]
+    before = lr.clone()
+
+    with pytest.raises(RuntimeError, match="scheduler failed after its update"):
+        acc.step(vector_batch(WINDOW, 2), loss_sum)
+
+    assert optimizer.param_groups[0]["lr"] is lr
+    assert_bitwise_equal(lr, before)
+    assert_bitwise_equal(scheduler.state_dict(), acc.state_dict()["scheduler"])
+
+
 def test_atomic_step_restores_the_state_an_optimizer_keeps_in_its_param_groups() -> None:
     """Regression: with ``atomic_step=True`` and no scheduler, an optimizer that raised
     after its update left the entries it keeps in its param groups (schedule-free's step
