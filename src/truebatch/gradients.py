@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from truebatch.snapshot import GroupEntries
+
 __all__ = [
     "GradientSums",
     "MaskedStep",
@@ -267,63 +269,26 @@ class MaskedStep:
         with torch.no_grad():
             self.saved = [torch.empty_like(t) for t in self.tensors]
             torch._foreach_copy_(self.saved, self.tensors)
-        # Each group's entries but its parameters: (value, a copy of a tensor, its version).
-        self.groups = [
-            {key: _entry(value) for key, value in group.items() if key != "params"}
-            for group in optimizer.param_groups
-        ]
+        self.groups = GroupEntries(optimizer)
 
     def finish(self, skip: torch.Tensor) -> bool:
         """Undo the step where ``skip``; False (nothing undone) if only the host can."""
         if any(state.get(key) is not value for state, key, value in self.others):
             return False
-        if self.groups_changed():
+        if self.groups.changed():
             return False
         with torch.no_grad():
             for tensor, saved in zip(self.tensors, self.saved, strict=True):
                 tensor.copy_(torch.where(skip, saved, tensor))
         return True
 
-    def groups_changed(self) -> bool:
-        """Whether the step added, removed, replaced or changed in place a group entry."""
-        for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
-            if group.keys() - {"params"} != saved.keys():
-                return True
-            for key, (value, _, version) in saved.items():
-                now = group[key]
-                if isinstance(value, torch.Tensor):
-                    if now is not value or now._version != version:
-                        return True
-                elif now is not value and not (type(now) is type(value) and _equal(now, value)):
-                    return True
-        return False
-
     def undo(self) -> None:
         """Put back everything the step changed (after :meth:`finish` returned False)."""
         with torch.no_grad():
             torch._foreach_copy_(self.tensors, self.saved)
-            for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
-                for key in group.keys() - {"params"} - saved.keys():
-                    del group[key]
-                for key, (value, copied, version) in saved.items():
-                    if isinstance(value, torch.Tensor) and value._version != version:
-                        value.copy_(copied)
-                    group[key] = value
+        self.groups.restore()
         for state, key, value in self.others:
             state[key] = value
-
-
-def _entry(value: Any) -> tuple[Any, torch.Tensor | None, int | None]:
-    """A param group entry as :class:`MaskedStep` keeps it: the value, and for a tensor a
-    copy and its version counter (which an in-place change bumps)."""
-    if isinstance(value, torch.Tensor):
-        return value, value.detach().clone(), value._version
-    return value, None, None
-
-
-def _equal(a: Any, b: Any) -> bool:
-    """Equal plain values (a number the step wrote again); others count as changed."""
-    return isinstance(a, int | float | str | bytes | type(None)) and a == b
 
 
 class GradientSums:

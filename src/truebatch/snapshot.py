@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "GroupEntries",
     "RNGState",
     "StepRollback",
     "WindowStart",
@@ -110,6 +111,57 @@ class WindowStart:
         set_rng_state(self.rng, self.devices)
 
 
+class GroupEntries:
+    """An optimizer's param-group entries but ``params``, as they are now: the learning
+    rates a scheduler sets, and what some optimizers keep there (schedule-free's step
+    count, Prodigy's estimates). A tensor entry is kept with a copy of its data and its
+    version counter, which an in-place change bumps."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.saved = [
+            {key: _entry(value) for key, value in group.items() if key != "params"}
+            for group in optimizer.param_groups
+        ]
+
+    def changed(self) -> bool:
+        """Whether an entry was added, removed, replaced or changed in place since."""
+        for group, saved in zip(self.optimizer.param_groups, self.saved, strict=True):
+            if group.keys() - {"params"} != saved.keys():
+                return True
+            for key, (value, _, version) in saved.items():
+                now = group[key]
+                if isinstance(value, torch.Tensor):
+                    if now is not value or now._version != version:
+                        return True
+                elif now is not value and not (type(now) is type(value) and _equal(now, value)):
+                    return True
+        return False
+
+    def restore(self) -> None:
+        """Put every entry back: the same objects, a tensor's data as it was, and no
+        entry added since."""
+        with torch.no_grad():
+            for group, saved in zip(self.optimizer.param_groups, self.saved, strict=False):
+                for key in group.keys() - {"params"} - saved.keys():
+                    del group[key]
+                for key, (value, copied, version) in saved.items():
+                    if copied is not None and value._version != version:
+                        value.copy_(copied)
+                    group[key] = value
+
+
+def _entry(value: Any) -> tuple[Any, torch.Tensor | None, int | None]:
+    if isinstance(value, torch.Tensor):
+        return value, value.detach().clone(), value._version
+    return value, None, None
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equal plain values (a number the step wrote again); others count as changed."""
+    return isinstance(a, int | float | str | bytes | type(None)) and a == b
+
+
 class StepRollback:
     """The state the step may change; :meth:`restore` puts it back.
 
@@ -148,13 +200,8 @@ class StepRollback:
         self.scheduler_state = scheduler.state_dict() if scheduler is not None else None
         # The groups' entries: the scheduler's learning rates, and with atomic_step what an
         # optimizer keeps there (schedule-free's step count, Prodigy's estimates).
-        self.hyperparameters = (
-            [
-                {k: _copied(v) for k, v in group.items() if k != "params"}
-                for group in optimizer.param_groups
-            ]
-            if scheduler is not None or updated is not None
-            else None
+        self.groups = (
+            GroupEntries(optimizer) if scheduler is not None or updated is not None else None
         )
         self.scale = self.growth = None
         if scaler is not None:
@@ -183,17 +230,8 @@ class StepRollback:
             self.optimizer_stage = "before"
         if self.scheduler is not None:
             self.scheduler.load_state_dict(self.scheduler_state)
-        if self.hyperparameters is not None:
-            for group, saved in zip(
-                self.optimizer.param_groups, self.hyperparameters, strict=False
-            ):
-                for key in group.keys() - {"params"} - saved.keys():
-                    del group[key]
-                for key, value in saved.items():
-                    if isinstance(group.get(key), torch.Tensor) and isinstance(value, torch.Tensor):
-                        group[key].copy_(value)
-                    else:
-                        group[key] = value
+        if self.groups is not None:
+            self.groups.restore()
         if self.scaler is not None:
             if self.scale is not None:
                 # update(new_scale=...) also forgets the window's unscale_.
