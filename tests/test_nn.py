@@ -26,6 +26,7 @@ import truebatch.nn as tnn
 from token_data import CheckpointedBlock
 from truebatch import _context
 from truebatch.nn import batchnorm as ghost_module
+from truebatch.nn import cpu_kernels
 
 DTYPE = torch.float64
 EXACT = 1e-12
@@ -51,9 +52,15 @@ BATCHNORMS = {
 }
 
 
-@pytest.fixture(params=["direct", "gathered"])
+@pytest.fixture(params=["direct", "gathered", "fused"])
 def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run ghost BN both ways: one kernel call per ghost batch, or all in one gathered call."""
+    """Run ghost BN each way: BatchNorm's kernel per ghost batch, PyTorch ops on all of them
+    at once (ghost_kernels), or truebatch's CPU kernel (cpu_kernels.cpp) on all of them."""
+    if request.param == "fused":
+        # Built here (CI has a compiler): without it this test would not test the kernel.
+        assert cpu_kernels.available()
+        return request.param
+    monkeypatch.setattr(ghost_module, "_fused", lambda x: False)
     threshold = 1 if request.param == "direct" else 2**62
     monkeypatch.setattr(ghost_module, "_DIRECT_CHUNK_NUMEL", threshold)
     return request.param
@@ -319,6 +326,101 @@ def test_parameter_gradients_without_an_input_gradient(
     else:
         theirs = tb.max_relative_difference(parameter_grads(native, False), expected)
         assert ours <= 2 * theirs + 2**-8, (ours, theirs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shape, ghost, channels_last",
+    [
+        ((64, 300), 2, False),  # two rows per ghost batch (closed form), two channel tiles
+        ((64, 300), 8, False),  # rows of channels, two channel tiles
+        ((12, 300, 2, 2), 3, True),  # channels-last rows: 12 values each, recomputed
+        ((16, 3, 17, 17), 2, False),  # runs of 289 values: two column tiles per channel
+        ((12, 2, 40), 3, False),  # 120 values per ghost batch and channel: saved statistics
+    ],
+)
+def test_fused_kernel_tiles_threads_and_saved_statistics(
+    shape: tuple[int, ...], ghost: int, channels_last: bool, threads: int
+) -> None:
+    """The CPU kernel on what the small shapes above do not reach: more channels than a
+    task's tile, runs longer than a tile, saved versus recomputed statistics, and the
+    per-thread sums of the parameter gradients and running statistics, with one and two
+    threads; float64, against BatchNorm on each ghost batch in turn."""
+    assert cpu_kernels.available()
+    native_cls, ghost_cls = {
+        2: (nn.BatchNorm1d, tnn.GhostBatchNorm1d),
+        3: (nn.BatchNorm1d, tnn.GhostBatchNorm1d),
+        4: (nn.BatchNorm2d, tnn.GhostBatchNorm2d),
+    }[len(shape)]
+    channels = shape[1]
+    layer = ghost_cls(channels, ghost, dtype=DTYPE)
+    with torch.no_grad():
+        layer.weight.copy_(1 + randn(channels, seed=1).abs())
+        layer.bias.copy_(randn(channels, seed=2))
+    native = native_cls(channels, dtype=DTYPE)
+    native.load_state_dict(layer.state_dict())
+    x = 2.0 + 3.0 * randn(*shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert ghost_module._blocks(ghost_module._dense(x), ghost)[0][3] == "fused"
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours_x, their_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = layer(ours_x)
+        theirs = torch.cat([native(chunk) for chunk in their_x.split(ghost)])
+        grad = randn(*shape, seed=10)
+        ours_grads = torch.autograd.grad(ours, (ours_x, layer.weight, layer.bias), grad)
+        their_grads = torch.autograd.grad(theirs, (their_x, native.weight, native.bias), grad)
+    finally:
+        torch.set_num_threads(before)
+    assert relative_difference(ours, theirs) <= EXACT
+    assert tb.max_relative_difference(ours_grads, their_grads) <= EXACT
+    assert_same_state(layer, native)
+
+
+def test_without_a_compiler_the_layers_warn_once_and_take_their_pytorch_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed build is not an error: one RuntimeWarning that names the cause and the fix,
+    then the PyTorch ways, with BatchNorm's results."""
+
+    def no_compiler() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpu_kernels, "_load", no_compiler)
+    cpu_kernels.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build its CPU kernels .*Ninja.*Fix"):
+            assert not cpu_kernels.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not cpu_kernels.available()  # once
+        layer, native = make_pair("1d", 2)
+        x = input_for("1d", 8)
+        assert {way for *_, way in ghost_module._blocks(x, 2)} == {"pair"}
+        theirs = torch.cat([native(chunk) for chunk in x.split(2)])
+        assert relative_difference(layer(x), theirs) <= EXACT
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()
+
+
+def test_the_environment_variable_keeps_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRUEBATCH_CPU_KERNELS=0: no build, no warning, the PyTorch ways."""
+    monkeypatch.setenv(cpu_kernels.ENVIRONMENT_VARIABLE, "0")
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: pytest.fail("built despite the variable"))
+    cpu_kernels.available.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not cpu_kernels.available()
+        assert ghost_module._blocks(input_for("2d", 8), 4)[0][3] == "reduced"
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()
 
 
 @pytest.mark.parametrize("kind", sorted(BATCHNORMS))

@@ -16,6 +16,7 @@ micro-batches, as long as every micro-batch boundary is a ghost batch boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 
 from truebatch import _context
-from truebatch.nn import ghost_kernels
+from truebatch.nn import cpu_kernels, ghost_kernels
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
 
@@ -57,17 +58,22 @@ def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
     """The kernel calls for the ghost batches of ``x``, in data order (the ways are
     those of :mod:`truebatch.nn.ghost_kernels`).
 
-    A ghost batch alone in its call (the only one, the short last one, or one of
-    at least ``_DIRECT_CHUNK_NUMEL`` values) goes through BatchNorm's own kernel.
-    The full ghost batches of a smaller ghost size go together: by reductions
-    over a view of the input (in closed form for two samples of one value per
-    channel), except reduced-precision inputs with several values per channel
-    and sample, for which GroupNorm's kernels, which stay in bfloat16
-    or float16, are faster than float32 reductions despite a copy.
+    A ghost batch alone in its call (the only one, or the short last one) goes
+    through BatchNorm's own kernel. On CPU, the full ghost batches go together
+    through truebatch's fused kernel when it is built (:mod:`truebatch.nn.cpu_kernels`;
+    not under ``torch.compile``, which fuses the PyTorch ways itself). Otherwise
+    full ghost batches of at least ``_DIRECT_CHUNK_NUMEL`` values take one
+    BatchNorm call each, and smaller ones go together: by reductions over a view
+    of the input (in closed form for two samples of one value per channel),
+    except reduced-precision inputs with several values per channel and sample,
+    for which GroupNorm's kernels, which stay in bfloat16 or float16, are
+    faster than float32 reductions despite a copy.
     """
     batch, sample_numel = x.shape[0], math.prod(x.shape[1:])
     full, rest = divmod(batch, ghost)
-    if full > 1 and ghost * sample_numel < _DIRECT_CHUNK_NUMEL:
+    if full > 1 and _fused(x):
+        blocks = [(0, full, ghost, "fused")]
+    elif full > 1 and ghost * sample_numel < _DIRECT_CHUNK_NUMEL:
         low_precision = ghost_kernels.compute_dtype(x.dtype) != x.dtype
         if sample_numel == x.shape[1]:
             way = "pair" if ghost == 2 else "reduced"
@@ -79,6 +85,15 @@ def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
     if rest:
         blocks.append((full * ghost, 1, rest, "native"))
     return blocks
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.available()
+
+
+def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``t[start : start + count]``, or ``t`` itself when that is all of it (no view op)."""
+    return t if start == 0 and count == t.shape[0] else t[start : start + count]
 
 
 def _add(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
@@ -106,8 +121,10 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 class _GhostBatchNormFunction(torch.autograd.Function):
     """Per-ghost-batch BatchNorm, block by block (:func:`_blocks`).
 
-    Returns the output and, per ghost batch and channel, the mean and the
-    unbiased variance (what BatchNorm feeds into its running statistics).
+    Given the running-average weight ``w_j`` of every ghost batch
+    (:func:`_running_average_weights`), also returns, per channel, ``sum_j w_j mean_j``
+    and ``sum_j w_j var_j`` with the unbiased variance (empty tensors without them):
+    what BatchNorm's running statistics receive from the ghost batches.
     """
 
     @staticmethod
@@ -118,26 +135,37 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         ghost: int,
         eps: float,
+        running_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = _dense(x)
         blocks = _blocks(x, ghost)
-        total = sum(block[1] for block in blocks)
-        stat_dtype = weight.dtype if weight is not None else x.dtype
         out = torch.empty_like(x)
-        mean = x.new_empty(total, x.shape[1], dtype=stat_dtype)
-        var = torch.empty_like(mean)
+        updates: list[torch.Tensor] = []
         saved: list[torch.Tensor] = []
         row = 0
         for start, chunks, size, way in blocks:
-            stop, rows = start + chunks * size, slice(row, row + chunks)
-            saved += ghost_kernels.FORWARD[way](
-                x[start:stop], weight, bias, chunks, eps, out[start:stop], mean[rows], var[rows]
+            rows = chunks * size
+            block_saved, block_updates = ghost_kernels.block_forward(
+                way,
+                _rows(x, start, rows),
+                weight,
+                bias,
+                chunks,
+                eps,
+                _rows(out, start, rows),
+                None if running_weights is None else _rows(running_weights, row, chunks),
             )
+            if block_updates is not None and updates:
+                updates = [a + b for a, b in zip(updates, block_updates, strict=True)]
+            elif block_updates is not None:
+                updates = list(block_updates)
+            saved += block_saved
             row += chunks
         ctx.save_for_backward(x, weight, *saved)
         ctx.blocks, ctx.eps = blocks, eps
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        mean_update, var_update = updates or (x.new_empty(0), x.new_empty(0))
+        ctx.mark_non_differentiable(mean_update, var_update)
+        return out, mean_update, var_update
 
     @staticmethod
     @once_differentiable
@@ -153,22 +181,22 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         for (start, chunks, size, way), first, second in zip(
             ctx.blocks, saved[::2], saved[1::2], strict=True
         ):
-            stop = start + chunks * size
+            rows = chunks * size
             gw, gb = ghost_kernels.BACKWARD[way](
-                grad_out[start:stop],
-                x[start:stop],
+                _rows(grad_out, start, rows),
+                _rows(x, start, rows),
                 weight,
                 chunks,
                 (first, second),
                 ctx.eps,
                 mask,
-                None if grad_x is None else grad_x[start:stop],
+                None if grad_x is None else _rows(grad_x, start, rows),
             )
             if mask[1]:
                 grad_weight = _add(grad_weight, gw.to(weight.dtype))
             if mask[2]:
                 grad_bias = _add(grad_bias, gb.to(weight.dtype))
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 def _running_average_weights(
@@ -194,6 +222,16 @@ def _running_average_weights(
         return 1.0, torch.zeros(chunks, dtype=torch.float64)
     total = tracked_before + chunks
     return tracked_before / total, torch.full((chunks,), 1.0 / total, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_momentum_weights(
+    chunks: int, momentum: float, device: torch.device, dtype: torch.dtype
+) -> tuple[float, torch.Tensor]:
+    """:func:`_running_average_weights` for a constant momentum, which depend on nothing
+    else: computed once per shape (read-only; four tensor ops a call otherwise)."""
+    keep, weights = _running_average_weights(chunks, momentum, None)
+    return keep, weights.to(device, dtype)
 
 
 class GhostBatchNormBase(_NormBase):
@@ -263,11 +301,21 @@ class GhostBatchNormBase(_NormBase):
                 self.eps,
             )
         self._check_ghost_batches(input)
-        out, mean, var = _GhostBatchNormFunction.apply(
-            input, self.weight, self.bias, self.ghost_batch_size, self.eps
+        update = self.training and self.track_running_stats and self.running_mean is not None
+        chunks = -(-input.shape[0] // self.ghost_batch_size)
+        keep, weights = self._running_average(chunks, input.device) if update else (1.0, None)
+        out, mean_update, var_update = _GhostBatchNormFunction.apply(
+            input, self.weight, self.bias, self.ghost_batch_size, self.eps, weights
         )
-        if self.training and self.track_running_stats and self.running_mean is not None:
-            self._update_running_stats(mean, var)
+        if update:
+            with torch.no_grad():
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(chunks)
+                for running, batch in (
+                    (self.running_mean, mean_update),
+                    (self.running_var, var_update),
+                ):
+                    running.mul_(keep).add_(batch)  # float64 sums, rounded once
         return out
 
     def _check_ghost_batches(self, input: torch.Tensor) -> None:
@@ -294,18 +342,18 @@ class GhostBatchNormBase(_NormBase):
                 "size that leaves no single sample over."
             )
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+    def _running_average(self, chunks: int, device: torch.device) -> tuple[float, torch.Tensor]:
+        """``keep`` and the weights ``w_j`` of ``chunks`` ghost batches
+        (:func:`_running_average_weights`), in the running statistics' dtype on ``device``."""
+        assert self.running_mean is not None
+        dtype = self.running_mean.dtype
+        if self.momentum is not None and not torch.compiler.is_compiling():
+            return _constant_momentum_weights(chunks, self.momentum, device, dtype)
         tracked_before = None
-        if self.num_batches_tracked is not None:
-            if self.momentum is None:
-                tracked_before = int(self.num_batches_tracked)
-            self.num_batches_tracked.add_(mean.shape[0])
-        keep, weights = _running_average_weights(mean.shape[0], self.momentum, tracked_before)
-        for running, batch in ((self.running_mean, mean), (self.running_var, var)):
-            assert running is not None
-            w = weights.to(running.device, running.dtype)
-            running.mul_(keep).add_(w @ batch.to(running.dtype))
+        if self.num_batches_tracked is not None and self.momentum is None:
+            tracked_before = int(self.num_batches_tracked)
+        keep, weights = _running_average_weights(chunks, self.momentum, tracked_before)
+        return keep, weights.to(device, dtype)
 
 
 _STATISTICS_DOC = """

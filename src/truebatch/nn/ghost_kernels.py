@@ -20,6 +20,9 @@ the mean and unbiased variance (BatchNorm's running-statistics inputs) into
   form on the ``(G, C)`` halves of the ``(G, 2, C)`` view (below).
 - ``grouped``: GroupNorm's kernels on a ``(G, C, g, L)`` copy, each (ghost
   batch, channel) a group; reduced-precision inputs stay in their dtype there.
+- ``fused``: truebatch's CPU kernel (:mod:`truebatch.nn.cpu_kernels`) for any
+  of the above on CPU; it returns the running statistics' updates rather than
+  rows (``fused_forward``).
 
 Which way a block takes is a measured choice (``GhostBatchNormBase``'s plan,
 ``benchmarks/layers.py``).
@@ -313,9 +316,9 @@ def native_forward(
     # BatchNorm blends the rows with weight 0: zero them (0 * garbage may be NaN).
     mean.zero_()
     var.zero_()
-    saved_dtype = _saved_stat_dtype(
-        x.device.type, x.dtype, None if weight is None else weight.dtype
-    )
+    # Dynamo traces through a cache (and warns); the dtypes are constants to it anyway.
+    dtype_of = _saved_stat_dtype.__wrapped__ if torch.compiler.is_compiling() else _saved_stat_dtype
+    saved_dtype = dtype_of(x.device.type, x.dtype, None if weight is None else weight.dtype)
     save_mean, save_invstd = x.new_empty(0, dtype=saved_dtype), x.new_empty(0, dtype=saved_dtype)
     torch.ops.aten.native_batch_norm.out(
         x,
@@ -360,6 +363,59 @@ def native_backward(
     return gw, gb
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """A dense input that is not contiguous is channels-last (``batchnorm._dense``)."""
+    return not x.is_contiguous()
+
+
+def fused_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    running_weights: torch.Tensor | None,
+) -> tuple[Saved, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The forward of ``cpu_kernels.cpp``: writes ``out``; returns what its backward
+    needs (empty for ghost batches it recomputes the statistics of) and, given the
+    running-average weight ``w_j`` of each ghost batch, ``(sum_j w_j mean_j,
+    sum_j w_j var_j)`` in float64, with the unbiased variance."""
+    save_mean, save_rstd, mean_update, var_update = (
+        torch.ops.truebatch_cpu.ghost_batch_norm_forward(
+            x, weight, bias, chunks, eps, _channels_last(x), running_weights, out
+        )
+    )
+    updates = None if running_weights is None else (mean_update, var_update)
+    return (save_mean, save_rstd), updates
+
+
+def fused_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    chunks: int,
+    saved: Saved,
+    eps: float,
+    mask: list[bool],
+    grad_x: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of ``cpu_kernels.cpp``: writes ``grad_x`` and returns the weight
+    and bias gradients summed over the block's ghost batches (in the weight's dtype)."""
+    return torch.ops.truebatch_cpu.ghost_batch_norm_backward(
+        grad_out,
+        x,
+        weight,
+        saved[0],
+        saved[1],
+        chunks,
+        eps,
+        _channels_last(x),
+        grad_x is not None,
+        x.new_empty(0) if grad_x is None else grad_x,
+    )
+
+
 FORWARD = {
     "native": native_forward,
     "reduced": reduced_forward,
@@ -371,4 +427,31 @@ BACKWARD = {
     "reduced": reduced_backward,
     "pair": pair_backward,
     "grouped": grouped_backward,
+    "fused": fused_backward,
 }
+
+
+def block_forward(
+    way: str,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    chunks: int,
+    eps: float,
+    out: torch.Tensor,
+    running_weights: torch.Tensor | None,
+) -> tuple[Saved, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Normalizes a block of ``chunks`` ghost batches the way ``way`` into ``out``;
+    returns what the way's backward needs and, given each ghost batch's running-average
+    weight ``w_j``, the running statistics' updates ``(sum_j w_j mean_j, sum_j w_j var_j)``
+    (unbiased variance)."""
+    if way == "fused":
+        return fused_forward(x, weight, bias, chunks, eps, out, running_weights)
+    stat_dtype = weight.dtype if weight is not None else x.dtype
+    mean = x.new_empty(chunks, x.shape[1], dtype=stat_dtype)
+    var = torch.empty_like(mean)
+    saved = FORWARD[way](x, weight, bias, chunks, eps, out, mean, var)
+    if running_weights is None:
+        return saved, None
+    dtype = running_weights.dtype
+    return saved, (running_weights @ mean.to(dtype), running_weights @ var.to(dtype))
