@@ -855,12 +855,33 @@ def test_padding_a_sequence_keeps_the_masks_of_its_real_tokens(padded: int) -> N
     assert torch.equal(short, long[:, :real])
 
 
+@pytest.fixture(params=["cpu kernel", "pytorch ops"])
+def hash_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Draw masks with truebatch's CPU kernel, or with the int64 tensor ops without it."""
+    if request.param == "cpu kernel":
+        assert cpu_kernels.available()
+    else:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "p, seed, window, layer_id, offset, shape",
-    [(0.5, 0, 0, 0, 0, (3, 4)), (0.3, -7, 12, 2**40, 5, (2, 5)), (0.9, 2**63, 1, 3, 2**33, (2, 3))],
+    [
+        (0.5, 0, 0, 0, 0, (3, 4)),
+        (0.3, -7, 12, 2**40, 5, (2, 5)),
+        (0.9, 2**63, 1, 3, 2**33, (2, 3)),
+        (0.2, 1, 2**62, 7, 2**62, (2, 7)),  # offsets and windows near the int64 limit
+    ],
 )
 def test_mask_is_the_documented_hash(
-    p: float, seed: int, window: int, layer_id: int, offset: int, shape: tuple[int, int]
+    p: float,
+    seed: int,
+    window: int,
+    layer_id: int,
+    offset: int,
+    shape: tuple[int, int],
+    hash_by: str,
 ) -> None:
     layer = tnn.SplitInvariantDropout(p, seed=seed, layer_id=layer_id)
     with _context.micro_batch(window=window, offset=offset):
@@ -877,7 +898,7 @@ def test_mask_is_the_documented_hash(
 
 @pytest.mark.parametrize("channelwise", [False, True])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_and_scale(p: float, channelwise: bool) -> None:
+def test_keep_rate_and_scale(p: float, channelwise: bool, hash_by: str) -> None:
     x = torch.ones(256, 4096, 2)
     with _context.micro_batch(window=5, offset=96):
         out = tnn.SplitInvariantDropout(p, seed=1, channelwise=channelwise)(x)
@@ -929,7 +950,7 @@ def test_masks_differ_across_windows_layers_and_seeds() -> None:
     assert torch.equal(mask(0, first), mask(0, first))
 
 
-def test_channelwise_dropout_drops_whole_channels() -> None:
+def test_channelwise_dropout_drops_whole_channels(hash_by: str) -> None:
     layer = tnn.SplitInvariantDropout(0.5, channelwise=True)
     out = layer(torch.ones(16, 32, 3, 3))
     per_channel = (out != 0).flatten(2)

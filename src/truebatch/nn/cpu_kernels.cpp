@@ -1,4 +1,5 @@
-// truebatch's CPU kernels (built on first use by truebatch/nn/cpu_kernels.py).
+// truebatch's CPU kernels (built on first use by truebatch/nn/cpu_kernels.py): ghost
+// BatchNorm, and the keep decisions of split-invariant dropout (at the end).
 //
 // Ghost BatchNorm over a block of `chunks` full ghost batches. For every ghost
 // batch j and channel c, over the n values of (j, c), with S the sum over them:
@@ -559,6 +560,56 @@ std::tuple<at::Tensor, at::Tensor> ghost_batch_norm_backward(
   return {sums.total(0, b.channels).to(dtype), sums.total(b.channels, b.channels).to(dtype)};
 }
 
+// Split-invariant dropout's keep decisions of consecutive samples (truebatch/nn/masks.py
+// states the hash): for sample r and pair e, with splitmix64's finalizer mix64 and
+// arithmetic modulo 2^64,
+//     R = mix64((offset + r) * G),   h = mix64((R + e) * G + K),   G = 0x9E3779B97F4A7C15
+// and element 2e (2e + 1) kept iff the low (high) 32 bits of h, as an int32, are below
+// kept - 2^31.
+inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// Writes keep ? scale : 0 per element (bool output: keep) for samples [begin, end).
+template <typename out_t>
+void keep_words(int64_t offset, int64_t key, int64_t pairs, int64_t kept, out_t scale,
+                out_t* out, int64_t begin, int64_t end) {
+  constexpr uint64_t golden = 0x9E3779B97F4A7C15ull;
+  const int64_t below = kept - (int64_t(1) << 31);
+  for (int64_t r = begin; r < end; ++r) {
+    const uint64_t row =
+        mix64((static_cast<uint64_t>(offset) + static_cast<uint64_t>(r)) * golden);
+    out_t* o = out + r * 2 * pairs;
+    for (int64_t e = 0; e < pairs; ++e) {
+      const uint64_t h =
+          mix64((row + static_cast<uint64_t>(e)) * golden + static_cast<uint64_t>(key));
+      o[2 * e] = static_cast<int32_t>(static_cast<uint32_t>(h)) < below ? scale : out_t(0);
+      o[2 * e + 1] = static_cast<int32_t>(static_cast<uint32_t>(h >> 32)) < below ? scale : out_t(0);
+    }
+  }
+}
+
+// (samples, 2 * pairs) keep decisions, as bool, or as `scale` / 0 in `dtype` (dropout's
+// multiplier, written once instead of a mask, a conversion and a scaling).
+at::Tensor sample_keep_words(int64_t offset, int64_t key, int64_t samples, int64_t pairs,
+                             int64_t kept, double scale, c10::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(samples >= 0 && pairs >= 0 && kept >= 0 && kept < (int64_t(1) << 32),
+              "sample_keep_words: got samples=", samples, ", pairs=", pairs, ", kept=", kept);
+  at::Tensor out = at::empty({samples, 2 * pairs}, dtype.value_or(at::kBool));
+  const int64_t grain = std::max<int64_t>(1, kTaskValues / std::max<int64_t>(1, pairs));
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kBool, out.scalar_type(),
+                                  "sample_keep_words", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t value = dtype.has_value() ? static_cast<scalar_t>(scale) : scalar_t(1);
+    at::parallel_for(0, samples, grain, [&](int64_t begin, int64_t end) {
+      keep_words<scalar_t>(offset, key, pairs, kept, value, o, begin, end);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(truebatch_cpu, m) {
@@ -570,9 +621,18 @@ TORCH_LIBRARY(truebatch_cpu, m) {
       "ghost_batch_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor save_mean, "
       "Tensor save_rstd, int chunks, float eps, bool channels_last, bool input_grad, "
       "Tensor(a!) grad_x) -> (Tensor, Tensor)");
+  m.def(
+      "sample_keep_words(int offset, int key, int samples, int pairs, int kept, float scale, "
+      "ScalarType? dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(truebatch_cpu, CPU, m) {
   m.impl("ghost_batch_norm_forward", &ghost_batch_norm_forward);
   m.impl("ghost_batch_norm_backward", &ghost_batch_norm_backward);
+}
+
+// No tensor argument to dispatch on: the op is registered for every backend, and makes
+// CPU tensors (the caller moves them).
+TORCH_LIBRARY_IMPL(truebatch_cpu, CompositeExplicitAutograd, m) {
+  m.impl("sample_keep_words", &sample_keep_words);
 }

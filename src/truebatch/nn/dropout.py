@@ -34,7 +34,7 @@ from truebatch import _context
 from truebatch.nn.masks import (
     check_probability,
     keep_mask,
-    sample_keep,
+    sample_multiplier,
     sample_start,
     stream_key,
     token_keep,
@@ -240,10 +240,11 @@ class SplitInvariantDropout(nn.Module):
             self._check_tokens(input, tokens)
             ids, positions = (t.to(input.device) for t in tokens)
             keep = token_keep(ids, positions, elements, self.p, start).view(input.shape)
-        else:
-            keep = sample_keep(input.shape[0], elements, self.p, start, input.device)
-            keep = keep.reshape(*shape, *[1] * (input.dim() - len(shape)))
-        return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+            return input * keep.to(input.dtype).mul_(1.0 / (1.0 - self.p))
+        multiplier = sample_multiplier(
+            input.shape[0], elements, self.p, start, input.device, input.dtype
+        )
+        return input * multiplier.reshape(*shape, *[1] * (input.dim() - len(shape)))
 
     def resolve(self) -> tuple[int | tuple[int, int], _Tokens | None]:
         """This call's hash start (the key itself when keyed by token) and tokens.
@@ -276,8 +277,8 @@ class SplitInvariantDropout(nn.Module):
     def _record(self, stream: _Stream) -> None:
         if self._recomputed:
             self._recorded, self._ambiguous, self._recomputed = None, False, False
-        if self._recorded is not None and not _same(self._recorded, stream):
-            self._ambiguous = True
+        if not self._ambiguous and self._recorded is not None and not _same(self._recorded, stream):
+            self._ambiguous = True  # (set once: a Module attribute write is slow)
         self._recorded = stream
 
     def _replay(self) -> _Stream:

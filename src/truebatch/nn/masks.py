@@ -30,6 +30,8 @@ from numbers import Real
 
 import torch
 
+from truebatch.nn import cpu_kernels
+
 __all__ = ["keep_mask", "token_keep_mask"]
 
 _MASK64 = (1 << 64) - 1
@@ -113,9 +115,39 @@ def sample_keep(
     if torch.compiler.is_compiling():
         assert isinstance(start, torch.Tensor)
         keep = _sample_words_op(start, samples, pairs, kept)
+    elif _on_cpu_kernels(device):
+        assert not isinstance(start, torch.Tensor)
+        keep = torch.ops.truebatch_cpu.sample_keep_words(*start, samples, pairs, kept, 1.0, None)
     else:
         keep = _sample_words(start, samples, pairs, kept, device)
     return keep if 2 * pairs == elements else keep[:, :elements]
+
+
+def sample_multiplier(
+    samples: int,
+    elements: int,
+    p: float,
+    start: tuple[int, int] | torch.Tensor,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dropout's multiplier: :func:`sample_keep` as ``1 / (1 - p)`` (kept) or 0, in ``dtype``
+    (written directly by the CPU kernel); ``p < 1``."""
+    scale = 1.0 / (1.0 - p)
+    pairs, kept = (elements + 1) // 2, keep_count(p)
+    on_kernels = not torch.compiler.is_compiling() and _on_cpu_kernels(device)
+    if kept < 2**32 and samples * pairs and on_kernels:
+        assert not isinstance(start, torch.Tensor)
+        words = torch.ops.truebatch_cpu.sample_keep_words(
+            *start, samples, pairs, kept, scale, dtype
+        )
+        return words if 2 * pairs == elements else words[:, :elements]
+    return sample_keep(samples, elements, p, start, device).to(dtype).mul_(scale)
+
+
+def _on_cpu_kernels(device: torch.device | str | None) -> bool:
+    kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
+    return kind == "cpu" and cpu_kernels.available()
 
 
 def _sample_words(
@@ -156,6 +188,10 @@ def _token_words(
 # writes on int64 tails, seen with torch 2.13), and no graph break is needed.
 @torch.library.custom_op("truebatch::sample_keep_words", mutates_args=())
 def _sample_words_op(start: torch.Tensor, samples: int, pairs: int, kept: int) -> torch.Tensor:
+    if _on_cpu_kernels(start.device):
+        offset, key = start.tolist()  # a CPU tensor: no device sync
+        words = torch.ops.truebatch_cpu.sample_keep_words
+        return words(offset, key, samples, pairs, kept, 1.0, None)
     return _sample_words(start, samples, pairs, kept, start.device)
 
 
