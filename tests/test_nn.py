@@ -333,9 +333,10 @@ def test_parameter_gradients_without_an_input_gradient(
     "shape, ghost, channels_last",
     [
         ((64, 300), 2, False),  # two rows per ghost batch (closed form), two channel tiles
-        ((64, 300), 8, False),  # rows of channels, two channel tiles
-        ((12, 300, 2, 2), 3, True),  # channels-last rows: 12 values each, recomputed
+        ((64, 300), 4, False),  # rows of channels, two channel tiles, recomputed
+        ((12, 300, 2, 2), 3, True),  # channels-last rows: 12 values each, saved
         ((16, 3, 17, 17), 2, False),  # runs of 289 values: two column tiles per channel
+        ((12, 2, 3), 2, False),  # runs of 3 values: 6 per ghost batch, recomputed
         ((12, 2, 40), 3, False),  # 120 values per ghost batch and channel: saved statistics
     ],
 )

@@ -311,11 +311,9 @@ class GhostBatchNormBase(_NormBase):
             with torch.no_grad():
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(chunks)
-                for running, batch in (
-                    (self.running_mean, mean_update),
-                    (self.running_var, var_update),
-                ):
-                    running.mul_(keep).add_(batch)  # float64 sums, rounded once
+                running = [self.running_mean, self.running_var]
+                torch._foreach_mul_(running, keep)
+                torch._foreach_add_(running, [mean_update, var_update])  # float64, rounded once
         return out
 
     def _check_ghost_batches(self, input: torch.Tensor) -> None:
@@ -344,9 +342,10 @@ class GhostBatchNormBase(_NormBase):
 
     def _running_average(self, chunks: int, device: torch.device) -> tuple[float, torch.Tensor]:
         """``keep`` and the weights ``w_j`` of ``chunks`` ghost batches
-        (:func:`_running_average_weights`), in the running statistics' dtype on ``device``."""
+        (:func:`_running_average_weights`) on ``device``: float64 on CPU (what the kernel
+        sums in), else in the running statistics' dtype (some devices lack float64)."""
         assert self.running_mean is not None
-        dtype = self.running_mean.dtype
+        dtype = torch.float64 if device.type == "cpu" else self.running_mean.dtype
         if self.momentum is not None and not torch.compiler.is_compiling():
             return _constant_momentum_weights(chunks, self.momentum, device, dtype)
         tracked_before = None

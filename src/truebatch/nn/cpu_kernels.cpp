@@ -45,7 +45,7 @@ namespace {
 
 constexpr int64_t kTile = 256;          // channels per task, channels-inner layout
 constexpr int64_t kTaskValues = 16384;  // values a run of tasks should at least touch
-constexpr int64_t kSaveFrom = 32;       // ghost batches of >= this many values per channel
+constexpr int64_t kSaveFrom = 8;        // ghost batches of >= this many values per channel
                                         // save mean and rstd; smaller ones recompute them
 
 struct Block {
@@ -116,8 +116,9 @@ class ThreadSums {
     return data_.data() + thread * count_;
   }
   at::Tensor total(int64_t offset, int64_t length) const {
-    at::Tensor out = at::zeros({length}, at::kDouble);
+    at::Tensor out = at::empty({length}, at::kDouble);
     double* o = out.data_ptr<double>();
+    std::fill_n(o, length, 0.0);
     for (size_t t = 0; t < data_.size(); t += count_) {
       for (int64_t i = 0; i < length; ++i) o[i] += data_[t + offset + i];
     }
