@@ -307,7 +307,17 @@ class GhostBatchNormBase(_NormBase):
         out, mean_update, var_update = _GhostBatchNormFunction.apply(
             input, self.weight, self.bias, self.ghost_batch_size, self.eps, weights
         )
-        if update:
+        if update and _fused(input):  # one call (the three below cost more than the kernel)
+            torch.ops.truebatch_cpu.ghost_batch_norm_update(
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                keep,
+                mean_update,
+                var_update,
+                chunks,
+            )
+        elif update:
             with torch.no_grad():
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(chunks)

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -561,6 +562,33 @@ std::tuple<at::Tensor, at::Tensor> ghost_batch_norm_backward(
   return {sums.total(0, b.channels).to(dtype), sums.total(b.channels, b.channels).to(dtype)};
 }
 
+// BatchNorm's running statistics after a call's ghost batches, in place:
+// r <- keep * r + update (in double, rounded once), and the count of batches.
+void ghost_batch_norm_update(at::Tensor running_mean, at::Tensor running_var,
+                             const c10::optional<at::Tensor>& num_batches_tracked, double keep,
+                             const at::Tensor& mean_update, const at::Tensor& var_update,
+                             int64_t chunks) {
+  for (auto [running, update] : {std::pair{running_mean, mean_update},
+                                 std::pair{running_var, var_update}}) {
+    TORCH_CHECK(running.is_contiguous() && update.scalar_type() == at::kDouble &&
+                    update.numel() == running.numel(),
+                "ghost batch norm update: got running statistics of shape ", running.sizes(),
+                " and an update of shape ", update.sizes());
+    const at::Tensor u = update.contiguous();
+    const double* add = u.const_data_ptr<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, running.scalar_type(),
+                                    "ghost_bn_update", [&] {
+      scalar_t* r = running.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < running.numel(); ++c) {
+        r[c] = static_cast<scalar_t>(static_cast<double>(r[c]) * keep + add[c]);
+      }
+    });
+  }
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    num_batches_tracked->add_(chunks);
+  }
+}
+
 // Split-invariant dropout's keep decisions of consecutive samples (truebatch/nn/masks.py
 // states the hash): for sample r and pair e, with splitmix64's finalizer mix64 and
 // arithmetic modulo 2^64,
@@ -623,6 +651,10 @@ TORCH_LIBRARY(truebatch_cpu, m) {
       "Tensor save_rstd, int chunks, float eps, bool channels_last, bool input_grad, "
       "Tensor(a!) grad_x) -> (Tensor, Tensor)");
   m.def(
+      "ghost_batch_norm_update(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!)? num_batches_tracked, float keep, Tensor mean_update, Tensor var_update, "
+      "int chunks) -> ()");
+  m.def(
       "sample_keep_words(int offset, int key, int samples, int pairs, int kept, float scale, "
       "ScalarType? dtype) -> Tensor");
 }
@@ -630,6 +662,7 @@ TORCH_LIBRARY(truebatch_cpu, m) {
 TORCH_LIBRARY_IMPL(truebatch_cpu, CPU, m) {
   m.impl("ghost_batch_norm_forward", &ghost_batch_norm_forward);
   m.impl("ghost_batch_norm_backward", &ghost_batch_norm_backward);
+  m.impl("ghost_batch_norm_update", &ghost_batch_norm_update);
 }
 
 // No tensor argument to dispatch on: the op is registered for every backend, and makes
