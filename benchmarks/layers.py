@@ -22,8 +22,10 @@ Run: python benchmarks/layers.py [--repeats 15] [--threads 1,2] [--no-compile]
      python benchmarks/layers.py --cpu-time --threads 1   (CPU time, for a loaded machine)
      python benchmarks/layers.py --compiled-batchnorm   (adds GhostBatchNorm under
                                             torch.compile vs compiled BatchNorm)
-The default grid takes about 2 minutes on 2 idle CPUs (half of it compiling the
-dropout cells); --compiled-batchnorm adds 48 compilations.
+The default grid takes about a minute on 2 idle CPUs once the compiled dropout
+cells are in torch's compile cache (the first run compiles them); --compiled-batchnorm
+adds 48 compilations. On CPU the truebatch layers run on truebatch's C++ kernel,
+built on first use (truebatch/nn/cpu_kernels.py).
 """
 
 from __future__ import annotations
