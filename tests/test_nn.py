@@ -11,6 +11,8 @@ import contextlib
 import copy
 import math
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -406,6 +408,25 @@ def test_without_a_compiler_the_layers_warn_once_and_take_their_pytorch_path(
         monkeypatch.undo()
         cpu_kernels.available.cache_clear()
     assert cpu_kernels.available()
+
+
+def test_a_build_killed_halfway_does_not_block_the_next_process() -> None:
+    """torch's lock file, left by a build that died, is cleared under truebatch's own
+    lock (an flock the system releases with its process) instead of being waited on
+    forever; a fresh process then loads the built library."""
+    assert cpu_kernels.available()
+    stale = cpu_kernels._build_directory() / "lock"
+    stale.touch()
+    program = "from truebatch.nn import cpu_kernels; print(cpu_kernels.available())"
+    loaded = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "True", loaded.stderr
+    assert not stale.exists()
 
 
 def test_the_environment_variable_keeps_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:

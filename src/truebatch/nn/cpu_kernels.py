@@ -8,8 +8,8 @@ the compiler PyTorch's own extensions use (``torch.utils.cpp_extension``:
 a C++ compiler and ninja), into a directory keyed by the source, the torch
 and Python versions, the platform and the CPU (under ``TORCH_EXTENSIONS_DIR``,
 by default ``~/.cache/torch_extensions``): about half a minute once, then a
-load of the built library. Processes building at the same time wait for one
-another.
+load of the built library. Processes that need it at the same time wait for
+the one that builds (an ``flock``, released even if that process dies).
 
 Without a compiler the layers take their PyTorch path, slower on small ghost
 batches but with the same results, and say so once in a warning. Set
@@ -18,12 +18,14 @@ batches but with the same results, and say so once in a warning. Set
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -67,29 +69,55 @@ def _build_directory() -> Path:
     return Path(root) / f"{_NAME}_{key.hexdigest()[:16]}"
 
 
-def _load() -> None:
-    directory = _build_directory()
-    library = directory / f"{_NAME}.so"
-    # A lock file means another process is still building: wait for it through torch.
-    if library.exists() and not (directory / "lock").exists():
-        torch.ops.load_library(str(library))
-        return
-    from torch.utils import cpp_extension
+@contextlib.contextmanager
+def _only_builder(directory: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``directory`` for as long as the block runs.
 
+    An ``flock``: the system releases it when its process dies, so a build killed
+    halfway never blocks the next one (torch's own lock file would, forever). Where
+    there is no ``fcntl`` (Windows), torch's lock is the only one.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(directory / "truebatch.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load() -> None:
+    """Loads the built library, building it first if this machine has none yet."""
+    directory = _build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    if sys.stderr.isatty():
-        print(
-            f"truebatch: compiling its CPU kernels into {directory} (once, about 20 s)",
-            file=sys.stderr,
+    library = directory / f"{_NAME}.so"
+    with _only_builder(directory):
+        # Holding the lock, no other build runs: a library here is complete, and a lock
+        # file of torch's is what a killed build left.
+        (directory / "lock").unlink(missing_ok=True)
+        if library.exists():
+            torch.ops.load_library(str(library))
+            return
+        from torch.utils import cpp_extension
+
+        if sys.stderr.isatty():
+            print(
+                f"truebatch: compiling its CPU kernels into {directory} "
+                "(once, about half a minute)",
+                file=sys.stderr,
+            )
+        cpp_extension.load(
+            _NAME,
+            sources=[str(_SOURCE)],
+            extra_cflags=_flags(),
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
         )
-    cpp_extension.load(
-        _NAME,
-        sources=[str(_SOURCE)],
-        extra_cflags=_flags(),
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=False,
-    )
 
 
 @functools.cache
@@ -107,8 +135,8 @@ def available() -> bool:
         warnings.warn(
             f"truebatch could not build its CPU kernels ({type(error).__name__}: "
             f"{str(error).strip().splitlines()[-1] if str(error).strip() else error!r}); "
-            "ghost BatchNorm takes its PyTorch path, with the same results, slower on small "
-            "ghost batches. Fix: install a C++ compiler and ninja (`pip install ninja`), or "
+            "ghost BatchNorm and split-invariant dropout take their PyTorch path, with the same "
+            "results, slower. Fix: install a C++ compiler and ninja (`pip install ninja`), or "
             f"set {ENVIRONMENT_VARIABLE}=0 to not try.",
             RuntimeWarning,
             stacklevel=3,
