@@ -382,6 +382,31 @@ def test_fused_kernel_tiles_threads_and_saved_statistics(
     assert_same_state(layer, native)
 
 
+@pytest.mark.parametrize("ghost", [2, 3])  # 8 samples: one C++ autograd node; or blocks
+def test_second_order_gradients_are_refused_not_dropped(ghost: int, layout: str) -> None:
+    """A gradient penalty through a ghost layer would need its gradient to be
+    differentiable, which it is not: every path raises instead of returning a gradient
+    that silently leaves the penalty's part out."""
+    layer = tnn.GhostBatchNorm1d(4, ghost, dtype=DTYPE)
+    x = randn(8, 4).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"first-order|differentiate twice"):
+        (grad,) = torch.autograd.grad((layer(x) ** 3).sum(), x, create_graph=True)
+        grad.pow(2).sum().backward()
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_train_mode_without_autograd_is_still_ghost_batchnorm(mode: type, layout: str) -> None:
+    """Under no_grad and inference_mode (no autograd dispatch: the kernel's forward alone)
+    the output and the running statistics are those of BatchNorm on each ghost batch."""
+    layer, native = make_pair("2d", 2)
+    x = input_for("2d", 8)
+    with mode():
+        ours = layer(x)
+        theirs = torch.cat([native(chunk) for chunk in x.split(2)])
+    assert relative_difference(ours, theirs) <= EXACT
+    assert_same_state(layer, native)
+
+
 def test_without_a_compiler_the_layers_warn_once_and_take_their_pytorch_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -199,6 +199,26 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
+def _normalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    ghost: int,
+    eps: float,
+    running_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`_GhostBatchNormFunction`'s outputs. A batch of full ghost batches on the
+    CPU kernel is one C++ autograd node (``cpu_kernels.cpp``), without the Python
+    ``autograd.Function``'s fixed cost; anything else goes block by block."""
+    chunks, rest = divmod(x.shape[0], ghost)
+    if not rest and chunks > 1 and _fused(x):
+        x = _dense(x)
+        return torch.ops.truebatch_cpu.ghost_batch_norm(
+            x, weight, bias, chunks, eps, ghost_kernels.is_channels_last(x), running_weights
+        )
+    return _GhostBatchNormFunction.apply(x, weight, bias, ghost, eps, running_weights)
+
+
 def _running_average_weights(
     chunks: int, momentum: float | None, tracked_before: int | None
 ) -> tuple[float, torch.Tensor]:
@@ -304,7 +324,7 @@ class GhostBatchNormBase(_NormBase):
         update = self.training and self.track_running_stats and self.running_mean is not None
         chunks = -(-input.shape[0] // self.ghost_batch_size)
         keep, weights = self._running_average(chunks, input.device) if update else (1.0, None)
-        out, mean_update, var_update = _GhostBatchNormFunction.apply(
+        out, mean_update, var_update = _normalize(
             input, self.weight, self.bias, self.ghost_batch_size, self.eps, weights
         )
         if update and _fused(input):  # one call (the three below cost more than the kernel)

@@ -32,6 +32,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -562,6 +563,77 @@ std::tuple<at::Tensor, at::Tensor> ghost_batch_norm_backward(
   return {sums.total(0, b.channels).to(dtype), sums.total(b.channels, b.channels).to(dtype)};
 }
 
+// The whole call as one autograd node, for a batch of full ghost batches: the layer's
+// common case, without the Python autograd.Function's fixed cost per call.
+struct GhostBatchNormNode : public torch::autograd::Function<GhostBatchNormNode> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+      const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+      int64_t chunks, double eps, bool channels_last,
+      const c10::optional<at::Tensor>& running_weights) {
+    at::Tensor out = at::empty_like(x);
+    auto [save_mean, save_rstd, mean_update, var_update] = ghost_batch_norm_forward(
+        x, weight, bias, chunks, eps, channels_last, running_weights, out);
+    const bool has_weight = weight.has_value() && weight->defined();
+    ctx->save_for_backward({x, has_weight ? *weight : at::Tensor(), save_mean, save_rstd});
+    ctx->saved_data["chunks"] = chunks;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["channels_last"] = channels_last;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean_update, var_update});
+    return {out, mean_update, var_update};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    // create_graph=True: these gradients would not be differentiable, so a gradient
+    // penalty through the layer would silently lose its part. Refuse, as the Python
+    // path's once_differentiable does.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "GhostBatchNorm got a backward with create_graph=True; it supports "
+                "first-order gradients only (its gradient is not differentiable). Fix: "
+                "compute the higher-order term (e.g. a gradient penalty) without the ghost "
+                "layer in train mode, e.g. with the model in eval mode.");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const bool channels_last = ctx->saved_data["channels_last"].toBool();
+    const auto format = !channels_last ? at::MemoryFormat::Contiguous
+                        : x.dim() == 4 ? at::MemoryFormat::ChannelsLast
+                                       : at::MemoryFormat::ChannelsLast3d;
+    const bool input_grad = ctx->needs_input_grad(0);
+    at::Tensor grad_x = input_grad ? at::empty_like(x) : at::Tensor();
+    const c10::optional<at::Tensor> weight =
+        saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+    auto [grad_weight, grad_bias] = ghost_batch_norm_backward(
+        grads[0].contiguous(format), x, weight, saved[2], saved[3],
+        ctx->saved_data["chunks"].toInt(), ctx->saved_data["eps"].toDouble(), channels_last,
+        input_grad, grad_x);
+    return {grad_x, saved[1].defined() ? grad_weight : at::Tensor(),
+            ctx->saved_data["has_bias"].toBool() ? grad_bias : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_autograd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t chunks, double eps, bool channels_last,
+    const c10::optional<at::Tensor>& running_weights) {
+  auto outputs = GhostBatchNormNode::apply(x, weight, bias, chunks, eps, channels_last,
+                                           running_weights);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
+// Without autograd (inference mode): the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ghost_batch_norm_inference(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t chunks, double eps, bool channels_last,
+    const c10::optional<at::Tensor>& running_weights) {
+  at::Tensor out = at::empty_like(x);
+  auto [save_mean, save_rstd, mean_update, var_update] = ghost_batch_norm_forward(
+      x, weight, bias, chunks, eps, channels_last, running_weights, out);
+  return {out, mean_update, var_update};
+}
+
 // BatchNorm's running statistics after a call's ghost batches, in place:
 // r <- keep * r + update (in double, rounded once), and the count of batches.
 void ghost_batch_norm_update(at::Tensor running_mean, at::Tensor running_var,
@@ -651,6 +723,9 @@ TORCH_LIBRARY(truebatch_cpu, m) {
       "Tensor save_rstd, int chunks, float eps, bool channels_last, bool input_grad, "
       "Tensor(a!) grad_x) -> (Tensor, Tensor)");
   m.def(
+      "ghost_batch_norm(Tensor x, Tensor? weight, Tensor? bias, int chunks, float eps, "
+      "bool channels_last, Tensor? running_weights) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "ghost_batch_norm_update(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor(c!)? num_batches_tracked, float keep, Tensor mean_update, Tensor var_update, "
       "int chunks) -> ()");
@@ -663,6 +738,11 @@ TORCH_LIBRARY_IMPL(truebatch_cpu, CPU, m) {
   m.impl("ghost_batch_norm_forward", &ghost_batch_norm_forward);
   m.impl("ghost_batch_norm_backward", &ghost_batch_norm_backward);
   m.impl("ghost_batch_norm_update", &ghost_batch_norm_update);
+  m.impl("ghost_batch_norm", &ghost_batch_norm_inference);
+}
+
+TORCH_LIBRARY_IMPL(truebatch_cpu, AutogradCPU, m) {
+  m.impl("ghost_batch_norm", &ghost_batch_norm_autograd);
 }
 
 // No tensor argument to dispatch on: the op is registered for every backend, and makes

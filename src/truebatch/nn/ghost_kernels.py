@@ -363,7 +363,7 @@ def native_backward(
     return gw, gb
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     """A dense input that is not contiguous is channels-last (``batchnorm._dense``)."""
     return not x.is_contiguous()
 
@@ -383,7 +383,7 @@ def fused_forward(
     sum_j w_j var_j)`` in float64, with the unbiased variance."""
     save_mean, save_rstd, mean_update, var_update = (
         torch.ops.truebatch_cpu.ghost_batch_norm_forward(
-            x, weight, bias, chunks, eps, _channels_last(x), running_weights, out
+            x, weight, bias, chunks, eps, is_channels_last(x), running_weights, out
         )
     )
     updates = None if running_weights is None else (mean_update, var_update)
@@ -410,7 +410,7 @@ def fused_backward(
         saved[1],
         chunks,
         eps,
-        _channels_last(x),
+        is_channels_last(x),
         grad_x is not None,
         x.new_empty(0) if grad_x is None else grad_x,
     )
