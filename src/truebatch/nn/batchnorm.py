@@ -88,7 +88,7 @@ def _blocks(x: torch.Tensor, ghost: int) -> list[_Block]:
 
 
 def _fused(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.available()
+    return not torch.compiler.is_compiling() and cpu_kernels.serves(x.device)
 
 
 def _rows(t: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -119,7 +119,8 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GhostBatchNormFunction(torch.autograd.Function):
-    """Per-ghost-batch BatchNorm, block by block (:func:`_blocks`).
+    """Per-ghost-batch BatchNorm of a dense ``x`` (:func:`_dense`), block by block as
+    :func:`_blocks` planned them.
 
     Given the running-average weight ``w_j`` of every ghost batch
     (:func:`_running_average_weights`), also returns, per channel, ``sum_j w_j mean_j``
@@ -133,12 +134,10 @@ class _GhostBatchNormFunction(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        ghost: int,
+        blocks: list[_Block],
         eps: float,
         running_weights: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = _dense(x)
-        blocks = _blocks(x, ghost)
         out = torch.empty_like(x)
         updates: list[torch.Tensor] = []
         saved: list[torch.Tensor] = []
@@ -210,13 +209,13 @@ def _normalize(
     """:class:`_GhostBatchNormFunction`'s outputs. A batch of full ghost batches on the
     CPU kernel is one C++ autograd node (``cpu_kernels.cpp``), without the Python
     ``autograd.Function``'s fixed cost; anything else goes block by block."""
-    chunks, rest = divmod(x.shape[0], ghost)
-    if not rest and chunks > 1 and _fused(x):
-        x = _dense(x)
+    x = _dense(x)
+    blocks = _blocks(x, ghost)
+    if len(blocks) == 1 and blocks[0][3] == "fused":
         return torch.ops.truebatch_cpu.ghost_batch_norm(
-            x, weight, bias, chunks, eps, ghost_kernels.is_channels_last(x), running_weights
+            x, weight, bias, blocks[0][1], eps, ghost_kernels.is_channels_last(x), running_weights
         )
-    return _GhostBatchNormFunction.apply(x, weight, bias, ghost, eps, running_weights)
+    return _GhostBatchNormFunction.apply(x, weight, bias, blocks, eps, running_weights)
 
 
 def _running_average_weights(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available"]
+__all__ = ["available", "serves"]
 
 ENVIRONMENT_VARIABLE = "TRUEBATCH_CPU_KERNELS"
 _NAME = "truebatch_cpu"
@@ -143,3 +143,10 @@ def available() -> bool:
         )
         return False
     return True
+
+
+def serves(device: torch.device | str | None) -> bool:
+    """Whether the kernels run on ``device``: a CPU one (``None`` is the CPU), with the
+    library loaded (:func:`available`)."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
+    return kind == "cpu" and available()

@@ -115,7 +115,7 @@ def sample_keep(
     if torch.compiler.is_compiling():
         assert isinstance(start, torch.Tensor)
         keep = _sample_words_op(start, samples, pairs, kept)
-    elif _on_cpu_kernels(device):
+    elif cpu_kernels.serves(device):
         assert not isinstance(start, torch.Tensor)
         keep = torch.ops.truebatch_cpu.sample_keep_words(*start, samples, pairs, kept, 1.0, None)
     else:
@@ -135,7 +135,7 @@ def sample_multiplier(
     (written directly by the CPU kernel); ``p < 1``."""
     scale = 1.0 / (1.0 - p)
     pairs, kept = (elements + 1) // 2, keep_count(p)
-    on_kernels = not torch.compiler.is_compiling() and _on_cpu_kernels(device)
+    on_kernels = not torch.compiler.is_compiling() and cpu_kernels.serves(device)
     if kept < 2**32 and samples * pairs and on_kernels:
         assert not isinstance(start, torch.Tensor)
         words = torch.ops.truebatch_cpu.sample_keep_words(
@@ -143,11 +143,6 @@ def sample_multiplier(
         )
         return words if 2 * pairs == elements else words[:, :elements]
     return sample_keep(samples, elements, p, start, device).to(dtype).mul_(scale)
-
-
-def _on_cpu_kernels(device: torch.device | str | None) -> bool:
-    kind = device.type if isinstance(device, torch.device) else torch.device(device or "cpu").type
-    return kind == "cpu" and cpu_kernels.available()
 
 
 def _sample_words(
@@ -188,7 +183,7 @@ def _token_words(
 # writes on int64 tails, seen with torch 2.13), and no graph break is needed.
 @torch.library.custom_op("truebatch::sample_keep_words", mutates_args=())
 def _sample_words_op(start: torch.Tensor, samples: int, pairs: int, kept: int) -> torch.Tensor:
-    if _on_cpu_kernels(start.device):
+    if cpu_kernels.serves(start.device):
         offset, key = start.tolist()  # a CPU tensor: no device sync
         words = torch.ops.truebatch_cpu.sample_keep_words
         return words(offset, key, samples, pairs, kept, 1.0, None)
